@@ -1,0 +1,76 @@
+"""Generation engines for ``llava_engine``.
+
+``batching`` (default where supported): continuous batching over a paged KV cache,
+CUDA graphs on a GPU. ``hf_generate``: transformers' ``generate``, the baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from llava_node.engine.base import Engine, EngineStats, GenerationRequest, OutputSink
+from llava_node.engine.loading import load_llava, pick_device
+
+__all__ = [
+    "Engine",
+    "EngineOptions",
+    "EngineStats",
+    "GenerationRequest",
+    "OutputSink",
+    "build_engine",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINE_KINDS = ("auto", "batching", "hf_generate")
+
+
+@dataclass
+class EngineOptions:
+    """Engine settings, from the model's config parameters or environment."""
+
+    kind: str = "auto"
+    device: str = "auto"
+    max_batch: int = 0  # 0: 8 on the CPU, 64 on a GPU
+    max_seq_len: int = 0
+    kv_cache_fraction: float = 0.9
+    page_size: int = 16
+    cuda_graphs: bool = True
+    hf_workers: int = 1
+
+
+def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
+    """Load ``checkpoint`` and start the engine ``options.kind`` asks for."""
+    from llava_node.engine.runner import LlavaRunner, RunnerConfig, supports
+
+    if options.kind not in ENGINE_KINDS:
+        raise ValueError(f"unknown engine {options.kind!r}; expected one of {ENGINE_KINDS}")
+    device, dtype = pick_device(options.device)
+    loaded = load_llava(checkpoint, device, dtype)
+    kind = options.kind
+    if kind == "auto":
+        reason = supports(loaded.model.config)
+        kind = "batching" if reason is None else "hf_generate"
+        if reason is not None:
+            log.warning("batching engine does not support %s; using hf_generate", reason)
+    if kind == "hf_generate":
+        from llava_node.engine.hf_generate import HFGenerateEngine
+
+        return HFGenerateEngine(loaded, workers=options.hf_workers)
+    from llava_node.engine.batching import BatchingEngine
+
+    max_batch = options.max_batch or (64 if device.type == "cuda" else 8)
+    runner = LlavaRunner(
+        loaded,
+        RunnerConfig(
+            max_batch=max_batch,
+            max_seq_len=options.max_seq_len,
+            page_size=options.page_size,
+            kv_cache_fraction=options.kv_cache_fraction,
+            cuda_graphs=options.cuda_graphs,
+        ),
+    )
+    runner.warmup()
+    return BatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids)

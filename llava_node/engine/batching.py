@@ -1,0 +1,248 @@
+"""Continuous batching: one loop per engine that owns the device.
+
+Requests join between decode steps: each waits until a slot and the KV pages for its
+prompt plus its ``max_tokens`` are free (so a running request can never run out of
+memory), is prefilled on its own, then decodes together with every other running
+request, one token per step. Finished and cancelled requests leave between steps
+and give their pages back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from llava_node.engine.base import Engine, GenerationRequest
+from llava_node.engine.runner import LlavaRunner
+from llava_node.protocol import FinishReason
+from llava_node.textstream import SequenceText
+
+__all__ = ["BatchingEngine"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    slot: int
+    pages: list[int]
+    text: SequenceText
+    prompt_tokens: int
+    pending_ids: list[int] = field(default_factory=list)
+    first_token_at: float = 0.0
+
+
+class BatchingEngine(Engine):
+    """Continuous-batching engine over a :class:`LlavaRunner`."""
+
+    def __init__(
+        self,
+        runner: LlavaRunner,
+        tokenizer: object,
+        eos_token_ids: list[int],
+        *,
+        cancel_check_every: int = 1,
+    ) -> None:
+        super().__init__()
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.cancel_check_every = max(1, cancel_check_every)
+        self._cond = threading.Condition()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._running: dict[int, _Running] = {}
+        self._free_slots = list(range(runner.max_batch - 1, -1, -1))
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llava-engine", daemon=True)
+        self._thread.start()
+
+    # -- Engine interface ------------------------------------------------------------
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting for a slot or KV pages."""
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        """Requests decoding now."""
+        return len(self._running)
+
+    def describe(self) -> dict[str, object]:
+        """Engine sizes, for the node's log."""
+        r = self.runner
+        return {
+            "engine": "batching",
+            "device": str(r.device),
+            "dtype": str(r.dtype).removeprefix("torch."),
+            "max_batch": r.max_batch,
+            "max_seq_len": r.max_seq_len,
+            "kv_pages": r.cache.allocator.capacity,
+            "page_size": r.cache.page_size,
+            "kv_tokens": r.cache.allocator.capacity * r.cache.page_size,
+            "cuda_graphs": r.graphs is not None,
+        }
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; it fails at once if it could never fit the KV cache."""
+        need = self.runner.cache.pages_for(int(request.input_ids.shape[0]) + request.max_tokens)
+        capacity = self.runner.cache.allocator.capacity
+        if need > capacity:
+            request.sink.fail(
+                f"the request needs {need * self.runner.cache.page_size} KV-cache tokens "
+                f"(prompt plus max_tokens); this node holds {capacity * self.runner.cache.page_size}"
+            )
+            return
+        request.arrival = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                request.sink.fail("the model is shutting down")
+                return
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def shutdown(self) -> None:
+        """Stop the loop; fail whatever is still waiting or running."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+        with self._cond:
+            while self._waiting:
+                self._waiting.popleft().sink.fail("the model is shutting down")
+        for run in list(self._running.values()):
+            self._finish(run, error="the model is shutting down")
+
+    # -- the loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        step = 0
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self._admit()
+                if step % self.cancel_check_every == 0:
+                    self._reap_cancelled()
+                if self._running:
+                    self._decode()
+                    step += 1
+            except Exception as exc:  # a bug or a device error: fail the batch, keep serving
+                log.exception("engine step failed")
+                for run in list(self._running.values()):
+                    self._finish(run, error=f"generation failed on the node: {exc}")
+
+    def _admit(self) -> None:
+        cache = self.runner.cache
+        while True:
+            with self._cond:
+                if not self._waiting or not self._free_slots:
+                    return
+                req = self._waiting[0]
+                if req.sink.is_cancelled():
+                    self._waiting.popleft()
+                    self._count_cancel()
+                    req.sink.send("", [], FinishReason.CANCELLED, int(req.input_ids.shape[0]), 0)
+                    continue
+                pages = cache.allocator.allocate(
+                    cache.pages_for(int(req.input_ids.shape[0]) + req.max_tokens)
+                )
+                if pages is None:
+                    return  # first in line waits for pages; later ones wait behind it
+                self._waiting.popleft()
+                slot = self._free_slots.pop()
+            self._start(req, slot, pages)
+
+    def _start(self, req: GenerationRequest, slot: int, pages: list[int]) -> None:
+        n = int(req.input_ids.shape[0])
+        run = _Running(
+            request=req,
+            slot=slot,
+            pages=pages,
+            text=SequenceText(self.tokenizer, req.stop, self.eos_token_ids, req.max_tokens),
+            prompt_tokens=n,
+        )
+        self._running[slot] = run
+        with self.stats.lock:
+            self.stats.requests_started += 1
+        try:
+            self.runner.assign(slot, pages, req.temperature, req.top_p, req.seed)
+            token = self.runner.prefill(slot, req.input_ids, req.pixel_values)
+        except ValueError as exc:
+            self._finish(run, error=str(exc))
+            return
+        except torch.cuda.OutOfMemoryError:
+            self._finish(run, error="the node ran out of GPU memory during the prompt; try a shorter one")
+            return
+        run.first_token_at = time.monotonic()
+        self._emit(run, token)
+
+    def _reap_cancelled(self) -> None:
+        for run in list(self._running.values()):
+            if run.request.sink.is_cancelled():
+                run.text.cancel()
+                self._count_cancel()
+                log.info("request %s cancelled after %d tokens", run.request.request_id, run.text.count)
+                self._finish(run)
+
+    def _count_cancel(self) -> None:
+        with self.stats.lock:
+            self.stats.requests_cancelled += 1
+
+    def _decode(self) -> None:
+        slots = list(self._running)
+        all_greedy = all(self._running[s].request.greedy for s in slots)
+        tokens = self.runner.decode(slots, all_greedy).tolist()
+        with self.stats.lock:
+            self.stats.decode_steps += 1
+        for slot, token in zip(slots, tokens, strict=True):
+            run = self._running.get(slot)
+            if run is not None:
+                self._emit(run, int(token))
+
+    def _emit(self, run: _Running, token: int) -> None:
+        text = run.text.add(token)
+        run.pending_ids.append(token)
+        with self.stats.lock:
+            self.stats.tokens_generated += 1
+        finished = run.text.finish_reason is not None
+        if text or finished:
+            ids, run.pending_ids = run.pending_ids, []
+            try:
+                run.request.sink.send(text, ids, run.text.finish_reason, run.prompt_tokens, run.text.count)
+            except Exception as exc:  # the client is gone: stop generating for it
+                log.info("request %s: sending failed (%s); stopping it", run.request.request_id, exc)
+                run.text.cancel()
+                self._count_cancel()
+                finished = True
+        if finished:
+            self._finish(run, final_sent=True)
+
+    def _finish(self, run: _Running, *, error: str | None = None, final_sent: bool = False) -> None:
+        if self._running.pop(run.slot, None) is None:
+            return
+        self.runner.cache.allocator.release(run.pages)
+        with self._cond:
+            self._free_slots.append(run.slot)
+        with self.stats.lock:
+            if error is not None:
+                self.stats.requests_failed += 1
+            else:
+                self.stats.requests_finished += 1
+        if final_sent:
+            return
+        try:
+            if error is not None:
+                run.request.sink.fail(error)
+            else:
+                reason = run.text.finish_reason or FinishReason.CANCELLED
+                run.request.sink.send("", run.pending_ids, reason, run.prompt_tokens, run.text.count)
+        except Exception:  # the client is gone; nothing more to tell it
+            log.debug("final response for %s not delivered", run.request.request_id)

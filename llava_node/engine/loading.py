@@ -1,0 +1,80 @@
+"""Loading a llava-hf checkpoint from a local directory onto the right device."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["LoadedModel", "checkpoint_from_env", "load_llava", "pick_device"]
+
+CHECKPOINT_ENV = "LLAVA_CHECKPOINT"
+
+
+def checkpoint_from_env(parameter: str | None) -> Path:
+    """The checkpoint directory: the model parameter if set, else ``$LLAVA_CHECKPOINT``."""
+    value = (parameter or "").strip() or os.environ.get(CHECKPOINT_ENV, "").strip()
+    if not value:
+        raise ValueError(
+            "no checkpoint configured: set the model parameter 'checkpoint' or the "
+            f"environment variable {CHECKPOINT_ENV} to a llava-hf checkpoint directory"
+        )
+    path = Path(value).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"checkpoint directory {path} has no config.json (is it a llava-hf checkpoint?)")
+    return path
+
+
+def pick_device(preference: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """GPU in bf16 when there is one (or when asked), else CPU in float32."""
+    pref = (preference or "auto").lower()
+    if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {preference!r} requested but CUDA is not available")
+    device = torch.device("cuda" if pref in ("auto", "cuda", "gpu") else pref)
+    return device, torch.bfloat16
+
+
+@dataclass
+class LoadedModel:
+    """A llava-hf model with its tokenizer and the facts engines need."""
+
+    model: Any  # LlavaForConditionalGeneration
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: list[int]
+    image_token_id: int
+    context_length: int
+
+
+def load_llava(checkpoint: str | Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load a llava-hf checkpoint from a local directory (nothing is downloaded)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        kwargs["device_map"] = str(device)  # load straight onto the GPU
+    model = LlavaForConditionalGeneration.from_pretrained(str(checkpoint), **kwargs)
+    model = model.to(device).eval()  # type: ignore[arg-type]
+    processor = AutoProcessor.from_pretrained(str(checkpoint), local_files_only=True)
+    tokenizer = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    text_config = model.config.text_config
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        eos_token_ids=eos_ids,
+        image_token_id=int(model.config.image_token_id),
+        context_length=int(text_config.max_position_embeddings),
+    )

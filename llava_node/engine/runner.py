@@ -1,0 +1,375 @@
+"""The model math of the batching engine: prefill and batched decode over a paged KV cache.
+
+The language model is a Llama-family decoder run from the checkpoint's own weights
+(fused into one QKV and one gate/up matrix per layer); the vision tower and the
+projector are the checkpoint's own modules. Decode state lives on the device, per
+slot (one slot per running request): its block table, length, last token and
+sampling settings. A decode step reads only a list of slots, so the same step can be
+replayed from a CUDA graph whatever the batch's make-up; on the CPU it runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llava_node.engine.kv_cache import PagedKVCache
+from llava_node.engine.loading import LoadedModel
+from llava_node.engine.sampling import sample_tokens, split_seed
+
+__all__ = ["LayerWeights", "LlavaRunner", "RunnerConfig", "UnsupportedModel", "supports"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TEXT_MODELS = ("llama", "mistral")
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's language model is not one this engine implements."""
+
+
+def supports(config: Any) -> str | None:
+    """None if the batching engine can run this LlavaConfig, else the reason it cannot."""
+    text = config.text_config
+    if text.model_type not in SUPPORTED_TEXT_MODELS:
+        return f"language model type {text.model_type!r} (supported: {SUPPORTED_TEXT_MODELS})"
+    if getattr(text, "hidden_act", "silu") != "silu":
+        return f"activation {text.hidden_act!r}"
+    window = getattr(text, "sliding_window", None)
+    if window is not None and window < text.max_position_embeddings:
+        return "sliding-window attention"
+    return None
+
+
+@dataclass
+class RunnerConfig:
+    """Sizes of the engine's state."""
+
+    max_batch: int = 8
+    max_seq_len: int = 0  # 0: the model's context length
+    page_size: int = 16
+    num_pages: int = 0  # 0: sized from memory (GPU) or max_batch full sequences (CPU)
+    kv_cache_fraction: float = 0.9  # share of free GPU memory for the KV cache
+    cuda_graphs: bool = True
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights, fused for fewer, larger matrix products."""
+
+    wqkv: torch.Tensor  # [(H + 2*KVH) * hd, D]
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # [D, H * hd]
+    wgu: torch.Tensor  # [2F, D]
+    wdown: torch.Tensor  # [D, F]
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as transformers' LlamaRMSNorm: float32 statistics, cast back.
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlavaRunner:
+    """Prefill and decode for a LLaVA model whose language model is Llama-family."""
+
+    def __init__(self, loaded: LoadedModel, config: RunnerConfig) -> None:
+        reason = supports(loaded.model.config)
+        if reason is not None:
+            raise UnsupportedModel(f"the batching engine does not support {reason}")
+        self.loaded = loaded
+        self.cfg = config
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        hf = loaded.model
+        text = hf.config.text_config
+        self.n_layers = int(text.num_hidden_layers)
+        self.hidden = int(text.hidden_size)
+        self.n_heads = int(text.num_attention_heads)
+        self.n_kv_heads = int(getattr(text, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(text, "head_dim", None) or self.hidden // self.n_heads)
+        self.eps = float(text.rms_norm_eps)
+        self.vocab = int(text.vocab_size)
+        self.max_seq_len = min(config.max_seq_len or loaded.context_length, loaded.context_length)
+        self.image_token_id = loaded.image_token_id
+        self.vision_feature_layer = hf.config.vision_feature_layer
+        self.vision_feature_select_strategy = hf.config.vision_feature_select_strategy
+
+        lm = hf.model.language_model
+        self.embed = lm.embed_tokens.weight
+        self.norm = lm.norm.weight
+        self.lm_head = hf.lm_head.weight
+        self.layers = [self._fuse(layer) for layer in lm.layers]
+        # The HF layers are no longer needed: free them (the fused copies replace them).
+        lm.layers = torch.nn.ModuleList()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        positions = torch.arange(self.max_seq_len, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = lm.rotary_emb(probe, positions)
+        self.cos = cos[0].to(self.dtype).contiguous()  # [max_seq_len, hd]
+        self.sin = sin[0].to(self.dtype).contiguous()
+
+        self.max_batch = config.max_batch
+        self.cache = PagedKVCache.create(
+            n_layers=self.n_layers,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            page_size=config.page_size,
+            num_pages=self._num_pages(),
+            max_slots=self.max_batch,
+            max_seq_len=self.max_seq_len,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        s = self.max_batch + 1  # one extra slot, the target of padded batch rows
+        self.dummy_slot = self.max_batch
+        dev = self.device
+        self.seq_lens = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.last_tokens = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.steps = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.temperature = torch.zeros(s, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(s, dtype=torch.float32, device=dev)
+        self.seed_lo = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.seed_hi = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.attention = _make_attention(self)
+        self.graphs: Any = None
+        if dev.type == "cuda" and config.cuda_graphs:
+            from llava_node.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, [b for b in config.graph_batch_sizes if b <= self.max_batch])
+
+    # -- set-up ----------------------------------------------------------------------
+    def _fuse(self, layer: Any) -> LayerWeights:
+        attn, mlp = layer.self_attn, layer.mlp
+        wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)
+        bqkv = None
+        if attn.q_proj.bias is not None:
+            bqkv = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], dim=0)
+        wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
+        weights = LayerWeights(
+            wqkv=wqkv.contiguous(),
+            bqkv=bqkv,
+            wo=attn.o_proj.weight,
+            wgu=wgu.contiguous(),
+            wdown=mlp.down_proj.weight,
+            ln1=layer.input_layernorm.weight,
+            ln2=layer.post_attention_layernorm.weight,
+        )
+        # Drop the originals of what was copied, one layer at a time, to cap peak memory.
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            m.weight = None
+        return weights
+
+    def _num_pages(self) -> int:
+        cfg = self.cfg
+        if cfg.num_pages:
+            return cfg.num_pages
+        per_seq = math.ceil(self.max_seq_len / cfg.page_size)
+        if self.device.type != "cuda":
+            return self.max_batch * per_seq + 1
+        free, _total = torch.cuda.mem_get_info(self.device)
+        page_bytes = PagedKVCache.page_bytes(
+            self.n_layers, self.n_kv_heads, self.head_dim, cfg.page_size, self.dtype
+        )
+        # Leave room for activations, sampling buffers and CUDA graphs.
+        reserve = 2 * 1024**3 + self.max_batch * self.vocab * 64
+        budget = max(0, int((free - reserve) * cfg.kv_cache_fraction))
+        pages = budget // page_bytes
+        if pages < per_seq // 4:
+            raise MemoryError(f"only {budget / 1e9:.1f} GB free for the KV cache: not enough for one request")
+        return int(min(pages, self.max_batch * per_seq + 1))
+
+    def warmup(self) -> None:
+        """Run the first steps (and capture CUDA graphs) before serving."""
+        if self.graphs is not None:
+            self.graphs.capture()
+
+    # -- per-slot state --------------------------------------------------------------
+    def assign(self, slot: int, pages: Sequence[int], temperature: float, top_p: float, seed: int) -> None:
+        """Give ``slot`` its pages and sampling settings before its prefill."""
+        self.cache.set_block_table(slot, pages)
+        lo, hi = split_seed(seed)
+        self.temperature[slot] = temperature
+        self.top_p[slot] = top_p
+        self.seed_lo[slot] = lo
+        self.seed_hi[slot] = hi
+        self.steps[slot] = 0
+
+    # -- model pieces ----------------------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: [images, 3, H, W] -> [image tokens, D]."""
+        hf = self.loaded.model
+        out = hf.model.get_image_features(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            vision_feature_layer=self.vision_feature_layer,
+            vision_feature_select_strategy=self.vision_feature_select_strategy,
+        )
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0)
+        return feats.reshape(-1, feats.shape[-1]).to(self.dtype)
+
+    def _qkv(self, x: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = _rms_norm(x, w.ln1, self.eps)
+        qkv = F.linear(h, w.wqkv, w.bqkv)
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        return q.unflatten(-1, (nh, hd)), k.unflatten(-1, (nkv, hd)), v.unflatten(-1, (nkv, hd))
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [tokens, heads, hd]; cos/sin [tokens, hd]
+        return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+    def _mlp(self, x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        h = _rms_norm(x, w.ln2, self.eps)
+        gate, up = F.linear(h, w.wgu).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w.wdown)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head).float()
+
+    # -- prefill ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> int:
+        """Run the prompt of the request in ``slot``, fill its KV cache, return its first token."""
+        ids = input_ids.to(self.device)
+        n = int(ids.shape[0])
+        x = F.embedding(ids, self.embed)
+        image_mask = ids == self.image_token_id
+        n_image = int(image_mask.sum())
+        if n_image:
+            if pixel_values is None or pixel_values.shape[0] == 0:
+                raise ValueError(f"the prompt has {n_image} image tokens but no image was given")
+            feats = self.image_features(pixel_values)
+            if feats.shape[0] != n_image:
+                raise ValueError(
+                    f"the prompt has {n_image} image tokens but the images give {feats.shape[0]} features"
+                )
+            x = x.masked_scatter(image_mask[:, None], feats)
+        flat = self.cache.flat_positions(slot, n)
+        cos, sin = self.cos[:n], self.sin[:n]
+        for i, w in enumerate(self.layers):
+            q, k, v = self._qkv(x, w)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.cache.write(i, flat, k, v)
+            a = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
+            x = x + F.linear(a[0].transpose(0, 1).reshape(n, -1), w.wo)
+            x = x + self._mlp(x, w)
+        logits = self._logits(x[-1:])
+        s = torch.tensor([slot], device=self.device)
+        token = sample_tokens(
+            logits,
+            self.temperature[s],
+            self.top_p[s],
+            self.seed_lo[s],
+            self.seed_hi[s],
+            self.steps[s],
+            all_greedy=False,
+        )
+        self.last_tokens[slot] = token[0]
+        self.seq_lens[slot] = n
+        self.steps[slot] = 1
+        return int(token[0])
+
+    # -- decode ----------------------------------------------------------------------
+    def decode_step(self, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
+        """One token for each slot in ``slots`` (a device tensor); updates slot state.
+
+        Padding rows name ``dummy_slot``. Graph-capturable: no host synchronisation.
+        """
+        pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
+        x = F.embedding(self.last_tokens[slots], self.embed)  # [B, D]
+        cos, sin = self.cos[pos], self.sin[pos]
+        flat = self.cache.flat_slot_positions(slots, pos)
+        for i, w in enumerate(self.layers):
+            q, k, v = self._qkv(x, w)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.cache.write(i, flat, k, v)
+            a = self.attention(i, q, slots, pos + 1)
+            x = x + F.linear(a.reshape(x.shape[0], -1), w.wo)
+            x = x + self._mlp(x, w)
+        logits = self._logits(x)
+        nxt = sample_tokens(
+            logits,
+            self.temperature[slots],
+            self.top_p[slots],
+            self.seed_lo[slots],
+            self.seed_hi[slots],
+            self.steps[slots],
+            all_greedy=all_greedy,
+        )
+        self.last_tokens[slots] = nxt
+        self.seq_lens[slots] = pos + 1
+        self.steps[slots] += 1
+        self.seq_lens[self.dummy_slot] = 0
+        return nxt
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], all_greedy: bool) -> torch.Tensor:
+        """Decode one token for each slot; returns a CPU tensor of the tokens."""
+        if self.graphs is not None:
+            return self.graphs.run(slots, all_greedy)
+        idx = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+        return self.decode_step(idx, all_greedy).cpu()
+
+
+def _make_attention(runner: LlavaRunner) -> Any:
+    """The decode attention to use: a Triton kernel on CUDA when available, else torch."""
+    if runner.device.type == "cuda":
+        try:
+            from llava_node.engine.kernels import paged_decode_attention
+        except ImportError as exc:  # pragma: no cover - GPU hosts only
+            log.warning("Triton decode kernel unavailable (%s); using torch attention", exc)
+        else:
+            cache = runner.cache
+            scale = 1.0 / math.sqrt(runner.head_dim)
+
+            def triton_attention(
+                layer: int, q: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor
+            ) -> torch.Tensor:
+                k, v = cache.layer(layer)
+                return paged_decode_attention(
+                    q, k, v, cache.block_tables[slots], lens, scale, cache.page_size
+                )
+
+            return triton_attention
+    return _torch_attention(runner)
+
+
+def _torch_attention(runner: LlavaRunner) -> Any:
+    cache = runner.cache
+    gqa = runner.n_kv_heads != runner.n_heads
+    static_len = runner.device.type == "cuda"  # no host sync: graph-capturable
+
+    def attention(layer: int, q: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        length = runner.max_seq_len if static_len else int(lens.max())
+        k, v = cache.gather(layer, slots, length)  # [B, KVH, L, hd]
+        mask = torch.arange(length, device=q.device)[None, :] < lens[:, None]
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], enable_gqa=gqa
+        )
+        return out[:, :, 0, :]
+
+    return attention

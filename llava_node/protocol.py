@@ -1,0 +1,92 @@
+"""The tensor interface of the ``llava`` ensemble: names, types and defaults.
+
+This module is the single place that names the tensors the models and clients
+exchange; the model configs in ``model_repository/`` use the same names, and the
+README documents them for tritonclient users.
+
+Inputs of ``llava`` (all optional except that one of ``prompt`` / ``messages`` is needed):
+
+================ ======= ====== ==========================================================
+name             dtype   shape  meaning
+================ ======= ====== ==========================================================
+``prompt``       BYTES   [1]    prompt text, already templated, one ``<image>`` per image
+``messages``     BYTES   [1]    JSON chat messages; the checkpoint's chat template applies
+``images``       BYTES   [n]    encoded images (PNG, JPEG, WebP), in placeholder order
+``max_tokens``   INT32   [1]    most new tokens (default 256)
+``temperature``  FP32    [1]    0 (or <= 0.001) is greedy; default 1.0; at most 2
+``top_p``        FP32    [1]    nucleus sampling mass in (0, 1]; default 1.0
+``stop``         BYTES   [k]    stop strings; generation ends where one appears
+``seed``         INT64   [1]    sampling seed, for reproducible sampled output
+================ ======= ====== ==========================================================
+
+Outputs of ``llava`` (one response per generated piece of text, then a last one):
+
+===================== ======= ====== ======================================================
+``text_output``       BYTES   [1]    the new text of this response (a delta)
+``token_ids``         INT64   [n]    the token ids generated in this response
+``finish_reason``     BYTES   [1]    "" while streaming; then "stop", "length" or "cancelled"
+``prompt_tokens``     INT32   [1]    tokens in the prompt, image tokens included
+``completion_tokens`` INT32   [1]    tokens generated so far
+===================== ======= ====== ======================================================
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_P",
+    "ENGINE_INPUTS",
+    "ENSEMBLE_INPUTS",
+    "GREEDY_TEMPERATURE",
+    "OUTPUTS",
+    "FinishReason",
+]
+
+# Ensemble inputs: (name, Triton dtype, shape)
+ENSEMBLE_INPUTS: tuple[tuple[str, str, list[int]], ...] = (
+    ("prompt", "BYTES", [1]),
+    ("messages", "BYTES", [1]),
+    ("images", "BYTES", [-1]),
+    ("max_tokens", "INT32", [1]),
+    ("temperature", "FP32", [1]),
+    ("top_p", "FP32", [1]),
+    ("stop", "BYTES", [-1]),
+    ("seed", "INT64", [1]),
+)
+
+# What llava_preprocess hands to llava_engine.
+ENGINE_INPUTS: tuple[tuple[str, str, list[int]], ...] = (
+    ("input_ids", "INT64", [-1]),
+    ("pixel_values", "FP32", [-1, -1, -1, -1]),
+    ("gen_max_tokens", "INT32", [1]),
+    ("gen_temperature", "FP32", [1]),
+    ("gen_top_p", "FP32", [1]),
+    ("gen_seed", "INT64", [1]),
+    ("gen_stop", "BYTES", [-1]),
+)
+
+OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
+    ("text_output", "BYTES", [1]),
+    ("token_ids", "INT64", [-1]),
+    ("finish_reason", "BYTES", [1]),
+    ("prompt_tokens", "INT32", [1]),
+    ("completion_tokens", "INT32", [1]),
+)
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+# LLaVA's convention: a temperature at or below this is greedy decoding.
+GREEDY_TEMPERATURE = 0.001
+MAX_TEMPERATURE = 2.0
+
+
+class FinishReason(str, Enum):
+    """Why a generation ended."""
+
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    CANCELLED = "cancelled"  # the client cancelled or went away

@@ -1,0 +1,222 @@
+"""Build a deterministic, tiny llava-hf checkpoint for tests and the default demo.
+
+The checkpoint is a real ``LlavaForConditionalGeneration`` directory that
+``from_pretrained`` loads like any llava-hf model: a 2-layer Llama language model,
+a 2-layer CLIP vision tower, random weights from a fixed seed, a byte-level BPE
+tokenizer trained here with ``tokenizers`` (``<image>`` is a special added token),
+a ``CLIPImageProcessor``, a LLaVA-1.5-style chat template, and a ``LlavaProcessor``.
+Nothing is downloaded. Two builds with the same seed are identical.
+
+Usage::
+
+    python -m llava_node.tiny_checkpoint var/checkpoints/tiny-llava [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["CHAT_TEMPLATE", "build_tiny_checkpoint", "is_checkpoint"]
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), written as a
+# Jinja chat template over OpenAI-style content parts, as llava-hf checkpoints ship it.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' ' }}"
+    "{% else %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}"
+    "{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ ' ' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_WORDS = (  # noqa: SIM905 - a word list reads best as text
+    "the a an image picture photo shows contains red green blue yellow black white "
+    "cat dog bird car tree house sky water person people man woman child street road "
+    "left right top bottom center background foreground small large bright dark color "
+    "what is in this describe please answer question user assistant system you are "
+    "helpful there one two three four many some with and of on at to for from it its "
+    "square circle line shape pixel stripe gradient noise pattern corner edge "
+).split()
+
+
+def _corpus(seed: int) -> list[str]:
+    """Deterministic training text for the tokenizer: words, digits and punctuation."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(3000):
+        n = rng.randint(3, 14)
+        words = [rng.choice(_WORDS) for _ in range(n)]
+        if rng.random() < 0.3:
+            words.append(str(rng.randint(0, 999)))
+        sentence = " ".join(words)
+        lines.append(sentence.capitalize() + rng.choice([".", "?", "!", ",", ":"]))
+    lines.append("USER: ASSISTANT: \n" * 4)
+    lines.append("".join(chr(c) for c in range(32, 127)))
+    return lines
+
+
+def _build_tokenizer(seed: int, vocab_size: int):  # type: ignore[no-untyped-def]
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        add_bos_token=True,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` looks like a llava-hf checkpoint directory."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def build_tiny_checkpoint(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 336,
+    patch_size: int = 14,
+    hidden_size: int = 64,
+    vocab_size: int = 1024,
+    max_positions: int = 2048,
+) -> Path:
+    """Write a tiny llava-hf checkpoint to ``out_dir`` and return its path.
+
+    Deterministic for a given ``seed``: the tokenizer and the weights are the same on
+    every machine and every run.
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(seed, vocab_size)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=32,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_token_id,  # type: ignore[call-arg]
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    # The default init draws small weights whose greedy output repeats one token; a
+    # wider spread gives varied text that depends on the image, which makes
+    # token-exact and stop-string tests meaningful.
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                std = 1.0 if "embed_tokens" in name else 0.3
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.generation_config.do_sample = False
+    model.generation_config.max_new_tokens = 32
+    model.save_pretrained(out)
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    (out / "TINY_CHECKPOINT.json").write_text(
+        json.dumps({"seed": seed, "built_by": "llava_node.tiny_checkpoint", "random_weights": True})
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: build a tiny checkpoint into a directory."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    args = parser.parse_args(argv)
+    if is_checkpoint(args.out_dir) and not args.force:
+        print(f"tiny checkpoint already at {args.out_dir}")
+        return 0
+    path = build_tiny_checkpoint(args.out_dir, seed=args.seed)
+    print(f"built tiny llava checkpoint (random weights, seed {args.seed}) at {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

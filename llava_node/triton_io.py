@@ -1,0 +1,60 @@
+"""Helpers for the Python-backend models: reading inputs and model-config parameters.
+
+``triton_python_backend_utils`` exists only inside Triton's stub process, so the
+functions here take it (or its objects) as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["bytes_list", "param", "scalar", "text"]
+
+
+def param(model_config: dict[str, Any], key: str, env: str | None = None, default: str = "") -> str:
+    """A model-config parameter; if empty, the environment variable ``env``; else ``default``."""
+    value = model_config.get("parameters", {}).get(key, {}).get("string_value", "")
+    if not value and env:
+        value = os.environ.get(env, "")
+    return value or default
+
+
+def _array(pb: Any, request: Any, name: str) -> NDArray[Any] | None:
+    tensor = pb.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def scalar(pb: Any, request: Any, name: str) -> Any:
+    """The single value of an optional [1]-shaped input, or None when absent."""
+    arr = _array(pb, request, name)
+    if arr is None or arr.size == 0:
+        return None
+    if arr.size != 1:
+        raise ValueError(f"input {name} must hold one value, got {arr.size}")
+    value = arr.reshape(-1)[0]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def text(pb: Any, request: Any, name: str) -> str | None:
+    """An optional [1]-shaped BYTES input as UTF-8 text."""
+    value = scalar(pb, request, name)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"input {name} is not valid UTF-8") from None
+    return str(value)
+
+
+def bytes_list(pb: Any, request: Any, name: str) -> list[bytes]:
+    """An optional BYTES input as a list of byte strings (empty when absent)."""
+    arr = _array(pb, request, name)
+    if arr is None:
+        return []
+    return [v if isinstance(v, bytes) else str(v).encode() for v in arr.reshape(-1)]

@@ -1,0 +1,213 @@
+"""The engines in-process on the CPU: token-exact against transformers' generate."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from llava_node.engine import GenerationRequest
+from llava_node.engine.batching import BatchingEngine
+from llava_node.engine.hf_generate import HFGenerateEngine
+from llava_node.engine.loading import LoadedModel, load_llava
+from llava_node.engine.runner import LlavaRunner, RunnerConfig
+from llava_node.protocol import FinishReason
+
+
+class CollectingSink:
+    """Collects one request's streamed output, as a Triton response sender would."""
+
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.ids: list[int] = []
+        self.text = ""
+        self.reason: FinishReason | None = None
+        self.error: str | None = None
+        self.responses = 0
+        self.done = threading.Event()
+        self.cancel_after = cancel_after
+
+    def send(
+        self,
+        text: str,
+        token_ids: Sequence[int],
+        finish_reason: FinishReason | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> None:
+        assert not self.done.is_set(), "response after the final one"
+        self.ids += list(token_ids)
+        self.text += text
+        self.responses += 1
+        assert completion_tokens == len(self.ids)
+        if finish_reason is not None:
+            self.reason = finish_reason
+            self.done.set()
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.ids) >= self.cancel_after
+
+    def wait(self) -> CollectingSink:
+        assert self.done.wait(120), "stream did not end"
+        return self
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint: Path):
+    return AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint: Path) -> LoadedModel:
+    return load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint: Path) -> Iterator[BatchingEngine]:
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    eng = BatchingEngine(
+        LlavaRunner(loaded, RunnerConfig(max_batch=8)), loaded.tokenizer, loaded.eos_token_ids
+    )
+    yield eng
+    eng.shutdown()
+
+
+def make_inputs(processor, i: int):
+    img = Image.new("RGB", (300 + 17 * i, 280), (30 * i % 255, 200 - 20 * i, 60))
+    prompt = "USER: <image>\n" + "Describe it " * (1 + 3 * i) + "please. ASSISTANT:"
+    return processor(images=[img], text=prompt, return_tensors="pt")
+
+
+def request(inputs, sink, *, max_tokens=64, temperature=0.0, top_p=1.0, seed=0, stop=(), rid="r"):
+    return GenerationRequest(
+        rid,
+        inputs["input_ids"][0],
+        inputs["pixel_values"],
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        list(stop),
+        sink,
+    )
+
+
+def hf_greedy(reference: LoadedModel, inputs, n: int) -> list[int]:
+    out = reference.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_eight_staggered_requests_match_transformers_token_for_token(engine, processor, reference) -> None:
+    inputs = [make_inputs(processor, i) for i in range(8)]
+    expected = [hf_greedy(reference, x, 64) for x in inputs]
+    sinks = [CollectingSink() for _ in inputs]
+    for i, (x, sink) in enumerate(zip(inputs, sinks, strict=True)):
+        engine.submit(request(x, sink, rid=f"r{i}"))
+        time.sleep(0.02 * i)  # join the batch at different steps
+    for sink, exp in zip(sinks, expected, strict=True):
+        sink.wait()
+        assert sink.error is None
+        assert sink.reason is FinishReason.LENGTH
+        assert sink.ids == exp
+    assert len({tuple(s.ids) for s in sinks}) > 4  # different prompts, different outputs
+
+
+def test_cancelling_one_request_leaves_the_others_unchanged(engine, processor, reference) -> None:
+    inputs = [make_inputs(processor, i) for i in range(3)]
+    expected = [hf_greedy(reference, x, 48) for x in inputs]
+    sinks = [CollectingSink(), CollectingSink(cancel_after=5), CollectingSink()]
+    before = engine.stats.snapshot()["requests_cancelled"]
+    for x, sink in zip(inputs, sinks, strict=True):
+        engine.submit(request(x, sink, max_tokens=48))
+    for s in sinks:
+        s.wait()
+    assert sinks[1].reason is FinishReason.CANCELLED
+    assert 5 <= len(sinks[1].ids) <= 6  # stops within one token of the cancel
+    assert sinks[1].ids == expected[1][: len(sinks[1].ids)]
+    assert sinks[0].ids == expected[0] and sinks[2].ids == expected[2]
+    assert engine.stats.snapshot()["requests_cancelled"] == before + 1
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine, processor) -> None:
+    x = make_inputs(processor, 1)
+    alone = CollectingSink()
+    engine.submit(request(x, alone, temperature=0.9, top_p=0.9, seed=1234, max_tokens=32))
+    alone.wait()
+    crowd = [CollectingSink() for _ in range(4)]
+    for i, s in enumerate(crowd):
+        engine.submit(request(make_inputs(processor, i + 2), s, temperature=0.7, seed=i, max_tokens=32))
+    again = CollectingSink()
+    engine.submit(request(x, again, temperature=0.9, top_p=0.9, seed=1234, max_tokens=32))
+    other_seed = CollectingSink()
+    engine.submit(request(x, other_seed, temperature=0.9, top_p=0.9, seed=99, max_tokens=32))
+    for s in [*crowd, again, other_seed]:
+        s.wait()
+    assert again.ids == alone.ids
+    assert other_seed.ids != alone.ids
+
+
+def test_top_p_near_zero_is_greedy(engine, processor, reference) -> None:
+    x = make_inputs(processor, 4)
+    sink = CollectingSink()
+    engine.submit(request(x, sink, temperature=1.0, top_p=1e-6, seed=7, max_tokens=16))
+    assert sink.wait().ids == hf_greedy(reference, x, 16)
+
+
+def test_stop_string_ends_generation_early(engine, processor, reference) -> None:
+    x = make_inputs(processor, 0)
+    full = CollectingSink()
+    engine.submit(request(x, full, max_tokens=40))
+    full.wait()
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert stop.strip()
+    sink = CollectingSink()
+    engine.submit(request(x, sink, max_tokens=40, stop=[stop]))
+    sink.wait()
+    assert sink.reason is FinishReason.STOP
+    assert stop not in sink.text
+    assert full.text.startswith(sink.text) and len(sink.ids) < 40
+
+
+def test_request_larger_than_the_cache_fails_clearly(tiny_checkpoint: Path, processor) -> None:
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    runner = LlavaRunner(loaded, RunnerConfig(max_batch=2, num_pages=60, page_size=16))
+    eng = BatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids)
+    try:
+        x = make_inputs(processor, 0)  # ~590 prompt tokens: 59 pages hold 944 tokens
+        big = CollectingSink()
+        eng.submit(request(x, big, max_tokens=1000))
+        assert "KV-cache tokens" in (big.wait().error or "")
+        # Two requests that fit one at a time: the second waits for the first's pages.
+        a, b = CollectingSink(), CollectingSink()
+        eng.submit(request(x, a, max_tokens=200))
+        eng.submit(request(x, b, max_tokens=200))
+        assert a.wait().error is None and b.wait().error is None
+        assert a.ids == b.ids and len(a.ids) == 200
+    finally:
+        eng.shutdown()
+
+
+def test_hf_generate_engine_matches_transformers(tiny_checkpoint: Path, processor, reference) -> None:
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    eng = HFGenerateEngine(loaded)
+    try:
+        x = make_inputs(processor, 2)
+        sink = CollectingSink()
+        eng.submit(request(x, sink, max_tokens=32))
+        assert sink.wait().ids == hf_greedy(reference, x, 32)
+        assert sink.reason is FinishReason.LENGTH
+        cancelled = CollectingSink(cancel_after=3)
+        eng.submit(request(x, cancelled, max_tokens=200))
+        assert cancelled.wait().reason is FinishReason.CANCELLED
+        assert len(cancelled.ids) <= 4
+    finally:
+        eng.shutdown()
