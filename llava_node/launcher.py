@@ -252,6 +252,7 @@ class TritonNode:
                 stdin=subprocess.DEVNULL,
                 env=self.environment(),
                 start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         if wait:
             try:
@@ -395,6 +396,18 @@ class TritonNode:
             "pid": self.process.pid if self.process else None,
             "log": str(self.log_path),
         }
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the process that started us dies,
+    so a crashed or killed launcher leaves no server behind (Linux only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _link(src: Path, dst: Path) -> None:

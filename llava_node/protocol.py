@@ -35,6 +35,7 @@ from __future__ import annotations
 from enum import Enum
 
 __all__ = [
+    "CLIENT_ERROR_PREFIX",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_P",
@@ -75,6 +76,10 @@ OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("prompt_tokens", "INT32", [1]),
     ("completion_tokens", "INT32", [1]),
 )
+
+# Errors caused by the request (not the node) start with this, so that a caller can
+# tell them apart in an error message that Triton passes on as text.
+CLIENT_ERROR_PREFIX = "invalid request: "
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 1.0

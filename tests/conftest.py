@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llava_node.launcher import TritonNode, TritonNodeConfig
+from llava_node.launcher import TritonNode
 from llava_node.tiny_checkpoint import build_tiny_checkpoint
+from tests.processes import start_nodes
 
 
 @pytest.fixture(scope="session")
@@ -18,11 +19,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def node(tiny_checkpoint: Path) -> Iterator[TritonNode]:
-    """One real tritonserver serving model_repository/ with the tiny checkpoint."""
-    n = TritonNode(TritonNodeConfig(checkpoint=tiny_checkpoint))
-    n.start()
+def fleet(tiny_checkpoint: Path) -> Iterator[list[TritonNode]]:
+    """Two real tritonserver nodes serving model_repository/ with the tiny checkpoint.
+
+    Tests that stop a node must bring it back (``node.restart()``) before they end.
+    """
+    nodes = start_nodes(tiny_checkpoint, 2)
     try:
-        yield n
+        yield nodes
     finally:
-        n.stop()
+        for n in nodes:
+            n.stop()
+
+
+@pytest.fixture(scope="session")
+def node(fleet: list[TritonNode]) -> TritonNode:
+    """One real tritonserver node."""
+    return fleet[0]

@@ -19,7 +19,7 @@ import torch
 
 from llava_node.engine.base import Engine, GenerationRequest
 from llava_node.engine.runner import LlavaRunner
-from llava_node.protocol import FinishReason
+from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
 from llava_node.textstream import SequenceText
 
 __all__ = ["BatchingEngine"]
@@ -94,7 +94,7 @@ class BatchingEngine(Engine):
         capacity = self.runner.cache.allocator.capacity
         if need > capacity:
             request.sink.fail(
-                f"the request needs {need * self.runner.cache.page_size} KV-cache tokens "
+                f"{CLIENT_ERROR_PREFIX}the request needs {need * self.runner.cache.page_size} KV-cache tokens "
                 f"(prompt plus max_tokens); this node holds {capacity * self.runner.cache.page_size}"
             )
             return

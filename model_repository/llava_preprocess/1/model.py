@@ -10,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from llava_node.engine.loading import checkpoint_from_env
 from llava_node.preprocess import InvalidRequest, Limits, Preprocessor, RawRequest
+from llava_node.protocol import CLIENT_ERROR_PREFIX
 from llava_node.triton_io import bytes_list, param, scalar, text
 
 
@@ -46,7 +47,7 @@ class TritonPythonModel:
         except (InvalidRequest, ValueError) as exc:
             return pb_utils.InferenceResponse(
                 output_tensors=[],
-                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG),
+                error=pb_utils.TritonError(CLIENT_ERROR_PREFIX + str(exc), pb_utils.TritonError.INVALID_ARG),
             )
         except Exception as exc:  # a bug, not the client's fault: say so, keep serving
             return pb_utils.InferenceResponse(

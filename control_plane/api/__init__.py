@@ -1,0 +1,1 @@
+"""HTTP APIs, one module per family: ``llava`` (controller protocol), ``admin``, ``openai``."""

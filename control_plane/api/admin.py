@@ -1,0 +1,145 @@
+"""Admin API: the fleet (list, show, add, remove workers), status, read-only SQL.
+
+Every route needs ``Authorization: Bearer <admin token>`` when an admin token is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, status
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from control_plane.api.deps import AdminDep, CPDep
+from control_plane.errors import NotFound
+from control_plane.schema import Heartbeat, WorkerEvent
+from control_plane.sql import run_readonly
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+public = APIRouter(tags=["operations"])
+
+
+class WorkerIn(BaseModel):
+    """A node to add to the fleet."""
+
+    url: str = Field(description="HTTP base URL of the Triton node, e.g. http://10.0.0.5:8000")
+    grpc_url: str | None = Field(None, description="host:port of its gRPC endpoint; default: HTTP port + 1")
+    metrics_url: str | None = Field(None, description="its metrics URL; default: discovered")
+    labels: dict[str, Any] = Field(default_factory=dict)
+    speed: int = Field(1, ge=1, le=1_000_000)
+
+
+class SqlIn(BaseModel):
+    """A read-only query."""
+
+    query: str = Field(min_length=1, max_length=100_000)
+    params: dict[str, Any] = Field(default_factory=dict)
+    max_rows: int = Field(1000, ge=1, le=100_000)
+
+
+@router.get("/workers")
+async def list_workers(cp: CPDep) -> dict[str, Any]:
+    """Every registered worker with its live state."""
+    return {"workers": [w.to_dict() for w in sorted(cp.store.all(), key=lambda w: w.id)]}
+
+
+def _history(cp: CPDep, worker_id: int) -> dict[str, Any]:
+    with cp.db.session() as s:
+        events = s.scalars(
+            select(WorkerEvent)
+            .where(WorkerEvent.worker_id == worker_id)
+            .order_by(WorkerEvent.id.desc())
+            .limit(20)
+        ).all()
+        beats = s.scalars(
+            select(Heartbeat).where(Heartbeat.worker_id == worker_id).order_by(Heartbeat.id.desc()).limit(10)
+        ).all()
+        return {
+            "events": [
+                {"at": e.at.isoformat() + "Z", "from": e.from_state, "to": e.to_state, "reason": e.reason}
+                for e in events
+            ],
+            "heartbeats": [
+                {"at": h.at.isoformat() + "Z", "ok": h.ok, "latency_ms": h.latency_ms, "error": h.error}
+                for h in beats
+            ],
+        }
+
+
+@router.get("/workers/{worker_id}")
+async def show_worker(worker_id: int, cp: CPDep) -> dict[str, Any]:
+    """One worker, with its recent state changes and heartbeats."""
+    w = cp.store.get(worker_id)
+    if w is None:
+        raise NotFound(f"no worker with id {worker_id}")
+    history = await asyncio.to_thread(_history, cp, worker_id)
+    return {**w.to_dict(), **history}
+
+
+@router.post("/workers", status_code=status.HTTP_201_CREATED)
+async def add_worker(body: WorkerIn, cp: CPDep, response: Response) -> dict[str, Any]:
+    """Register a node (polled at once); an existing URL is updated (200)."""
+    info, created = await cp.fleet.register(
+        body.url, grpc_url=body.grpc_url, metrics_url=body.metrics_url, labels=body.labels, speed=body.speed
+    )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return info.to_dict()
+
+
+@router.delete("/workers/{worker_id}")
+async def remove_worker(worker_id: int, cp: CPDep) -> dict[str, Any]:
+    """Take a node out of the fleet; its history stays."""
+    info = await cp.fleet.remove(worker_id)
+    if info is None:
+        raise NotFound(f"no worker with id {worker_id}")
+    return {"removed": worker_id, "name": info.name}
+
+
+@router.get("/status")
+async def control_plane_status(cp: CPDep) -> dict[str, Any]:
+    """Poller, database writer and fleet summary."""
+    workers = cp.store.all()
+    states: dict[str, int] = {}
+    for w in workers:
+        states[w.state.value] = states.get(w.state.value, 0) + 1
+    return {
+        "replica": cp.settings.replica_name,
+        "database": cp.db.dialect,
+        "dispatch_policy": cp.settings.dispatch_policy.value,
+        "workers": states,
+        "models": cp.store.listed_models(),
+        "poller": cp.poller.describe(),
+        "writer": {
+            "batches": cp.writer.batches,
+            "rows": cp.writer.rows_written,
+            "dropped": cp.writer.dropped,
+        },
+    }
+
+
+@router.post("/sql")
+async def sql(body: SqlIn, cp: CPDep) -> dict[str, Any]:
+    """Run one read-only SQL query over the worker history (writes are refused)."""
+    result = await asyncio.to_thread(
+        run_readonly, cp.settings.sqlalchemy_url, body.query, body.params, body.max_rows
+    )
+    return {"columns": result.columns, "rows": [list(r) for r in result.rows], "truncated": result.truncated}
+
+
+@public.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness of the control plane itself."""
+    return {"status": "ok"}
+
+
+@public.get("/metrics", include_in_schema=False)
+async def metrics(cp: CPDep) -> Response:
+    """The control plane's Prometheus metrics."""
+    return Response(generate_latest(cp.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,278 @@
+"""LLaVA's controller protocol, complete, so LLaVA's web UI and scripts work unchanged.
+
+Worker addresses handed out by ``/get_worker_address`` point back at this control
+plane (``<base>/workers/<id>``), which proxies ``/worker_generate_stream`` to that node.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from control_plane.api.deps import CPDep
+from control_plane.api.errors import llava_frame
+from control_plane.errors import BadRequest, NotFound, ServiceError
+from control_plane.service import GenerateRequest
+from control_plane.store import WorkerState
+from llava_node.client import Chunk
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["LLaVA controller protocol"])
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    schema = {"content": {"application/json": {"schema": model.model_json_schema()}}, "required": True}
+    return {"requestBody": schema}
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as ``model``, whatever the Content-Type (LLaVA's clients and curl
+    differ); a body that is not valid JSON or does not fit gets a 400 naming the problem."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        raise BadRequest(_validation_text(exc)) from None
+
+
+def _validation_text(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(parts)
+
+
+class RegisterWorker(BaseModel):
+    """Body of ``/register_worker``."""
+
+    worker_name: str = Field(description="the node's HTTP base URL, e.g. http://10.0.0.5:8000")
+    check_heart_beat: bool = True
+    worker_status: dict[str, Any] | None = None
+    grpc_url: str | None = Field(None, description="extension: the node's gRPC host:port")
+    metrics_url: str | None = Field(None, description="extension: the node's metrics URL")
+
+
+class HeartBeat(BaseModel):
+    """Body of ``/receive_heart_beat``."""
+
+    worker_name: str
+    queue_length: int = 0
+
+
+class ModelQuery(BaseModel):
+    """Body of ``/get_worker_address``."""
+
+    model: str
+
+
+class GenerateParams(BaseModel):
+    """Body of ``/worker_generate_stream`` (LLaVA's generate parameters)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str = Field(min_length=1)
+    images: list[str] | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+@router.post("/register_worker", openapi_extra=_body_doc(RegisterWorker))
+async def register_worker(request: Request, cp: CPDep) -> dict[str, Any]:
+    """Register a Triton node by its HTTP base URL (LLaVA's ``worker_name``)."""
+    body = await parse_body(request, RegisterWorker)
+    status = body.worker_status or {}
+    speed = status.get("speed", 1)
+    info, created = await cp.fleet.register(
+        body.worker_name,
+        grpc_url=body.grpc_url,
+        metrics_url=body.metrics_url,
+        speed=int(speed) if isinstance(speed, (int, float)) and speed >= 1 else 1,
+        source="llava",
+    )
+    return {"worker_id": info.id, "created": created, "state": info.state.value}
+
+
+@router.post("/refresh_all_workers")
+async def refresh_all_workers(cp: CPDep) -> dict[str, Any]:
+    """Poll every node now; unhealthy ones drop out of the model list."""
+    await cp.fleet.refresh()
+    workers = cp.store.all()
+    return {"workers": len(workers), "healthy": sum(w.state is WorkerState.HEALTHY for w in workers)}
+
+
+@router.post("/list_models")
+async def list_models(cp: CPDep) -> dict[str, list[str]]:
+    """Models ready on at least one healthy node."""
+    return {"models": cp.store.listed_models()}
+
+
+def _base_url(request: Request, configured: str) -> str:
+    return (configured or str(request.base_url)).rstrip("/")
+
+
+@router.post("/get_worker_address", openapi_extra=_body_doc(ModelQuery))
+async def get_worker_address(request: Request, cp: CPDep) -> dict[str, str]:
+    """An address (under this control plane) for a node serving ``model``; ``""`` if none."""
+    body = await parse_body(request, ModelQuery)
+    worker = cp.router.choose(cp.store.candidates(body.model))
+    if worker is None:
+        return {"address": ""}
+    return {"address": f"{_base_url(request, cp.settings.public_url)}/workers/{worker.id}"}
+
+
+@router.post("/receive_heart_beat", openapi_extra=_body_doc(HeartBeat))
+async def receive_heart_beat(request: Request, cp: CPDep) -> dict[str, bool]:
+    """Accept a pushed heartbeat; ``exist: false`` asks the worker to register again."""
+    body = await parse_body(request, HeartBeat)
+    worker = cp.store.by_name(body.worker_name)
+    if worker is None:
+        return {"exist": False}
+    worker.queue_length = max(0, body.queue_length)
+    cp.store.record_heartbeat(
+        worker,
+        ok=True,
+        latency_ms=None,
+        server_ready=worker.state is WorkerState.HEALTHY,
+        error=None,
+        source="push",
+    )
+    return {"exist": True}
+
+
+@router.post("/worker_get_status")
+async def worker_get_status(cp: CPDep) -> dict[str, Any]:
+    """The fleet as one worker: models, total speed, total queue."""
+    healthy = [w for w in cp.store.all() if w.state is WorkerState.HEALTHY]
+    return {
+        "model_names": cp.store.listed_models(),
+        "speed": sum(w.speed for w in healthy),
+        "queue_length": sum(w.inflight + w.queue_length for w in healthy),
+    }
+
+
+@router.post("/workers/{worker_id}/worker_get_status")
+async def one_worker_status(worker_id: int, cp: CPDep) -> dict[str, Any]:
+    """One node's models, speed and queue."""
+    w = cp.store.get(worker_id)
+    if w is None:
+        raise NotFound(f"no worker with id {worker_id}")
+    return {"model_names": w.ready_models(), "speed": w.speed, "queue_length": w.inflight + w.queue_length}
+
+
+def _decode_images(images: list[str] | None, limit: int) -> list[bytes]:
+    if not images:
+        return []
+    if len(images) > limit:
+        raise BadRequest(f"{len(images)} images given; at most {limit} are accepted", param="images")
+    out = []
+    for i, text in enumerate(images):
+        if not isinstance(text, str) or not text:
+            raise BadRequest(f"images[{i}] must be a non-empty base64 string", param="images")
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        try:
+            out.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"images[{i}] is not valid base64", param="images") from None
+    return out
+
+
+def _to_request(
+    params: GenerateParams, cp: CPDep, request_id: str | None, pinned: int | None
+) -> GenerateRequest:
+    if params.max_new_tokens < 1:
+        raise BadRequest(
+            f"max_new_tokens is {params.max_new_tokens}; it must be at least 1", param="max_new_tokens"
+        )
+    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+    return GenerateRequest(
+        model=params.model,
+        api="llava",
+        prompt=params.prompt,
+        images=_decode_images(params.images, cp.settings.max_images),
+        # LLaVA caps max_new_tokens at 1024; the node also caps it at the room left.
+        max_tokens=min(params.max_new_tokens, cp.settings.max_new_tokens_cap),
+        temperature=params.temperature,
+        top_p=params.top_p,
+        stop=[s for s in stop if s],
+        seed=params.seed,
+        request_id=cp.service.new_request_id(request_id),
+        pinned_worker=pinned,
+    )
+
+
+async def _stream_frames(req: GenerateRequest, cp: CPDep) -> Response:
+    """Start the stream (errors before the first token get their own HTTP status), then
+    stream NUL-delimited frames whose text is the prompt followed by everything so far."""
+    chunks = cp.service.stream(req)
+    try:
+        first: Chunk | None = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+    prompt = req.prompt or ""
+
+    async def frames() -> AsyncIterator[bytes]:
+        text = prompt
+        try:
+            pending = [first] if first is not None else []
+            while True:
+                if pending:
+                    chunk = pending.pop()
+                else:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                text += chunk.text
+                frame: dict[str, Any] = {"text": text, "error_code": 0}
+                if chunk.finish_reason:
+                    frame["finish_reason"] = chunk.finish_reason
+                    frame["usage"] = {
+                        "prompt_tokens": chunk.prompt_tokens,
+                        "completion_tokens": chunk.completion_tokens,
+                    }
+                yield llava_frame(frame)
+        except ServiceError as exc:
+            yield llava_frame({"text": exc.message, "error_code": exc.llava_code})
+        finally:
+            await chunks.aclose()
+
+    return StreamingResponse(
+        frames(), media_type="application/octet-stream", headers={"X-Request-Id": req.request_id}
+    )
+
+
+@router.post("/worker_generate_stream", openapi_extra=_body_doc(GenerateParams))
+async def worker_generate_stream(
+    request: Request, cp: CPDep, x_request_id: str | None = Header(None)
+) -> Response:
+    """Generate with any node serving ``model``; NUL-delimited JSON frames."""
+    params = await parse_body(request, GenerateParams)
+    return await _stream_frames(_to_request(params, cp, x_request_id, None), cp)
+
+
+@router.post("/workers/{worker_id}/worker_generate_stream", openapi_extra=_body_doc(GenerateParams))
+async def pinned_generate_stream(
+    worker_id: int, request: Request, cp: CPDep, x_request_id: str | None = Header(None)
+) -> Response:
+    """Generate on the node ``/get_worker_address`` chose (another one if it has failed)."""
+    params = await parse_body(request, GenerateParams)
+    if cp.store.get(worker_id) is None:
+        raise NotFound(f"no worker with id {worker_id}; ask /get_worker_address again")
+    return await _stream_frames(_to_request(params, cp, x_request_id, worker_id), cp)

@@ -1,0 +1,114 @@
+"""The FastAPI application: its parts are made and closed by the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+from fastapi import FastAPI
+from sqlalchemy import update
+
+from control_plane.config import Settings
+from control_plane.db import BatchWriter, Database
+from control_plane.fleet import Fleet
+from control_plane.health import HealthPoller
+from control_plane.metrics import ControlPlaneMetrics
+from control_plane.proxy import TritonPool
+from control_plane.routing import Router
+from control_plane.schema import RequestRecord, utcnow
+from control_plane.service import GenerationService
+from control_plane.store import WorkerStore
+
+__all__ = ["ControlPlane", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ControlPlane:
+    """Everything a request handler may need, made once per app."""
+
+    settings: Settings
+    db: Database
+    writer: BatchWriter
+    store: WorkerStore
+    poller: HealthPoller
+    fleet: Fleet
+    pool: TritonPool
+    router: Router
+    service: GenerationService
+    metrics: ControlPlaneMetrics
+    http: aiohttp.ClientSession
+
+
+def _fail_abandoned_requests(db: Database, replica: str) -> int:
+    """Requests this replica left 'running' when it died are failed, not left forever."""
+    with db.session() as s:
+        result = s.execute(
+            update(RequestRecord)
+            .where(RequestRecord.status == "running", RequestRecord.replica == replica)
+            .values(
+                status="error", error="the control plane stopped before the request ended", ended_at=utcnow()
+            )
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the database and clients, load and poll the fleet; close all at exit."""
+    settings: Settings = app.state.settings
+    db = Database(settings.sqlalchemy_url)
+    await asyncio.to_thread(db.create_schema)
+    abandoned = await asyncio.to_thread(_fail_abandoned_requests, db, settings.replica_name)
+    if abandoned:
+        log.warning("marked %d requests left running by a previous run as failed", abandoned)
+    writer = BatchWriter(db, settings.db_flush_interval_s, settings.db_batch_size)
+    store = WorkerStore(db, writer)
+    await asyncio.to_thread(store.load)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512, limit_per_host=8))
+    poller = HealthPoller(store, settings, http)
+    pool = TritonPool()
+    metrics = ControlPlaneMetrics()
+    router = Router(settings.dispatch_policy)
+    fleet = Fleet(store, poller, pool, http)
+    service = GenerationService(settings, store, router, pool, writer, metrics)
+    cp = ControlPlane(settings, db, writer, store, poller, fleet, pool, router, service, metrics, http)
+    app.state.cp = cp
+    for url in settings.workers:
+        await fleet.register(url, source="static", poll=False)
+    await poller.poll_all()
+    poller.start()
+    log.info("control plane up: %d workers, database %s", len(store.all()), db.url)
+    try:
+        yield
+    finally:
+        await poller.stop()
+        await service.drain()
+        await pool.close()
+        await http.close()
+        await asyncio.to_thread(writer.close)
+        db.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the control-plane app (nothing starts until its lifespan runs)."""
+    from control_plane.api import admin, errors, llava
+
+    settings = settings or Settings()
+    app = FastAPI(
+        title="LLaVA control plane",
+        description="Routes LLaVA requests to Triton nodes; speaks LLaVA's controller protocol.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(llava.router)
+    app.include_router(admin.router)
+    app.include_router(admin.public)
+    return app

@@ -1,0 +1,127 @@
+"""Command line: ``serve`` the control plane, run read-only ``sql``, or run the local ``stack``.
+
+python -m control_plane serve --worker http://10.0.0.5:8000 --worker http://10.0.0.6:8000
+python -m control_plane sql "SELECT * FROM worker_uptime_24h"
+python -m control_plane stack            # two local Triton nodes + the control plane
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+__all__ = ["main", "settings_from_args"]
+
+
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 21001, LLaVA's controller port)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite file in the data dir)")
+    p.add_argument("--data-dir", help="where the default SQLite file lives")
+    p.add_argument("--worker", action="append", dest="workers", help="a Triton node's HTTP URL (repeat)")
+    p.add_argument("--poll-interval", type=float, dest="poll_interval_s")
+    p.add_argument("--dispatch-policy", choices=["shortest_queue", "lottery", "round_robin", "power_of_two"])
+    p.add_argument("--admin-token", help="bearer token required by /admin (default: none)")
+    p.add_argument("--api-key", action="append", dest="api_keys", help="accepted API key (repeat)")
+    p.add_argument("--public-url", help="base URL clients reach this control plane at")
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """Settings from the environment, overridden by the options given."""
+    from control_plane.config import Settings
+
+    keys = [
+        "host",
+        "port",
+        "database_url",
+        "data_dir",
+        "workers",
+        "poll_interval_s",
+        "dispatch_policy",
+        "admin_token",
+        "api_keys",
+        "public_url",
+    ]
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return Settings(**overrides)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so ``finally`` blocks run (uvicorn re-raises the
+    signal it caught after its own shutdown)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from control_plane.app import create_app
+
+    settings = settings_from_args(args)
+    app = create_app(settings)
+    exit_on_sigterm()
+    print(f"control plane listening on http://{settings.host}:{settings.port} (Ctrl-C stops it)", flush=True)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+    )
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from control_plane.errors import ServiceError
+    from control_plane.sql import format_table, run_readonly
+
+    settings = settings_from_args(args)
+    try:
+        result = run_readonly(settings.sqlalchemy_url, args.query, max_rows=args.max_rows)
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}, default=str
+            )
+        )
+    else:
+        print(format_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(prog="python -m control_plane", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the control plane")
+    _add_settings_args(serve)
+    serve.add_argument("--log-level", default="info")
+    sql = sub.add_parser("sql", help="run one read-only SQL query and print a table")
+    _add_settings_args(sql)
+    sql.add_argument("query")
+    sql.add_argument("--max-rows", type=int, default=1000)
+    sql.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stack = sub.add_parser("stack", help="run two local Triton nodes and the control plane")
+    _add_settings_args(stack)
+    stack.add_argument("--nodes", type=int, default=2)
+    stack.add_argument("--checkpoint", help="llava-hf checkpoint directory (default: the tiny test one)")
+    stack.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "sql":
+        return _sql(args)
+    from control_plane.stack import run_stack
+
+    return run_stack(args)

@@ -1,0 +1,104 @@
+"""The control plane's settings: one object, every knob an environment variable.
+
+Each field reads ``LLAVA_CP_<FIELD>`` (for example ``LLAVA_CP_DATABASE_URL``);
+list fields take JSON (``LLAVA_CP_WORKERS='["http://10.0.0.5:8000"]'``) or a
+comma-separated string.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DispatchPolicy", "Settings"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DispatchPolicy(str, Enum):
+    """How the control plane picks a node for a request."""
+
+    SHORTEST_QUEUE = "shortest_queue"
+    LOTTERY = "lottery"
+    ROUND_ROBIN = "round_robin"
+    POWER_OF_TWO = "power_of_two"
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [v.strip() for v in text.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Control-plane configuration (environment variables ``LLAVA_CP_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAVA_CP_", extra="ignore")
+
+    # -- serving ------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 21001  # LLaVA's controller port, so its clients find us unchanged
+    public_url: str = Field(
+        "",
+        description="Base URL clients use to reach this control plane; worker addresses handed "
+        "out by /get_worker_address start with it. Empty: taken from each request.",
+    )
+    instance_name: str = Field("", description="Name of this replica in the database; default host:port")
+
+    # -- storage --------------------------------------------------------------------------
+    data_dir: Path = PROJECT_ROOT / "var" / "data"
+    database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite file in data_dir")
+    db_flush_interval_s: float = 0.25
+    db_batch_size: int = 500
+    heartbeat_retention_days: float = 14.0
+
+    # -- fleet -----------------------------------------------------------------------------
+    workers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Node base URLs registered at start (static fleet)"
+    )
+    poll_interval_s: float = 2.0
+    poll_timeout_s: float = 1.5
+    unhealthy_after_failures: int = 2
+    offline_after_s: float = 30.0  # LLaVA drops a worker silent for 30 s
+    push_heartbeat_timeout_s: float = 45.0
+
+    # -- routing and proxying ------------------------------------------------------------
+    dispatch_policy: DispatchPolicy = DispatchPolicy.SHORTEST_QUEUE
+    connect_timeout_s: float = 5.0
+    first_token_timeout_s: float = 120.0
+    stall_timeout_s: float = 60.0
+    max_new_tokens_cap: int = 1024  # LLaVA caps max_new_tokens at 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_images: int = 8
+
+    # -- security --------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer tokens accepted on inference APIs; empty: open"
+    )
+    admin_token: str = Field("", description="Bearer token for /admin; empty: admin is open")
+
+    @field_validator("workers", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'control_plane.db').resolve()}"
+
+    @property
+    def replica_name(self) -> str:
+        """This control plane's name in the database."""
+        return self.instance_name or f"{self.host}:{self.port}"

@@ -1,0 +1,240 @@
+"""The database: engine, schema and views, and the batched writer.
+
+Writes never happen on the event loop or on a request's path: callers hand rows to
+:class:`BatchWriter`, whose thread writes them in batches, in order, one transaction
+a batch. Reads (admin API, SQL) run in worker threads with short sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, insert, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from control_plane.schema import Base
+
+__all__ = ["VIEWS", "BatchWriter", "Database"]
+
+log = logging.getLogger(__name__)
+
+
+def _dialect_sql(dialect: str) -> dict[str, Callable[[str], str]]:
+    if dialect == "sqlite":
+        return {
+            "epoch": lambda col: f"((julianday({col}) - 2440587.5) * 86400.0)",
+            "now": lambda _: "((julianday('now') - 2440587.5) * 86400.0)",
+            "hour": lambda col: f"strftime('%Y-%m-%d %H:00', {col})",
+        }
+    return {  # PostgreSQL
+        "epoch": lambda col: f"EXTRACT(EPOCH FROM {col})",
+        "now": lambda _: "EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC'))",
+        "hour": lambda col: f"to_char({col}, 'YYYY-MM-DD HH24:00')",
+    }
+
+
+def _views(dialect: str) -> dict[str, str]:
+    f = _dialect_sql(dialect)
+    epoch, now, hour = f["epoch"], f["now"](""), f["hour"]
+    return {
+        "v_heartbeats": f"""
+            SELECT h.*, w.name AS worker, {epoch("h.at")} AS at_unix,
+                   {now} - {epoch("h.at")} AS age_s, {hour("h.at")} AS hour
+            FROM heartbeats h JOIN workers w ON w.id = h.worker_id""",
+        "v_worker_events": f"""
+            SELECT e.*, w.name AS worker, {epoch("e.at")} AS at_unix,
+                   {now} - {epoch("e.at")} AS age_s, {hour("e.at")} AS hour
+            FROM worker_events e JOIN workers w ON w.id = e.worker_id""",
+        "v_requests": f"""
+            SELECT r.*, w.name AS worker, {epoch("r.started_at")} AS started_unix,
+                   ({epoch("r.ended_at")} - {epoch("r.started_at")}) * 1000.0 AS duration_ms,
+                   {now} - {epoch("r.started_at")} AS age_s, {hour("r.started_at")} AS hour
+            FROM requests r LEFT JOIN workers w ON w.id = r.worker_id""",
+        "v_model_events": f"""
+            SELECT m.*, w.name AS worker, {epoch("m.at")} AS at_unix,
+                   {now} - {epoch("m.at")} AS age_s, {hour("m.at")} AS hour
+            FROM model_events m LEFT JOIN workers w ON w.id = m.worker_id""",
+        "worker_uptime_24h": """
+            SELECT worker_id, worker, COUNT(*) AS polls,
+                   SUM(CASE WHEN ok THEN 1 ELSE 0 END) AS ok_polls,
+                   AVG(CASE WHEN ok THEN 1.0 ELSE 0.0 END) AS uptime
+            FROM v_heartbeats WHERE source = 'poll' AND age_s < 86400
+            GROUP BY worker_id, worker""",
+    }
+
+
+VIEWS = tuple(_views("sqlite"))
+
+
+class Database:
+    """One SQLAlchemy engine and session factory, with the schema and views in place."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        connect_args: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            connect_args = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return str(self.engine.dialect.name)
+
+    def create_schema(self) -> None:
+        """Create missing tables and (re)create the views."""
+        Base.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            for name, sql in _views(self.dialect).items():
+                conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+                conn.execute(text(f"CREATE VIEW {name} AS {sql}"))
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction, committed on success."""
+        with self.sessions() as s, s.begin():
+            yield s
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+@dataclass
+class _Op:
+    kind: str  # "insert" | "update" | "call"
+    model: Any = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    call: Callable[[Session], None] | None = None
+
+
+class BatchWriter:
+    """Writes rows on its own thread, in batches, in the order they were given.
+
+    ``insert`` and ``update`` return at once. Consecutive operations of one kind on
+    one table become one ``executemany``; each batch is one transaction. A full queue
+    drops the newest row (and says so in the log) rather than block the caller.
+    """
+
+    def __init__(
+        self, db: Database, flush_interval_s: float = 0.25, batch_size: int = 500, max_queue: int = 200_000
+    ) -> None:
+        self.db = db
+        self.flush_interval_s = flush_interval_s
+        self.batch_size = batch_size
+        self._queue: queue.Queue[_Op | None] = queue.Queue(maxsize=max_queue)
+        self._idle = threading.Event()
+        self._idle.set()
+        self.dropped = 0
+        self.batches = 0
+        self.rows_written = 0
+        self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
+        self._thread.start()
+
+    def _put(self, op: _Op) -> None:
+        self._idle.clear()
+        try:
+            self._queue.put_nowait(op)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.warning("database writer queue full: %d rows dropped so far", self.dropped)
+
+    def insert(self, model: Any, row: dict[str, Any]) -> None:
+        """Queue one row to insert into ``model``'s table."""
+        self._put(_Op("insert", model, [row]))
+
+    def update(self, model: Any, row: dict[str, Any]) -> None:
+        """Queue an update of one row by primary key (``row`` includes it)."""
+        self._put(_Op("update", model, [row]))
+
+    def call(self, fn: Callable[[Session], None]) -> None:
+        """Queue an arbitrary write, run in the writer's transaction."""
+        self._put(_Op("call", call=fn))
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything queued so far is written."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._queue.empty() and self._idle.wait(0.05):
+                return True
+        return False
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                first = self._queue.get(timeout=self.flush_interval_s)
+            except queue.Empty:
+                self._idle.set()
+                continue
+            batch: list[_Op] = []
+            if first is None:
+                stopping = True
+            else:
+                batch.append(first)
+            while len(batch) < self.batch_size:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stopping = True
+                    break
+                batch.append(op)
+            if batch:
+                self._write(batch)
+            if self._queue.empty():
+                self._idle.set()
+
+    def _write(self, batch: list[_Op]) -> None:
+        try:
+            with self.db.session() as s:
+                i = 0
+                while i < len(batch):
+                    op = batch[i]
+                    if op.kind == "call":
+                        assert op.call is not None
+                        op.call(s)
+                        i += 1
+                        continue
+                    rows = list(op.rows)
+                    j = i + 1
+                    while j < len(batch) and batch[j].kind == op.kind and batch[j].model is op.model:
+                        rows.extend(batch[j].rows)
+                        j += 1
+                    stmt = insert(op.model) if op.kind == "insert" else update(op.model)
+                    s.execute(stmt, rows)
+                    i = j
+            self.batches += 1
+            self.rows_written += sum(len(op.rows) or 1 for op in batch)
+        except Exception:
+            log.exception("database write of %d operations failed; they are lost", len(batch))

@@ -1,0 +1,215 @@
+"""Health polling: heartbeats are polls of each node's Triton endpoints.
+
+Every interval, every registered node is polled concurrently, each poll bounded by a
+timeout: ``/v2/health/ready`` (server ready), ``/v2/repository/index`` (each model's
+state) and the Prometheus metrics (load). Nodes push nothing. State machine:
+
+    unknown/healthy --N failed polls--> unhealthy --failing for offline_after_s--> offline
+    any state --a successful poll--> healthy
+
+Only healthy workers are routed to; every transition is recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from control_plane.config import Settings
+from control_plane.store import ModelStatus, WorkerInfo, WorkerState, WorkerStore
+
+__all__ = ["HealthPoller", "PollResult", "discover_endpoints", "parse_load"]
+
+log = logging.getLogger(__name__)
+
+QUEUE_METRIC = "llava_engine_queued_requests"
+ACTIVE_METRIC = "llava_engine_active_requests"
+
+
+def parse_load(metrics_text: str) -> tuple[int, int]:
+    """(queued, active) summed over a node's engine models, from its metrics page."""
+    queued = active = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(QUEUE_METRIC):
+            queued += float(line.rsplit(" ", 1)[-1])
+        elif line.startswith(ACTIVE_METRIC):
+            active += float(line.rsplit(" ", 1)[-1])
+    return int(queued), int(active)
+
+
+class PollResult:
+    """What one poll found."""
+
+    __slots__ = ("active", "error", "latency_ms", "models", "ok", "queued", "server_ready")
+
+    def __init__(self) -> None:
+        self.ok = False
+        self.server_ready = False
+        self.models: dict[str, ModelStatus] | None = None
+        self.queued: int | None = None
+        self.active: int | None = None
+        self.latency_ms: float | None = None
+        self.error = ""
+
+
+async def discover_endpoints(
+    session: aiohttp.ClientSession, http_url: str, timeout_s: float = 2.0
+) -> tuple[str, str]:
+    """Guess a node's gRPC address and metrics URL from its HTTP base URL.
+
+    Triton's defaults put gRPC and metrics on the two ports after HTTP (8000, 8001,
+    8002); the metrics URL is checked, the gRPC port is taken by that convention.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(http_url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    candidates = [port + 2, 8002] if port != 8000 else [8002]
+    metrics_url = f"{parts.scheme}://{host}:{candidates[0]}/metrics"
+    for p in candidates:
+        url = f"{parts.scheme}://{host}:{p}/metrics"
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
+                if r.status == 200 and "nv_" in await r.text():
+                    metrics_url = url
+                    break
+    grpc_host = f"[{host}]" if ":" in host else host
+    return f"{grpc_host}:{port + 1}", metrics_url
+
+
+class HealthPoller:
+    """Polls every worker on an interval and moves workers between states."""
+
+    def __init__(self, store: WorkerStore, settings: Settings, session: aiohttp.ClientSession) -> None:
+        self.store = store
+        self.settings = settings
+        self.session = session
+        self._task: asyncio.Task[None] | None = None
+        self._semaphore = asyncio.Semaphore(256)
+        self.rounds = 0
+        self.last_round_s = 0.0
+
+    def start(self) -> None:
+        """Start polling in the background."""
+        self._task = asyncio.create_task(self._run(), name="health-poller")
+
+    async def stop(self) -> None:
+        """Stop polling."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        interval = self.settings.poll_interval_s
+        while True:
+            started = time.monotonic()
+            try:
+                await self.poll_all()
+            except Exception:  # never let one bad round stop the heartbeats
+                log.exception("poll round failed")
+            self.last_round_s = time.monotonic() - started
+            self.rounds += 1
+            await asyncio.sleep(max(0.0, interval - self.last_round_s))
+
+    async def poll_all(self) -> None:
+        """Poll every registered worker once, concurrently."""
+        workers = [w for w in self.store.all() if w.state is not WorkerState.REMOVED]
+        if workers:
+            await asyncio.gather(*(self.poll_worker(w) for w in workers))
+
+    async def poll_worker(self, worker: WorkerInfo) -> PollResult:
+        """Poll one worker, update its state and record the heartbeat."""
+        async with self._semaphore:
+            result = await self._poll(worker)
+        self._apply(worker, result)
+        return result
+
+    async def _poll(self, worker: WorkerInfo) -> PollResult:
+        res = PollResult()
+        timeout = aiohttp.ClientTimeout(total=self.settings.poll_timeout_s)
+        started = time.perf_counter()
+        try:
+            ready_req = self.session.get(f"{worker.http_url}/v2/health/ready", timeout=timeout)
+            index_req = self.session.post(f"{worker.http_url}/v2/repository/index", json={}, timeout=timeout)
+            async with ready_req as ready, index_req as index:
+                res.server_ready = ready.status == 200
+                if index.status == 200:
+                    res.models = {
+                        m["name"]: ModelStatus(
+                            ready=m.get("state") == "READY",
+                            state=m.get("state", ""),
+                            reason=m.get("reason", ""),
+                        )
+                        for m in await index.json(content_type=None)
+                    }
+            res.latency_ms = (time.perf_counter() - started) * 1000.0
+            res.ok = res.server_ready
+            if not res.server_ready:
+                res.error = "server not ready (/v2/health/ready did not answer 200)"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            res.error = _describe(exc, self.settings.poll_timeout_s)
+            return res
+        if worker.metrics_url:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                async with self.session.get(worker.metrics_url, timeout=timeout) as m:
+                    if m.status == 200:
+                        res.queued, res.active = parse_load(await m.text())
+        return res
+
+    def _apply(self, worker: WorkerInfo, res: PollResult) -> None:
+        if worker.state is WorkerState.REMOVED:
+            return
+        s = self.settings
+        worker.last_poll_latency_ms = res.latency_ms
+        if res.models is not None:
+            worker.models = res.models
+        if res.queued is not None and res.active is not None:
+            worker.queue_length, worker.active = res.queued, res.active
+        if res.ok:
+            worker.consecutive_failures = 0
+            worker.failing_since = None
+            worker.last_error = ""
+            if worker.state is not WorkerState.HEALTHY:
+                self.store.set_state(worker, WorkerState.HEALTHY, "poll succeeded: server ready")
+        else:
+            now = time.monotonic()
+            worker.consecutive_failures += 1
+            worker.failing_since = worker.failing_since or now
+            worker.last_error = res.error
+            if res.models is None:
+                worker.models = {n: ModelStatus(ready=False, state="UNREACHABLE") for n in worker.models}
+            failures = worker.consecutive_failures
+            if (
+                worker.state in (WorkerState.HEALTHY, WorkerState.UNKNOWN)
+                and failures >= s.unhealthy_after_failures
+            ):
+                self.store.set_state(worker, WorkerState.UNHEALTHY, f"{failures} failed polls: {res.error}")
+            elif worker.state is WorkerState.UNHEALTHY and now - worker.failing_since >= s.offline_after_s:
+                self.store.set_state(
+                    worker,
+                    WorkerState.OFFLINE,
+                    f"failing for {now - worker.failing_since:.0f} s: {res.error}",
+                )
+        self.store.record_heartbeat(
+            worker, ok=res.ok, latency_ms=res.latency_ms, server_ready=res.server_ready, error=res.error
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Poller statistics, for the admin API."""
+        return {"rounds": self.rounds, "last_round_s": round(self.last_round_s, 4)}
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed: {exc.os_error or exc}"
+    return f"{type(exc).__name__}: {exc}"

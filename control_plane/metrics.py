@@ -1,0 +1,34 @@
+"""The control plane's own Prometheus metrics (served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["ControlPlaneMetrics"]
+
+
+class ControlPlaneMetrics:
+    """Counters and histograms in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "cp_requests",
+            "Requests proxied, by API, model and outcome",
+            ["api", "model", "status"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "cp_retries", "Requests retried on another node before streaming", registry=self.registry
+        )
+        self.ttft = Histogram(
+            "cp_time_to_first_token_seconds",
+            "Time to first token through the control plane",
+            ["api"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "cp_completion_tokens", "Tokens streamed to clients", ["api"], registry=self.registry
+        )
+        self.inflight = Gauge("cp_inflight_requests", "Streams open now", registry=self.registry)

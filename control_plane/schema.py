@@ -1,0 +1,129 @@
+"""The worker information store's tables (SQLAlchemy 2.0 typed models).
+
+This schema is a public interface: admins query it with plain SQL. It is documented,
+with example queries, in ``docs/schema.md``; change it only by adding columns.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Base", "Heartbeat", "ModelEvent", "RequestRecord", "Worker", "WorkerEvent", "utcnow"]
+
+
+def utcnow() -> datetime:
+    """The current time in UTC, as stored in every timestamp column."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the store's tables."""
+
+
+class Worker(Base):
+    """A Triton node: where it listens, what it serves, its state."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), unique=True, doc="base URL, as registered")
+    http_url: Mapped[str] = mapped_column(String(512))
+    grpc_url: Mapped[str] = mapped_column(String(512), doc="host:port of the gRPC endpoint")
+    metrics_url: Mapped[str] = mapped_column(String(512), default="")
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(32), default="unknown")
+    models: Mapped[dict[str, Any]] = mapped_column(
+        JSON, default=dict, doc="model name -> {ready: bool, state: str}"
+    )
+    queue_length: Mapped[int] = mapped_column(Integer, default=0, doc="requests waiting on the node")
+    inflight: Mapped[int] = mapped_column(Integer, default=0, doc="this control plane's open streams")
+    speed: Mapped[int] = mapped_column(Integer, default=1, doc="relative speed, for the lottery policy")
+    source: Mapped[str] = mapped_column(String(32), default="admin", doc="admin, static, llava, ...")
+    registered_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    removed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Heartbeat(Base):
+    """One poll of a node (or one heartbeat it pushed)."""
+
+    __tablename__ = "heartbeats"
+    __table_args__ = (Index("ix_heartbeats_worker_at", "worker_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    server_ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    models: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    queue_length: Mapped[int] = mapped_column(Integer, default=0)
+    active: Mapped[int] = mapped_column(Integer, default=0, doc="requests generating on the node")
+    inflight: Mapped[int] = mapped_column(Integer, default=0)
+    source: Mapped[str] = mapped_column(String(16), default="poll", doc="poll or push")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class WorkerEvent(Base):
+    """A change of a worker's state, with its reason."""
+
+    __tablename__ = "worker_events"
+    __table_args__ = (Index("ix_worker_events_worker_at", "worker_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    from_state: Mapped[str] = mapped_column(String(32))
+    to_state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class RequestRecord(Base):
+    """One request proxied to a node, from arrival to its end."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        Index("ix_requests_started_at", "started_at"),
+        Index("ix_requests_worker_started", "worker_id", "started_at"),
+        Index("ix_requests_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, doc="uuid, made by the control plane")
+    request_id: Mapped[str] = mapped_column(String(128), index=True, doc="the id sent to Triton")
+    api: Mapped[str] = mapped_column(String(16), doc="llava or openai")
+    model: Mapped[str] = mapped_column(String(256))
+    worker_id: Mapped[int | None] = mapped_column(
+        ForeignKey("workers.id", ondelete="SET NULL"), nullable=True
+    )
+    replica: Mapped[str] = mapped_column(String(128), default="", doc="control plane that served it")
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    first_token_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="running", doc="running, ok, error, cancelled")
+    finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ModelEvent(Base):
+    """A model lifecycle step on a node: load requested, loaded, load failed, unloaded."""
+
+    __tablename__ = "model_events"
+    __table_args__ = (Index("ix_model_events_model_at", "model", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(256))
+    worker_id: Mapped[int | None] = mapped_column(
+        ForeignKey("workers.id", ondelete="SET NULL"), nullable=True
+    )
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    event: Mapped[str] = mapped_column(String(32), doc="load_requested, loaded, load_failed, unloaded")
+    duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")

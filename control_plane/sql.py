@@ -1,0 +1,156 @@
+"""Read-only SQL over the worker history, for admins (CLI and admin API).
+
+Read-only by construction, not by inspecting the text: on SQLite the connection is
+opened read-only (``mode=ro``) with ``query_only`` on and an authorizer that allows
+only reading (no writes, no ATTACH, no PRAGMA that changes anything); on PostgreSQL
+the query runs in a ``READ ONLY`` transaction with a statement timeout.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from control_plane.errors import BadRequest
+
+__all__ = ["QueryResult", "ReadOnlyViolation", "format_table", "run_readonly"]
+
+# PRAGMAs that only read, and only when called without a value.
+_READ_PRAGMAS = frozenset(
+    {
+        "table_info",
+        "table_xinfo",
+        "table_list",
+        "index_list",
+        "index_info",
+        "foreign_key_list",
+        "integrity_check",
+        "quick_check",
+        "journal_mode",
+        "page_count",
+        "page_size",
+        "user_version",
+        "schema_version",
+        "database_list",
+        "compile_options",
+    }
+)
+_ALLOWED = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    getattr(sqlite3, "SQLITE_RECURSIVE", 33),
+}
+
+
+class ReadOnlyViolation(BadRequest):
+    """The query tried to change something."""
+
+
+@dataclass
+class QueryResult:
+    """Columns, rows, and whether rows were cut at the limit."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+    truncated: bool
+
+
+def _authorizer(action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None) -> int:
+    if action in _ALLOWED:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_PRAGMAS and arg2 is None:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def _sqlite_path(url: str) -> str:
+    path = url.split("///", 1)[1] if "///" in url else ""
+    if not path or path == ":memory:":
+        raise BadRequest("the SQL interface needs a file database")
+    return path
+
+
+def run_readonly(
+    url: str,
+    query: str,
+    params: Sequence[Any] | dict[str, Any] = (),
+    max_rows: int = 1000,
+    timeout_s: float = 30.0,
+) -> QueryResult:
+    """Run one read-only query against the store; raise ReadOnlyViolation on any write."""
+    if not query.strip():
+        raise BadRequest("the query is empty")
+    if url.startswith("sqlite"):
+        return _run_sqlite(_sqlite_path(url), query, params, max_rows, timeout_s)
+    return _run_sqlalchemy(url, query, params, max_rows, timeout_s)
+
+
+def _run_sqlite(path: str, query: str, params: Any, max_rows: int, timeout_s: float) -> QueryResult:
+    from pathlib import Path
+
+    resolved = Path(path).resolve()
+    if not resolved.exists():
+        raise BadRequest(f"no database at {resolved}")
+    conn = sqlite3.connect(f"{resolved.as_uri()}?mode=ro", uri=True, timeout=timeout_s)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.set_authorizer(_authorizer)
+        try:
+            cur = conn.execute(query, params)
+        except sqlite3.DatabaseError as exc:
+            text = str(exc)
+            if "not authorized" in text or "readonly" in text or "read-only" in text:
+                raise ReadOnlyViolation(f"refused: the SQL interface is read-only ({text})") from None
+            raise BadRequest(f"SQL error: {text}") from None
+        except sqlite3.Warning as exc:  # e.g. several statements at once
+            raise BadRequest(f"SQL error: {exc}") from None
+        columns = [d[0] for d in cur.description or ()]
+        rows = cur.fetchmany(max_rows + 1)
+        return QueryResult(columns, [tuple(r) for r in rows[:max_rows]], len(rows) > max_rows)
+    finally:
+        conn.close()
+
+
+def _run_sqlalchemy(url: str, query: str, params: Any, max_rows: int, timeout_s: float) -> QueryResult:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}")
+            try:
+                cur = conn.execute(text(query), params or {})
+            except DBAPIError as exc:
+                message = str(exc.orig)
+                if "read-only" in message or "read only" in message:
+                    raise ReadOnlyViolation(f"refused: the SQL interface is read-only ({message})") from None
+                raise BadRequest(f"SQL error: {message}") from None
+            columns = list(cur.keys()) if cur.returns_rows else []
+            rows = cur.fetchmany(max_rows + 1) if cur.returns_rows else []
+            conn.rollback()
+            return QueryResult(columns, [tuple(r) for r in rows[:max_rows]], len(rows) > max_rows)
+    finally:
+        engine.dispose()
+
+
+def format_table(result: QueryResult) -> str:
+    """Rows as an aligned text table."""
+    cells = [[("" if v is None else str(v)) for v in row] for row in result.rows]
+    widths = [len(c) for c in result.columns]
+    for row in cells:
+        widths = [max(w, len(v)) for w, v in zip(widths, row, strict=False)]
+
+    def line(values: Sequence[str]) -> str:
+        return " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)).rstrip()
+
+    out = [line(result.columns), "-+-".join("-" * w for w in widths)]
+    out += [line(r) for r in cells]
+    out.append(
+        f"({len(cells)} row{'s' if len(cells) != 1 else ''}{', truncated' if result.truncated else ''})"
+    )
+    return "\n".join(out)

@@ -1,0 +1,118 @@
+"""The main job: local Triton nodes plus the control plane, until Ctrl-C.
+
+Starts ``--nodes`` tritonserver processes serving ``model_repository/`` (the tiny
+random-weight checkpoint unless one is given), then the control plane with those
+nodes registered, prints where everything listens and an example request, and on
+Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["free_port_block", "run_stack"]
+
+
+def free_port_block(host: str, start: int, size: int = 3, avoid: set[int] | None = None) -> int:
+    """The first port >= ``start`` such that ``size`` consecutive ports are free."""
+    avoid = avoid or set()
+    port = start
+    while port < 65000:
+        block = range(port, port + size)
+        if not avoid.intersection(block) and all(_free(host, p) for p in block):
+            return port
+        port += size
+    raise RuntimeError("no free port block found")
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def run_stack(args: argparse.Namespace) -> int:
+    """Run nodes and control plane in the foreground."""
+    import uvicorn
+
+    from control_plane.app import create_app
+    from control_plane.cli import exit_on_sigterm, settings_from_args
+    from llava_node.launcher import NodeStartError, TritonNode, TritonNodeConfig, resolve_checkpoint
+
+    exit_on_sigterm()
+    checkpoint = resolve_checkpoint(Path(args.checkpoint) if args.checkpoint else None)
+    host = "127.0.0.1"
+    nodes: list[TritonNode] = []
+    used: set[int] = set()
+    try:
+        for _ in range(args.nodes):
+            base = free_port_block(host, 8000, avoid=used)
+            used.update(range(base, base + 3))
+            nodes.append(
+                TritonNode(
+                    TritonNodeConfig(
+                        checkpoint=checkpoint,
+                        host=host,
+                        http_port=base,
+                        grpc_port=base + 1,
+                        metrics_port=base + 2,
+                    )
+                )
+            )
+        started = time.monotonic()
+        for n in nodes:
+            n.start(wait=False)
+        for n in nodes:
+            n.wait_ready(n.config.startup_timeout_s)
+        print(f"{len(nodes)} Triton node(s) ready in {time.monotonic() - started:.1f} s:")
+        for n in nodes:
+            print(
+                f"  http {n.http_url}  grpc {n.grpc_url}  metrics {n.metrics_url}  (pid {n.pid}, log {n.log_path})"
+            )
+
+        if args.admin_token is None:
+            args.admin_token = secrets.token_urlsafe(24)
+        args.workers = (args.workers or []) + [n.http_url for n in nodes]
+        settings = settings_from_args(args)
+        url = f"http://{settings.host}:{settings.port}"
+        print(
+            f"\ncontrol plane: {url}   (API docs {url}/docs)\n"
+            f"database:      {settings.sqlalchemy_url}\n"
+            f"admin token:   {settings.admin_token}\n\n"
+            "Try it:\n"
+            f"  curl -s -X POST {url}/list_models\n"
+            f"  curl -sN {url}/worker_generate_stream -d "
+            '\'{"model": "llava", "prompt": "USER: Hello ASSISTANT:", "max_new_tokens": 32}\' | tr \'\\0\' \'\\n\'\n'
+            f"  curl -s -H 'Authorization: Bearer {settings.admin_token}' {url}/admin/workers\n"
+            f"  .venv/bin/python -m control_plane sql 'SELECT * FROM worker_uptime_24h'\n\n"
+            "Press Ctrl-C to stop the control plane and the nodes.",
+            flush=True,
+        )
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=args.log_level,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+        )
+        return 0
+    except NodeStartError as exc:
+        print(f"error: a Triton node failed to start:\n{exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for n in nodes:
+            n.stop()
+        if nodes:
+            print(f"stopped {len(nodes)} Triton node(s)")

@@ -1,0 +1,384 @@
+"""Worker records: the live in-memory view used for routing, written through to the database.
+
+Routing reads only memory. Every change (state, models, load, last seen) is written
+to the database through the batched writer, off the request path; registration and
+removal are written at once, so that a worker the API confirmed survives a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy import select
+
+from control_plane.db import BatchWriter, Database
+from control_plane.errors import BadRequest
+from control_plane.schema import Heartbeat, Worker, WorkerEvent, utcnow
+
+__all__ = ["WorkerInfo", "WorkerState", "WorkerStore", "is_served_model", "normalize_worker_url"]
+
+# Steps of an ensemble are not addressed by clients: llava_preprocess, llava_engine.
+STEP_SUFFIXES = ("_preprocess", "_engine")
+
+
+def is_served_model(name: str) -> bool:
+    """Whether clients address this model (an ensemble), not one of its steps."""
+    return not name.endswith(STEP_SUFFIXES)
+
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(str, Enum):
+    """A worker's health, as the poller sees it."""
+
+    UNKNOWN = "unknown"  # registered, not polled yet
+    HEALTHY = "healthy"  # polls succeed: eligible for routing
+    UNHEALTHY = "unhealthy"  # recent polls failed: out of routing, still polled
+    OFFLINE = "offline"  # failing for longer than the expiry: not listed, still polled
+    REMOVED = "removed"  # removed by an admin: not polled
+
+
+def normalize_worker_url(url: str) -> str:
+    """Check a node's base URL and return it in canonical form (``http://host:port``).
+
+    Refuses other schemes, credentials, paths beyond ``/``, queries and fragments.
+    """
+    text = (url or "").strip()
+    if not text:
+        raise BadRequest("the worker URL is empty")
+    if "://" not in text:
+        raise BadRequest(f"worker URL {text!r} has no scheme; expected http://host:port")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise BadRequest(f"worker URL {text!r}: scheme must be http or https")
+    if parts.username or parts.password:
+        raise BadRequest("worker URLs must not carry credentials")
+    if not parts.hostname:
+        raise BadRequest(f"worker URL {text!r} has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise BadRequest(f"worker URL {text!r}: give only scheme, host and port")
+    try:
+        port = parts.port
+    except ValueError:
+        raise BadRequest(f"worker URL {text!r} has an invalid port") from None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, "", "", ""))
+
+
+@dataclass
+class ModelStatus:
+    """One model on one node."""
+
+    ready: bool
+    state: str = ""
+    reason: str = ""
+
+
+@dataclass
+class WorkerInfo:
+    """The live view of one worker."""
+
+    id: int
+    name: str
+    http_url: str
+    grpc_url: str
+    metrics_url: str
+    labels: dict[str, Any] = field(default_factory=dict)
+    speed: int = 1
+    source: str = "admin"
+    state: WorkerState = WorkerState.UNKNOWN
+    models: dict[str, ModelStatus] = field(default_factory=dict)
+    queue_length: int = 0  # waiting on the node (node metrics or pushed heartbeat)
+    active: int = 0  # generating on the node (node metrics)
+    inflight: int = 0  # this control plane's open streams to it
+    consecutive_failures: int = 0
+    failing_since: float | None = None  # monotonic time of the first failed poll in a row
+    last_error: str = ""
+    last_poll_latency_ms: float | None = None
+    registered_at: datetime = field(default_factory=utcnow)
+    last_seen_at: datetime | None = None
+    last_push_at: float | None = None
+
+    def ready_models(self) -> list[str]:
+        """Models this node has ready."""
+        return sorted(name for name, m in self.models.items() if m.ready and is_served_model(name))
+
+    def can_serve(self, model: str) -> bool:
+        """Healthy and with ``model`` ready."""
+        status = self.models.get(model)
+        return self.state is WorkerState.HEALTHY and status is not None and status.ready
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the admin API."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "http_url": self.http_url,
+            "grpc_url": self.grpc_url,
+            "metrics_url": self.metrics_url,
+            "labels": self.labels,
+            "speed": self.speed,
+            "source": self.source,
+            "state": self.state.value,
+            "models": {
+                name: {"ready": m.ready, "state": m.state, "reason": m.reason}
+                for name, m in self.models.items()
+            },
+            "queue_length": self.queue_length,
+            "active": self.active,
+            "inflight": self.inflight,
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+            "last_poll_latency_ms": self.last_poll_latency_ms,
+            "registered_at": self.registered_at.isoformat() + "Z",
+            "last_seen_at": self.last_seen_at.isoformat() + "Z" if self.last_seen_at else None,
+        }
+
+
+class WorkerStore:
+    """All workers, in memory, with their rows kept up to date in the database."""
+
+    def __init__(self, db: Database, writer: BatchWriter) -> None:
+        self.db = db
+        self.writer = writer
+        self._workers: dict[int, WorkerInfo] = {}
+        self._by_name: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    # -- loading and registration (blocking: call from a thread) ----------------------------
+    def load(self) -> list[WorkerInfo]:
+        """Read the registered (not removed) workers from the database."""
+        with self.db.session() as s:
+            rows = s.scalars(select(Worker).where(Worker.removed_at.is_(None))).all()
+        loaded = []
+        for row in rows:
+            info = WorkerInfo(
+                id=row.id,
+                name=row.name,
+                http_url=row.http_url,
+                grpc_url=row.grpc_url,
+                metrics_url=row.metrics_url,
+                labels=dict(row.labels or {}),
+                speed=row.speed,
+                source=row.source,
+                state=WorkerState.UNKNOWN,
+                registered_at=row.registered_at,
+                last_seen_at=row.last_seen_at,
+            )
+            self._add(info)
+            loaded.append(info)
+        return loaded
+
+    def register(
+        self,
+        name: str,
+        *,
+        grpc_url: str,
+        metrics_url: str,
+        labels: dict[str, Any] | None = None,
+        speed: int = 1,
+        source: str = "admin",
+    ) -> tuple[WorkerInfo, bool]:
+        """Add a worker (or update one with the same URL); returns it and whether it is new."""
+        name = normalize_worker_url(name)
+        with self._lock:
+            existing_id = self._by_name.get(name)
+        if existing_id is not None:
+            info = self._workers[existing_id]
+            changed = (info.grpc_url, info.metrics_url, info.speed) != (grpc_url, metrics_url, speed)
+            info.grpc_url, info.metrics_url, info.speed = grpc_url, metrics_url, speed
+            if labels is not None:
+                info.labels = dict(labels)
+            if changed or labels is not None:
+                self._persist(info)
+            return info, False
+        now = utcnow()
+        with self.db.session() as s:
+            row = s.scalars(select(Worker).where(Worker.name == name)).one_or_none()
+            if row is None:
+                row = Worker(name=name, registered_at=now)
+                s.add(row)
+            row.http_url = name
+            row.grpc_url = grpc_url
+            row.metrics_url = metrics_url
+            row.labels = dict(labels or {})
+            row.speed = speed
+            row.source = source
+            row.state = WorkerState.UNKNOWN.value
+            row.removed_at = None
+            row.registered_at = now
+            s.flush()
+            s.add(
+                WorkerEvent(
+                    worker_id=row.id,
+                    at=now,
+                    from_state="",
+                    to_state="unknown",
+                    reason=f"registered ({source})",
+                )
+            )
+            worker_id = row.id
+        info = WorkerInfo(
+            id=worker_id,
+            name=name,
+            http_url=name,
+            grpc_url=grpc_url,
+            metrics_url=metrics_url,
+            labels=dict(labels or {}),
+            speed=speed,
+            source=source,
+            registered_at=now,
+        )
+        self._add(info)
+        return info, True
+
+    def remove(self, worker_id: int, reason: str = "removed by admin") -> WorkerInfo | None:
+        """Take a worker out of the fleet (its history stays)."""
+        with self._lock:
+            info = self._workers.pop(worker_id, None)
+            if info is not None:
+                self._by_name.pop(info.name, None)
+        if info is None:
+            return None
+        now = utcnow()
+        with self.db.session() as s:
+            row = s.get(Worker, worker_id)
+            if row is not None:
+                row.removed_at = now
+                row.state = WorkerState.REMOVED.value
+                s.add(
+                    WorkerEvent(
+                        worker_id=worker_id,
+                        at=now,
+                        from_state=info.state.value,
+                        to_state="removed",
+                        reason=reason,
+                    )
+                )
+        info.state = WorkerState.REMOVED
+        return info
+
+    def _add(self, info: WorkerInfo) -> None:
+        with self._lock:
+            self._workers[info.id] = info
+            self._by_name[info.name] = info.id
+
+    # -- reads (memory only) ----------------------------------------------------------------
+    def get(self, worker_id: int) -> WorkerInfo | None:
+        """A worker by id."""
+        return self._workers.get(worker_id)
+
+    def by_name(self, name: str) -> WorkerInfo | None:
+        """A worker by base URL (normalized)."""
+        try:
+            key = normalize_worker_url(name)
+        except BadRequest:
+            return None
+        wid = self._by_name.get(key)
+        return self._workers.get(wid) if wid is not None else None
+
+    def all(self) -> list[WorkerInfo]:
+        """Every registered worker."""
+        return list(self._workers.values())
+
+    def candidates(self, model: str) -> list[WorkerInfo]:
+        """Workers that can take a request for ``model`` now."""
+        return [w for w in self._workers.values() if w.can_serve(model)]
+
+    def listed_models(self) -> list[str]:
+        """Models ready on at least one healthy worker."""
+        names: set[str] = set()
+        for w in self._workers.values():
+            if w.state is WorkerState.HEALTHY:
+                names.update(w.ready_models())
+        return sorted(names)
+
+    def known_models(self) -> list[str]:
+        """Every model any worker has reported, ready or not."""
+        names: set[str] = set()
+        for w in self._workers.values():
+            names.update(n for n in w.models if is_served_model(n))
+        return sorted(names)
+
+    # -- updates (non-blocking: written through the batch writer) ---------------------------
+    def set_state(self, info: WorkerInfo, state: WorkerState, reason: str) -> None:
+        """Move a worker to ``state``, recording the transition and its reason."""
+        if info.state is state or info.state is WorkerState.REMOVED:
+            return
+        log.info("worker %s (%s): %s -> %s: %s", info.id, info.name, info.state.value, state.value, reason)
+        self.writer.insert(
+            WorkerEvent,
+            {
+                "worker_id": info.id,
+                "at": utcnow(),
+                "from_state": info.state.value,
+                "to_state": state.value,
+                "reason": reason[:2000],
+            },
+        )
+        info.state = state
+        self._persist(info)
+
+    def record_heartbeat(
+        self,
+        info: WorkerInfo,
+        *,
+        ok: bool,
+        latency_ms: float | None,
+        server_ready: bool,
+        error: str | None,
+        source: str = "poll",
+    ) -> None:
+        """Store one heartbeat and the worker's current load and models."""
+        now = utcnow()
+        if ok:
+            info.last_seen_at = now
+        self.writer.insert(
+            Heartbeat,
+            {
+                "worker_id": info.id,
+                "at": now,
+                "ok": ok,
+                "latency_ms": latency_ms,
+                "server_ready": server_ready,
+                "models": {n: m.ready for n, m in info.models.items()},
+                "queue_length": info.queue_length,
+                "active": info.active,
+                "inflight": info.inflight,
+                "source": source,
+                "error": (error or None) and error[:2000],
+            },
+        )
+        self._persist(info)
+
+    def _persist(self, info: WorkerInfo) -> None:
+        self.writer.update(
+            Worker,
+            {
+                "id": info.id,
+                "state": info.state.value,
+                "models": {n: {"ready": m.ready, "state": m.state} for n, m in info.models.items()},
+                "queue_length": info.queue_length,
+                "inflight": info.inflight,
+                "grpc_url": info.grpc_url,
+                "metrics_url": info.metrics_url,
+                "labels": info.labels,
+                "speed": info.speed,
+                "last_seen_at": info.last_seen_at,
+            },
+        )
+
+    def adjust_inflight(self, info: WorkerInfo, delta: int) -> None:
+        """Count a stream opened (+1) or ended (-1) to this worker."""
+        with self._lock:
+            info.inflight = max(0, info.inflight + delta)
