@@ -106,17 +106,13 @@ def test_malformed_json_is_a_clear_400(control_plane: ControlPlaneProcess) -> No
 def test_shortest_queue_spreads_concurrent_requests_and_counts_return_to_zero(
     control_plane: ControlPlaneProcess,
 ) -> None:
-    params = {
-        "model": "llava",
-        "prompt": "USER: tell me more ASSISTANT:",
-        "max_new_tokens": 48,
-        "temperature": 0.0,
-    }
+    prompt = "USER: tell me more ASSISTANT:"
+    params = {"model": "llava", "max_new_tokens": 48, "temperature": 0.0}
 
     def one(i: int) -> int:
         status, frames = llava_stream(
             f"{control_plane.url}/worker_generate_stream",
-            {**params, "prompt": params["prompt"] + " " * (i % 3)},
+            {**params, "prompt": prompt + " " * (i % 3)},
         )
         assert status == 200 and frames[-1]["error_code"] == 0
         return len(frames)
