@@ -97,7 +97,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the control-plane app (nothing starts until its lifespan runs)."""
-    from control_plane.api import admin, errors, llava
+    from control_plane.api import admin, errors, llava, openai
 
     settings = settings or Settings()
     app = FastAPI(
@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.include_router(llava.router)
+    app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(admin.public)
     return app

@@ -79,14 +79,24 @@ class Settings(BaseSettings):
     max_new_tokens_cap: int = 1024  # LLaVA caps max_new_tokens at 1024
     max_body_bytes: int = 64 * 1024 * 1024
     max_images: int = 8
+    max_image_bytes: int = 20 * 1024 * 1024
+    image_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts the OpenAI API may fetch http(s) image URLs from; empty: fetching is off",
+    )
+    image_fetch_timeout_s: float = 10.0
 
     # -- security --------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Bearer tokens accepted on inference APIs; empty: open"
     )
+    llava_api_requires_key: bool = Field(
+        False,
+        description="Also require an API key on LLaVA's protocol (LLaVA's own clients send none)",
+    )
     admin_token: str = Field("", description="Bearer token for /admin; empty: admin is open")
 
-    @field_validator("workers", "api_keys", mode="before")
+    @field_validator("workers", "api_keys", "image_url_allowed_hosts", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)

@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from control_plane.app import ControlPlane
 from control_plane.errors import Unauthorized
 
-__all__ = ["AdminDep", "CPDep", "get_cp"]
+__all__ = ["AdminDep", "CPDep", "get_cp", "require_api_key", "require_api_key_for_llava"]
 
 
 def get_cp(request: Request) -> ControlPlane:
@@ -44,3 +44,21 @@ def require_admin(request: Request, cp: CPDep) -> None:
 
 
 AdminDep = Depends(require_admin)
+
+
+def require_api_key(request: Request, cp: CPDep) -> None:
+    """Inference APIs need one of the configured API keys, when any are configured."""
+    keys = cp.settings.api_keys
+    if not keys:
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if not any(secrets.compare_digest(token, k) for k in keys):
+        raise Unauthorized("incorrect API key")
+
+
+def require_api_key_for_llava(request: Request, cp: CPDep) -> None:
+    """LLaVA's protocol checks API keys only when ``llava_api_requires_key`` is set."""
+    if cp.settings.llava_api_requires_key:
+        require_api_key(request, cp)

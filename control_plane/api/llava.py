@@ -11,11 +11,11 @@ import binascii
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from control_plane.api.deps import CPDep
+from control_plane.api.deps import CPDep, require_api_key_for_llava
 from control_plane.api.errors import llava_frame
 from control_plane.errors import BadRequest, NotFound, ServiceError
 from control_plane.service import GenerateRequest
@@ -24,7 +24,7 @@ from llava_node.client import Chunk
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["LLaVA controller protocol"])
+router = APIRouter(tags=["LLaVA controller protocol"], dependencies=[Depends(require_api_key_for_llava)])
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -1,0 +1,218 @@
+"""OpenAI-compatible API: ``GET /v1/models`` and ``POST /v1/chat/completions`` with images.
+
+Requests are routed and proxied like LLaVA's protocol; the checkpoint's chat template
+formats the messages (on the node). Streaming responses are Server-Sent Events that
+end with ``data: [DONE]``; a failure after streaming began ends the stream with one
+error event, then ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from control_plane.api.deps import CPDep, require_api_key
+from control_plane.errors import BadRequest, ServiceError
+from control_plane.images import ImageFetcher
+from control_plane.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
+from control_plane.service import GenerateRequest
+from llava_node.client import Chunk
+
+__all__ = ["router"]
+
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], dependencies=[Depends(require_api_key)])
+
+
+@router.get("/models")
+async def list_models(cp: CPDep) -> dict[str, Any]:
+    """Models the fleet can serve."""
+    ready = set(cp.store.listed_models())
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "llava-triton", "ready": name in ready}
+            for name in cp.store.known_models()
+        ],
+    }
+
+
+async def to_generate_request(
+    body: ChatCompletionRequest, cp: CPDep, request_id: str | None
+) -> GenerateRequest:
+    """Check a chat request and turn it into the ensemble's terms (messages + images)."""
+    unsupported = unsupported_parameters(body)
+    if unsupported:
+        raise BadRequest(f"unsupported parameter(s): {', '.join(unsupported)}", param=unsupported[0])
+    if body.n not in (None, 1):
+        raise BadRequest(f"n is {body.n}; only n = 1 is supported", param="n")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is not None and max_tokens < 1:
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise BadRequest(f"{field} is {max_tokens}; it must be at least 1", param=field)
+    s = cp.settings
+    fetcher = ImageFetcher(cp.http, s.image_url_allowed_hosts, s.max_image_bytes, s.image_fetch_timeout_s)
+    messages: list[dict[str, Any]] = []
+    images: list[bytes] = []
+    for i, msg in enumerate(body.messages):
+        role = "system" if msg.role == "developer" else msg.role
+        parts: list[dict[str, Any]] = []
+        if isinstance(msg.content, str):
+            parts.append({"type": "text", "text": msg.content})
+        elif msg.content is None:
+            raise BadRequest(f"messages[{i}].content is missing", param=f"messages[{i}].content")
+        else:
+            for j, part in enumerate(msg.content):
+                if isinstance(part, ImageURLPart):
+                    if role != "user":
+                        raise BadRequest(
+                            f"messages[{i}]: only user messages may carry images", param="messages"
+                        )
+                    if len(images) >= s.max_images:
+                        raise BadRequest(
+                            f"more than {s.max_images} images in the conversation", param="messages"
+                        )
+                    images.append(
+                        await fetcher.load(part.image_url.url, f"messages[{i}].content[{j}].image_url")
+                    )
+                    parts.append({"type": "image"})
+                else:
+                    parts.append({"type": "text", "text": part.text})
+        messages.append({"role": role, "content": parts})
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return GenerateRequest(
+        model=body.model,
+        api="openai",
+        messages=messages,
+        images=images,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=[x for x in stop if x],
+        seed=body.seed,
+        request_id=cp.service.new_request_id(request_id),
+    )
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, cp: CPDep, x_request_id: str | None = Header(None)
+) -> Response:
+    """Chat with images: streaming (SSE) or not; the response carries usage and a request id."""
+    req = await to_generate_request(body, cp, x_request_id)
+    chunks = cp.service.stream(req)
+    # The first chunk before the response starts: errors until then get their own status.
+    try:
+        first: Chunk | None = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+    completion_id = f"chatcmpl-{req.request_id}"
+    created = int(time.time())
+    headers = {"X-Request-Id": req.request_id}
+    if not body.stream:
+        return await _complete(chunks, first, completion_id, created, body.model, headers)
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _sse(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+        )
+
+    async def events() -> AsyncIterator[bytes]:
+        prompt_tokens = completion_tokens = 0
+        try:
+            yield event({"role": "assistant", "content": ""})
+            pending = [first] if first is not None else []
+            while True:
+                if pending:
+                    chunk = pending.pop()
+                else:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                if chunk.text:
+                    yield event({"content": chunk.text})
+                if chunk.finish_reason:
+                    yield event({}, chunk.finish_reason if chunk.finish_reason != "cancelled" else "stop")
+            if include_usage:
+                yield _sse(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": body.model,
+                        "choices": [],
+                        "usage": _usage(prompt_tokens, completion_tokens),
+                    }
+                )
+        except ServiceError as exc:
+            yield _sse(
+                {
+                    "error": {
+                        "message": exc.message,
+                        "type": exc.openai_type,
+                        "param": exc.param,
+                        "code": exc.openai_code,
+                    }
+                }
+            )
+        finally:
+            await chunks.aclose()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+    )
+
+
+async def _complete(
+    chunks: Any, first: Chunk | None, completion_id: str, created: int, model: str, headers: dict[str, str]
+) -> Response:
+    text, finish, prompt_tokens, completion_tokens = "", None, 0, 0
+    try:
+        chunk = first
+        while chunk is not None:
+            text += chunk.text
+            finish = chunk.finish_reason or finish
+            prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+            chunk = await anext(chunks, None)
+    finally:
+        await chunks.aclose()
+    body = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish if finish != "cancelled" else "stop",
+            }
+        ],
+        "usage": _usage(prompt_tokens, completion_tokens),
+    }
+    return JSONResponse(body, headers=headers)
