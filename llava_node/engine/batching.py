@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llava_node.engine.base import Engine, GenerationRequest
-from llava_node.engine.runner import LlavaRunner
+from llava_node.engine.runner import LlavaRunner, PendingTokens
 from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
 from llava_node.textstream import SequenceText
 
@@ -120,10 +120,14 @@ class BatchingEngine(Engine):
 
     # -- the loop --------------------------------------------------------------------
     def _loop(self) -> None:
+        # Pipelined: step N+1 is launched before the tokens of step N are handled, so the
+        # device computes while the host detokenizes and sends. A request that finished
+        # at step N has one extra token computed at N+1, which is dropped.
+        inflight: tuple[list[_Running], PendingTokens] | None = None
         step = 0
         while True:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._running and inflight is None:
                     self._cond.wait()
                 if self._stopping:
                     return
@@ -131,11 +135,20 @@ class BatchingEngine(Engine):
                 self._admit()
                 if step % self.cancel_check_every == 0:
                     self._reap_cancelled()
+                launched = None
                 if self._running:
-                    self._decode()
-                    step += 1
+                    runs = list(self._running.values())
+                    greedy = all(r.request.greedy for r in runs)
+                    launched = (runs, self.runner.decode_launch([r.slot for r in runs], greedy))
+                    with self.stats.lock:
+                        self.stats.decode_steps += 1
+                if inflight is not None:
+                    self._collect(*inflight)
+                inflight = launched
+                step += 1
             except Exception as exc:  # a bug or a device error: fail the batch, keep serving
                 log.exception("engine step failed")
+                inflight = None
                 for run in list(self._running.values()):
                     self._finish(run, error=f"generation failed on the node: {exc}")
 
@@ -196,16 +209,10 @@ class BatchingEngine(Engine):
         with self.stats.lock:
             self.stats.requests_cancelled += 1
 
-    def _decode(self) -> None:
-        slots = list(self._running)
-        all_greedy = all(self._running[s].request.greedy for s in slots)
-        tokens = self.runner.decode(slots, all_greedy).tolist()
-        with self.stats.lock:
-            self.stats.decode_steps += 1
-        for slot, token in zip(slots, tokens, strict=True):
-            run = self._running.get(slot)
-            if run is not None:
-                self._emit(run, int(token))
+    def _collect(self, runs: list[_Running], pending: PendingTokens) -> None:
+        for run, token in zip(runs, pending.tokens(), strict=True):
+            if self._running.get(run.slot) is run:  # still running, and not a new occupant
+                self._emit(run, token)
 
     def _emit(self, run: _Running, token: int) -> None:
         text = run.text.add(token)

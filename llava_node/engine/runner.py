@@ -23,7 +23,7 @@ from llava_node.engine.kv_cache import PagedKVCache
 from llava_node.engine.loading import LoadedModel
 from llava_node.engine.sampling import sample_tokens, split_seed
 
-__all__ = ["LayerWeights", "LlavaRunner", "RunnerConfig", "UnsupportedModel", "supports"]
+__all__ = ["LayerWeights", "LlavaRunner", "PendingTokens", "RunnerConfig", "UnsupportedModel", "supports"]
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class LlavaRunner:
         self.seed_lo = torch.zeros(s, dtype=torch.int64, device=dev)
         self.seed_hi = torch.zeros(s, dtype=torch.int64, device=dev)
         self.attention = _make_attention(self)
+        self.fused: Any = _fused_kernels(self.device)
         self.graphs: Any = None
         if dev.type == "cuda" and config.cuda_graphs:
             from llava_node.engine.cuda_graphs import DecodeGraphs
@@ -302,15 +303,12 @@ class LlavaRunner:
         pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
         x = F.embedding(self.last_tokens[slots], self.embed)  # [B, D]
         cos, sin = self.cos[pos], self.sin[pos]
-        flat = self.cache.flat_slot_positions(slots, pos)
-        for i, w in enumerate(self.layers):
-            q, k, v = self._qkv(x, w)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.cache.write(i, flat, k, v)
-            a = self.attention(i, q, slots, pos + 1)
-            x = x + F.linear(a.reshape(x.shape[0], -1), w.wo)
-            x = x + self._mlp(x, w)
-        logits = self._logits(x)
+        rows = self.cache.flat_slot_positions(slots, pos)
+        if self.fused is not None:
+            h = self._decode_layers_fused(x, cos, sin, rows, slots, pos + 1)
+        else:
+            h = self._decode_layers_torch(x, cos, sin, rows, slots, pos + 1)
+        logits = F.linear(h, self.lm_head).float()
         nxt = sample_tokens(
             logits,
             self.temperature[slots],
@@ -326,13 +324,100 @@ class LlavaRunner:
         self.seq_lens[self.dummy_slot] = 0
         return nxt
 
+    def _decode_layers_torch(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        lens: torch.Tensor,
+    ) -> torch.Tensor:
+        for i, w in enumerate(self.layers):
+            q, k, v = self._qkv(x, w)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.cache.write(i, rows, k, v)
+            a = self.attention(i, q, slots, lens)
+            x = x + F.linear(a.reshape(x.shape[0], -1), w.wo)
+            x = x + self._mlp(x, w)
+        return _rms_norm(x, self.norm, self.eps)
+
+    def _decode_layers_fused(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        lens: torch.Tensor,
+    ) -> torch.Tensor:
+        # Same arithmetic as the torch path, in fewer kernels: residual add + RMSNorm,
+        # RoPE + KV-cache write, paged attention over the filled positions only, SiLU*up.
+        k = self.fused
+        assert k is not None
+        b = x.shape[0]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        tables = self.cache.block_tables[slots]
+        scale = 1.0 / math.sqrt(hd)
+        residual = x
+        h = k.rms_norm(x, self.layers[0].ln1, self.eps)
+        for i, w in enumerate(self.layers):
+            qkv = F.linear(h, w.wqkv, w.bqkv)
+            q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            kc, vc = self.cache.layer(i)
+            q = k.rope_store(
+                q.reshape(b, nh, hd), kk.reshape(b, nkv, hd), v.reshape(b, nkv, hd), cos, sin, kc, vc, rows
+            )
+            a = k.paged_decode_attention(q, kc, vc, tables, lens, scale, self.cache.page_size)
+            o = F.linear(a.reshape(b, nh * hd), w.wo)
+            h, residual = k.add_rms_norm(o, residual, w.ln2, self.eps)
+            down = F.linear(k.silu_mul(F.linear(h, w.wgu)), w.wdown)
+            weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            h, residual = k.add_rms_norm(down, residual, weight, self.eps)
+        return h
+
     @torch.inference_mode()
-    def decode(self, slots: Sequence[int], all_greedy: bool) -> torch.Tensor:
-        """Decode one token for each slot; returns a CPU tensor of the tokens."""
+    def decode_launch(self, slots: Sequence[int], all_greedy: bool) -> PendingTokens:
+        """Start a decode step for ``slots``; its tokens are read later (the GPU runs on
+        while the host handles the previous step's tokens)."""
         if self.graphs is not None:
-            return self.graphs.run(slots, all_greedy)
-        idx = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
-        return self.decode_step(idx, all_greedy).cpu()
+            out = self.graphs.launch(slots, all_greedy)
+        else:
+            idx = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
+            out = self.decode_step(idx, all_greedy)
+        return PendingTokens(out)
+
+
+class PendingTokens:
+    """Tokens of a launched decode step, copied to the host without blocking it."""
+
+    def __init__(self, device_tokens: torch.Tensor) -> None:
+        if device_tokens.device.type == "cuda":
+            self._host = torch.empty(device_tokens.shape, dtype=torch.int64, pin_memory=True)
+            self._host.copy_(device_tokens, non_blocking=True)
+            self._event: torch.cuda.Event | None = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = device_tokens
+            self._event = None
+
+    def tokens(self) -> list[int]:
+        """Wait for the step and return its tokens."""
+        if self._event is not None:
+            self._event.synchronize()
+        return [int(t) for t in self._host.tolist()]
+
+
+def _fused_kernels(device: torch.device) -> Any:
+    """The Triton kernels module on a GPU (None on the CPU or without Triton)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from llava_node.engine import kernels
+    except ImportError as exc:  # pragma: no cover - GPU hosts only
+        log.warning("fused Triton kernels unavailable (%s); decoding with torch ops", exc)
+        return None
+    return kernels
 
 
 def _make_attention(runner: LlavaRunner) -> Any:

@@ -1,0 +1,88 @@
+"""CUDA graphs of the decode step, one per batch size bucket (GPU only).
+
+A decode step of a 7B model is a few hundred small kernels; launching them one by one
+from Python costs more than running them. Each bucket's step is captured once and
+replayed: the slots to decode are written into the bucket's static index buffer
+(padded with the runner's dummy slot) and the graph is replayed. All graphs share one
+memory pool, captured from the largest bucket down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from llava_node.engine.runner import LlavaRunner
+
+__all__ = ["DecodeGraphs"]
+
+log = logging.getLogger(__name__)
+
+
+class DecodeGraphs:
+    """Captured decode steps for a set of batch sizes, greedy and sampling."""
+
+    def __init__(self, runner: LlavaRunner, batch_sizes: Sequence[int]) -> None:
+        self.runner = runner
+        sizes = sorted({b for b in batch_sizes if b >= 1} | {runner.max_batch})
+        self.batch_sizes = sizes
+        dev = runner.device
+        self.slots = {b: torch.full((b,), runner.dummy_slot, dtype=torch.int64, device=dev) for b in sizes}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.pool: Any = None
+        self.capture_s = 0.0
+
+    def bucket(self, n: int) -> int:
+        """The smallest captured batch size that holds ``n`` rows."""
+        for b in self.batch_sizes:
+            if b >= n:
+                return b
+        raise ValueError(f"batch of {n} exceeds the largest graph ({self.batch_sizes[-1]})")
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up and capture every bucket (largest first, sharing one memory pool)."""
+        started = time.monotonic()
+        r = self.runner
+        stream = torch.cuda.Stream(device=r.device)
+        stream.wait_stream(torch.cuda.current_stream(r.device))
+        with torch.cuda.stream(stream):
+            for greedy in (True, False):  # warm-up: cuBLAS handles, Triton kernel compilation
+                for b in self.batch_sizes:
+                    r.decode_step(self.slots[b], greedy)
+        torch.cuda.current_stream(r.device).wait_stream(stream)
+        torch.cuda.synchronize(r.device)
+        for b in reversed(self.batch_sizes):
+            for greedy in (True, False):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = r.decode_step(self.slots[b], greedy)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[(b, greedy)] = graph
+                self.outputs[(b, greedy)] = out
+        torch.cuda.synchronize(r.device)
+        self.capture_s = time.monotonic() - started
+        log.info(
+            "captured %d decode graphs (batch sizes %s) in %.1f s",
+            len(self.graphs),
+            self.batch_sizes,
+            self.capture_s,
+        )
+
+    def launch(self, slots: Sequence[int], all_greedy: bool) -> torch.Tensor:
+        """Replay the step for ``slots``; returns the device tensor holding their tokens
+        (valid until the next replay of the same bucket; copy it out first)."""
+        n = len(slots)
+        b = self.bucket(n)
+        idx = torch.full((b,), self.runner.dummy_slot, dtype=torch.int64)
+        idx[:n] = torch.tensor(list(slots), dtype=torch.int64)
+        self.slots[b].copy_(idx.pin_memory(), non_blocking=True)
+        self.graphs[(b, all_greedy)].replay()
+        return self.outputs[(b, all_greedy)][:n]
