@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["CHAT_TEMPLATE", "build_tiny_checkpoint", "is_checkpoint"]
+__all__ = ["CHAT_TEMPLATE", "build_llava_7b_shaped_checkpoint", "build_tiny_checkpoint", "is_checkpoint"]
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), written as a
 # Jinja chat template over OpenAI-style content parts, as llava-hf checkpoints ship it.
@@ -72,6 +72,17 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
+def _synthetic_corpus(seed: int, lines: int = 60000) -> list[str]:
+    """Made-up words from syllables: enough distinct merges for a 32k vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + list("aeiou")
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(60000)]
+    words += _WORDS
+    return _corpus(seed) + [" ".join(rng.choice(words) for _ in range(12)) for _ in range(lines)]
+
+
 def _build_tokenizer(seed: int, vocab_size: int):  # type: ignore[no-untyped-def]
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -86,7 +97,7 @@ def _build_tokenizer(seed: int, vocab_size: int):  # type: ignore[no-untyped-def
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed) if vocab_size <= 4096 else _synthetic_corpus(seed), trainer=trainer)
     tok.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -203,15 +214,110 @@ def build_tiny_checkpoint(
     return out
 
 
+def build_llava_7b_shaped_checkpoint(out_dir: str | Path, *, seed: int = 0, device: str = "cuda") -> Path:
+    """Write a checkpoint of LLaVA-1.5-7B's shape with random bf16 weights (for benchmarks).
+
+    Llama-2-7B language model (32 layers, 4096 wide, MHA), CLIP ViT-L/14 at 336 pixels
+    (24 layers, 576 image tokens), a 2-layer GELU projector, a 32k byte-level BPE
+    tokenizer trained here. The cost per token is that of the real model; the output
+    is noise. Built on ``device`` (a GPU: seconds), written as safetensors (~14 GB).
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _build_tokenizer(seed, 32000)
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),  # type: ignore[call-arg]
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=576,
+    )
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.do_sample = False
+    model.save_pretrained(out)
+    del model
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    (out / "TINY_CHECKPOINT.json").write_text(
+        json.dumps(
+            {
+                "seed": seed,
+                "built_by": "llava_node.tiny_checkpoint",
+                "random_weights": True,
+                "shape": "llava-1.5-7b",
+            }
+        )
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: build a tiny checkpoint into a directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    parser.add_argument("--shape", choices=["tiny", "llava-1.5-7b"], default="tiny")
     args = parser.parse_args(argv)
     if is_checkpoint(args.out_dir) and not args.force:
-        print(f"tiny checkpoint already at {args.out_dir}")
+        print(f"checkpoint already at {args.out_dir}")
+        return 0
+    if args.shape == "llava-1.5-7b":
+        path = build_llava_7b_shaped_checkpoint(args.out_dir, seed=args.seed)
+        print(f"built a LLaVA-1.5-7B-shaped checkpoint (random bf16 weights) at {path}")
         return 0
     path = build_tiny_checkpoint(args.out_dir, seed=args.seed)
     print(f"built tiny llava checkpoint (random weights, seed {args.seed}) at {path}")

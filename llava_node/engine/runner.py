@@ -249,6 +249,28 @@ class LlavaRunner:
     @torch.inference_mode()
     def prefill(self, slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> int:
         """Run the prompt of the request in ``slot``, fill its KV cache, return its first token."""
+        logits = self.prefill_logits(slot, input_ids, pixel_values)
+        s = torch.tensor([slot], device=self.device)
+        token = sample_tokens(
+            logits[None],
+            self.temperature[s],
+            self.top_p[s],
+            self.seed_lo[s],
+            self.seed_hi[s],
+            self.steps[s],
+            all_greedy=False,
+        )
+        self.last_tokens[slot] = token[0]
+        self.seq_lens[slot] = int(input_ids.shape[0])
+        self.steps[slot] = 1
+        return int(token[0])
+
+    @torch.inference_mode()
+    def prefill_logits(
+        self, slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Run the prompt through the model, filling ``slot``'s KV cache; the logits
+        (float32, [vocab]) of its last position."""
         ids = input_ids.to(self.device)
         n = int(ids.shape[0])
         x = F.embedding(ids, self.embed)
@@ -278,21 +300,7 @@ class LlavaRunner:
             )
             x = x + F.linear(a[0].transpose(0, 1).reshape(n, -1), w.wo)
             x = x + self._mlp(x, w)
-        logits = self._logits(x[-1:])
-        s = torch.tensor([slot], device=self.device)
-        token = sample_tokens(
-            logits,
-            self.temperature[s],
-            self.top_p[s],
-            self.seed_lo[s],
-            self.seed_hi[s],
-            self.steps[s],
-            all_greedy=False,
-        )
-        self.last_tokens[slot] = token[0]
-        self.seq_lens[slot] = n
-        self.steps[slot] = 1
-        return int(token[0])
+        return self._logits(x[-1:])[0]
 
     # -- decode ----------------------------------------------------------------------
     def decode_step(self, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:

@@ -1,0 +1,392 @@
+"""Benchmark llava_engine on one GPU, through a real tritonserver, beside the baseline.
+
+For each engine (``hf_generate``: transformers' eager ``generate``, what LLaVA's worker
+does; ``batching``: this project's engine) the script starts a Triton node serving
+``model_repository/`` with a LLaVA-1.5-7B-shaped checkpoint (random bf16 weights,
+built here if missing: nothing is downloaded), then streams over gRPC with
+tritonclient: a 336-pixel image and ~40 text tokens, 128 new tokens, greedy. It
+measures TTFT p50 and decode tok/s for one stream, and aggregate tok/s for 8 and 32
+concurrent streams; it writes JSON and prints a table with the ratios.
+
+Optional phases in-process: ``--check`` compares the engine with transformers on the
+GPU (first-step logits, greedy tokens); ``--micro`` times the bare decode step.
+
+    python scripts/bench_engine.py --checkpoint /tmp/llava-7b --out bench.json --check --micro
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llava_node.client import build_inputs, parse_response
+from llava_node.launcher import TritonNode, TritonNodeConfig
+
+QUESTION = (
+    "Describe this picture in detail: the objects you can see, their colours and positions, "
+    "what is happening in the scene, and anything unusual about it"
+)
+
+
+def bench_image() -> bytes:
+    """A 336x336 PNG with structure (a gradient and noise), made with Pillow."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 255, 336, dtype=np.float32)
+    img = np.stack(
+        [np.add.outer(x, x) / 2, np.add.outer(x, 255 - x) / 2, rng.uniform(0, 255, (336, 336))], -1
+    )
+    buf = io.BytesIO()
+    Image.fromarray(img.astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def prompt_for(checkpoint: Path) -> tuple[str, int]:
+    """The benchmark prompt and its number of text tokens."""
+    from transformers import AutoTokenizer
+
+    prompt = f"USER: <image>\n{QUESTION}. ASSISTANT:"
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    return prompt, len(tok(prompt.replace("<image>", "")).input_ids)
+
+
+async def one_stream(
+    client: Any, grpcclient: Any, prompt: str, image: bytes, max_tokens: int, rid: str, deadline: float
+) -> dict[str, Any]:
+    """Stream one request; times of the first and last responses; tokens received."""
+    inputs = build_inputs(grpcclient, prompt=prompt, images=[image], max_tokens=max_tokens, temperature=0.0)
+
+    async def req() -> Any:
+        yield {
+            "model_name": "llava",
+            "inputs": inputs,
+            "request_id": rid,
+            "enable_empty_final_response": True,
+        }
+
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    call = client.stream_infer(req())
+    try:
+        async for result, error in call:
+            if error is not None:
+                raise RuntimeError(str(error))
+            resp = result.get_response()
+            now = time.perf_counter()
+            if resp.outputs:
+                chunk = parse_response(result)
+                if chunk.token_ids:
+                    first = first or now
+                    last = now
+                    tokens = chunk.completion_tokens
+            final = resp.parameters.get("triton_final_response")
+            if (final is not None and final.bool_param) or now > deadline:
+                break
+    finally:
+        call.cancel()
+    return {"start": start, "first": first, "last": last, "tokens": tokens}
+
+
+async def run_load(
+    grpc_url: str, prompt: str, image: bytes, streams: int, max_tokens: int, window_s: float, tag: str
+) -> dict[str, Any]:
+    """``streams`` concurrent requests; aggregate rate over the run (or a time window)."""
+    import tritonclient.grpc.aio as grpcclient
+
+    from llava_node.client import engine_model
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    deadline = time.perf_counter() + window_s
+    t0 = time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            one_stream(client, grpcclient, prompt, image, max_tokens, f"{tag}-{i}", deadline)
+            for i in range(streams)
+        )
+    )
+    elapsed = time.perf_counter() - t0
+    # stop whatever the window cut short, so the next phase starts on an idle node
+    for i in range(streams):
+        inp = grpcclient.InferInput("cancel_request_id", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([f"{tag}-{i}".encode()], dtype=np.object_))
+
+        async def cancel_req(inp: Any = inp) -> Any:
+            yield {"model_name": engine_model("llava"), "inputs": [inp]}
+
+        async for _ in client.stream_infer(cancel_req()):
+            break
+    await client.close()
+    total = sum(r["tokens"] for r in results)
+    ttfts = [(r["first"] - r["start"]) * 1000 for r in results if r["first"]]
+    per_stream = [
+        (r["tokens"] - 1) / (r["last"] - r["first"])
+        for r in results
+        if r["first"] and r["last"] and r["last"] > r["first"]
+    ]
+    return {
+        "streams": streams,
+        "tokens": total,
+        "elapsed_s": round(elapsed, 3),
+        "aggregate_tok_s": round(total / elapsed, 1),
+        "ttft_ms_p50": round(statistics.median(ttfts), 1) if ttfts else None,
+        "decode_tok_s_per_stream_p50": round(statistics.median(per_stream), 1) if per_stream else None,
+        "cut_by_window": elapsed >= window_s,
+    }
+
+
+def bench_engine(
+    engine: str, checkpoint: Path, args: argparse.Namespace, prompt: str, image: bytes
+) -> dict[str, Any]:
+    """Start a node with ``engine`` and measure it."""
+    env = {
+        "LLAVA_ENGINE": engine,
+        "LLAVA_MAX_SEQ_LEN": "2048",
+        **dict(kv.split("=", 1) for kv in args.engine_env),
+    }
+    node = TritonNode(TritonNodeConfig(checkpoint=checkpoint, env=env, startup_timeout_s=600))
+    t0 = time.monotonic()
+    node.start()
+    out: dict[str, Any] = {"engine": engine, "startup_s": round(time.monotonic() - t0, 1)}
+    print(f"[{engine}] ready in {out['startup_s']} s", flush=True)
+    try:
+        window = args.baseline_window_s if engine == "hf_generate" else 120.0
+        asyncio.run(run_load(node.grpc_url, prompt, image, 1, 8, 60, f"{engine}-warm"))
+        singles = [
+            asyncio.run(run_load(node.grpc_url, prompt, image, 1, args.new_tokens, 120, f"{engine}-s{i}"))
+            for i in range(args.single_runs)
+        ]
+        out["single"] = {
+            "ttft_ms_p50": round(statistics.median(r["ttft_ms_p50"] for r in singles), 1),
+            "decode_tok_s": round(statistics.median(r["decode_tok_s_per_stream_p50"] for r in singles), 1),
+            "runs": singles,
+        }
+        print(
+            f"[{engine}] 1 stream: {out['single']['ttft_ms_p50']} ms TTFT, "
+            f"{out['single']['decode_tok_s']} tok/s",
+            flush=True,
+        )
+        for streams in args.streams:
+            r = asyncio.run(
+                run_load(
+                    node.grpc_url, prompt, image, streams, args.new_tokens, window, f"{engine}-c{streams}"
+                )
+            )
+            out[f"c{streams}"] = r
+            print(f"[{engine}] {streams} streams: {r['aggregate_tok_s']} tok/s aggregate", flush=True)
+    finally:
+        log = node.log_tail(3000)
+        node.stop()
+    out["log_tail"] = log[-1500:]
+    return out
+
+
+def check_against_transformers(
+    checkpoint: Path, prompt: str, image: bytes, steps: int = 16
+) -> dict[str, Any]:
+    """First-step logits and greedy tokens of the batching engine vs transformers, on the GPU."""
+    import threading
+
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from llava_node.engine.base import GenerationRequest
+    from llava_node.engine.batching import BatchingEngine
+    from llava_node.engine.loading import load_llava
+    from llava_node.engine.runner import LlavaRunner, RunnerConfig
+
+    dev = torch.device("cuda")
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    inputs = processor(
+        images=[Image.open(io.BytesIO(image)).convert("RGB")], text=prompt, return_tensors="pt"
+    )
+    ref = load_llava(checkpoint, dev, torch.bfloat16)
+    with torch.inference_mode():
+        gpu_inputs = {k: v.to(dev) for k, v in inputs.items()}
+        ref_logits = ref.model(**gpu_inputs).logits[0, -1].float()
+        ref_tokens = ref.model.generate(
+            **gpu_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False
+        )[0, inputs["input_ids"].shape[1] :].tolist()
+    del ref
+    torch.cuda.empty_cache()
+    loaded = load_llava(checkpoint, dev, torch.bfloat16)
+    runner = LlavaRunner(
+        loaded, RunnerConfig(max_batch=4, num_pages=512, cuda_graphs=True, graph_batch_sizes=(1, 2, 4))
+    )
+    runner.warmup()
+    ids = inputs["input_ids"][0]
+    runner.assign(0, list(range(1, 1 + runner.cache.pages_for(int(ids.shape[0]) + steps))), 0.0, 1.0, 0)
+    ours = runner.prefill_logits(0, ids, inputs["pixel_values"])
+    rel = float((ours - ref_logits).norm() / ref_logits.norm())
+    top = (int(ours.argmax()), int(ref_logits.argmax()))
+    engine = BatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids)
+    got: list[int] = []
+    done = threading.Event()
+
+    class Sink:
+        def send(self, text: str, token_ids: Any, finish: Any, p: int, c: int) -> None:
+            got.extend(token_ids)
+            if finish is not None:
+                done.set()
+
+        def fail(self, message: str) -> None:
+            print("engine failed:", message)
+            done.set()
+
+        def is_cancelled(self) -> bool:
+            return False
+
+    engine.submit(
+        GenerationRequest(
+            "check", inputs["input_ids"][0], inputs["pixel_values"], steps, 0.0, 1.0, 0, [], Sink()
+        )
+    )
+    done.wait(120)
+    engine.shutdown()
+    same = sum(1 for a, b in zip(got, ref_tokens, strict=False) if a == b)
+    first_diff = next((i for i, (a, b) in enumerate(zip(got, ref_tokens, strict=False)) if a != b), None)
+    del runner, loaded
+    torch.cuda.empty_cache()
+    return {
+        "first_step_logits_rel_error": rel,
+        "first_step_argmax_equal": top[0] == top[1],
+        "greedy_tokens_equal": got == ref_tokens,
+        "tokens_compared": len(ref_tokens),
+        "tokens_matching": same,
+        "first_difference_at": first_diff,
+        "ours": got,
+        "transformers": ref_tokens,
+    }
+
+
+def micro_decode(checkpoint: Path, batch_sizes: list[int], context: int = 616) -> dict[str, Any]:
+    """The bare decode step (no Triton): ms per step at several batch sizes, CUDA graphs."""
+    import torch
+
+    from llava_node.engine.loading import load_llava
+    from llava_node.engine.runner import LlavaRunner, RunnerConfig
+
+    loaded = load_llava(checkpoint, torch.device("cuda"), torch.bfloat16)
+    runner = LlavaRunner(
+        loaded, RunnerConfig(max_batch=max(batch_sizes), graph_batch_sizes=tuple(batch_sizes))
+    )
+    runner.warmup()
+    out: dict[str, Any] = {
+        "fused_kernels": runner.fused is not None,
+        "graph_capture_s": runner.graphs.capture_s,
+    }
+    per_slot = runner.cache.pages_for(context + 256)
+    for b in batch_sizes:
+        for slot in range(b):
+            runner.assign(slot, list(range(1 + slot * per_slot, 1 + (slot + 1) * per_slot)), 0.0, 1.0, 0)
+        runner.seq_lens[:b] = context
+        slots = list(range(b))
+        for _ in range(3):
+            runner.decode_launch(slots, True).tokens()
+        torch.cuda.synchronize()
+        n = 30
+        t = time.perf_counter()
+        for _ in range(n):
+            runner.graphs.launch(slots, True)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t) / n * 1000
+        runner.seq_lens[:b] = context
+        out[f"b{b}"] = {
+            "ms_per_step": round(ms, 2),
+            "tok_s_per_stream": round(1000 / ms, 1),
+            "tok_s_total": round(b * 1000 / ms, 1),
+        }
+        print(f"[micro] batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s", flush=True)
+    del runner, loaded
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> int:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/llava-1.5-7b-random"))
+    parser.add_argument("--out", type=Path, default=Path("bench_engine.json"))
+    parser.add_argument("--engines", default="batching,hf_generate")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--streams", default="8,32")
+    parser.add_argument("--single-runs", type=int, default=5)
+    parser.add_argument("--baseline-window-s", type=float, default=15.0)
+    parser.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for the node (repeat)")
+    parser.add_argument("--check", action="store_true", help="compare with transformers on the GPU")
+    parser.add_argument("--micro", action="store_true", help="time the bare decode step")
+    args = parser.parse_args()
+    args.streams = [int(s) for s in args.streams.split(",") if s]
+    import torch
+
+    from llava_node.tiny_checkpoint import build_llava_7b_shaped_checkpoint, is_checkpoint
+
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+    }
+    if not is_checkpoint(args.checkpoint):
+        t = time.monotonic()
+        build_llava_7b_shaped_checkpoint(args.checkpoint)
+        result["checkpoint_build_s"] = round(time.monotonic() - t, 1)
+        print(f"built checkpoint in {result['checkpoint_build_s']} s", flush=True)
+    prompt, text_tokens = prompt_for(args.checkpoint)
+    image = bench_image()
+    result["prompt"] = {"text_tokens": text_tokens, "image_tokens": 576, "new_tokens": args.new_tokens}
+
+    def save() -> None:
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+
+    if args.check:
+        result["check"] = check_against_transformers(args.checkpoint, prompt, image)
+        print(
+            "[check]",
+            {k: v for k, v in result["check"].items() if k not in ("ours", "transformers")},
+            flush=True,
+        )
+        save()
+    if args.micro:
+        result["micro"] = micro_decode(args.checkpoint, [1, 8, 32])
+        save()
+    for engine in [e for e in args.engines.split(",") if e]:
+        result[engine] = bench_engine(engine, args.checkpoint, args, prompt, image)
+        save()
+    if "batching" in result and "hf_generate" in result:
+        b, h = result["batching"], result["hf_generate"]
+        rows = [
+            ("TTFT p50 (ms)", h["single"]["ttft_ms_p50"], b["single"]["ttft_ms_p50"]),
+            ("decode, 1 stream (tok/s)", h["single"]["decode_tok_s"], b["single"]["decode_tok_s"]),
+        ]
+        rows += [
+            (f"{s} streams, aggregate (tok/s)", h[f"c{s}"]["aggregate_tok_s"], b[f"c{s}"]["aggregate_tok_s"])
+            for s in args.streams
+        ]
+        result["table"] = [
+            {"metric": m, "baseline": x, "batching": y, "ratio": round(y / x, 2) if x and y else None}
+            for m, x, y in rows
+        ]
+        save()
+        print(f"\n{'metric':32} {'hf_generate':>12} {'batching':>12} {'ratio':>8}")
+        for r in result["table"]:
+            print(f"{r['metric']:32} {r['baseline']!s:>12} {r['batching']!s:>12} {r['ratio']!s:>8}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
