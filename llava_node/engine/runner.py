@@ -329,7 +329,7 @@ class LlavaRunner:
         self.last_tokens[slots] = nxt
         self.seq_lens[slots] = pos + 1
         self.steps[slots] += 1
-        self.seq_lens[self.dummy_slot] = 0
+        self.seq_lens[self.dummy_slot :].zero_()  # a kernel, not a host copy: graph-safe
         return nxt
 
     def _decode_layers_torch(
