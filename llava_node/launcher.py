@@ -73,13 +73,14 @@ def tritonserver_paths(python_version: str | None = None) -> TritonPaths:
 
     ``python_version`` defaults to the running interpreter's ``"MAJOR.MINOR"``.
     """
-    try:
-        import pytriton
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise NodeStartError(
-            "the nvidia-pytriton package (which ships tritonserver) is not installed"
-        ) from exc
-    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ pulls in client libraries
+    # (gevent, ...) that a node does not need.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise NodeStartError("the nvidia-pytriton package (which ships tritonserver) is not installed")
+    root = Path(next(iter(spec.submodule_search_locations))).resolve() / "tritonserver"
     version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():

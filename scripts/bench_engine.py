@@ -196,7 +196,8 @@ def bench_engine(
 def check_against_transformers(
     checkpoint: Path, prompt: str, image: bytes, steps: int = 16
 ) -> dict[str, Any]:
-    """First-step logits and greedy tokens of the batching engine vs transformers, on the GPU."""
+    """The batching engine against transformers on the GPU, bf16: first-step logits,
+    teacher-forced per-step logits and argmax, and free-running greedy tokens."""
     import threading
 
     import torch
@@ -216,22 +217,42 @@ def check_against_transformers(
     ref = load_llava(checkpoint, dev, torch.bfloat16)
     with torch.inference_mode():
         gpu_inputs = {k: v.to(dev) for k, v in inputs.items()}
-        ref_logits = ref.model(**gpu_inputs).logits[0, -1].float()
-        ref_tokens = ref.model.generate(
-            **gpu_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False
-        )[0, inputs["input_ids"].shape[1] :].tolist()
-    del ref
+        gen = ref.model.generate(
+            **gpu_inputs,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        ref_tokens = gen.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        ref_logits = [g[0].float() for g in gen.logits]  # per step, from transformers' own decode
+    del ref, gen
     torch.cuda.empty_cache()
     loaded = load_llava(checkpoint, dev, torch.bfloat16)
-    runner = LlavaRunner(
-        loaded, RunnerConfig(max_batch=4, num_pages=512, cuda_graphs=True, graph_batch_sizes=(1, 2, 4))
-    )
+    runner = LlavaRunner(loaded, RunnerConfig(max_batch=4, num_pages=512, graph_batch_sizes=(1, 2, 4)))
     runner.warmup()
     ids = inputs["input_ids"][0]
-    runner.assign(0, list(range(1, 1 + runner.cache.pages_for(int(ids.shape[0]) + steps))), 0.0, 1.0, 0)
-    ours = runner.prefill_logits(0, ids, inputs["pixel_values"])
-    rel = float((ours - ref_logits).norm() / ref_logits.norm())
-    top = (int(ours.argmax()), int(ref_logits.argmax()))
+    n = int(ids.shape[0])
+    runner.assign(0, list(range(1, 1 + runner.cache.pages_for(n + steps))), 0.0, 1.0, 0)
+    per_step = []
+    with torch.inference_mode():
+        ours = runner.prefill_logits(0, ids, inputs["pixel_values"])
+        slot = torch.tensor([0], device=dev)
+        for t in range(steps):
+            if t > 0:  # teacher forcing: feed transformers' previous token
+                runner.last_tokens[0] = ref_tokens[t - 1]
+                ours = runner.step_logits(slot, torch.tensor([n + t - 1], device=dev))[0]
+            ref_t = ref_logits[t]
+            top2 = ref_t.topk(2).values
+            per_step.append(
+                {
+                    "rel_error": round(float((ours - ref_t).norm() / ref_t.norm()), 5),
+                    "argmax_equal": int(ours.argmax()) == int(ref_t.argmax()),
+                    "ref_top2_margin": round(float(top2[0] - top2[1]), 4),
+                    "abs_error_at_top": round(float((ours - ref_t)[ref_t.topk(2).indices].abs().max()), 4),
+                }
+            )
     engine = BatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids)
     got: list[int] = []
     done = threading.Event()
@@ -249,24 +270,19 @@ def check_against_transformers(
         def is_cancelled(self) -> bool:
             return False
 
-    engine.submit(
-        GenerationRequest(
-            "check", inputs["input_ids"][0], inputs["pixel_values"], steps, 0.0, 1.0, 0, [], Sink()
-        )
-    )
+    engine.submit(GenerationRequest("check", ids, inputs["pixel_values"], steps, 0.0, 1.0, 0, [], Sink()))
     done.wait(120)
     engine.shutdown()
-    same = sum(1 for a, b in zip(got, ref_tokens, strict=False) if a == b)
     first_diff = next((i for i, (a, b) in enumerate(zip(got, ref_tokens, strict=False)) if a != b), None)
     del runner, loaded
     torch.cuda.empty_cache()
     return {
-        "first_step_logits_rel_error": rel,
-        "first_step_argmax_equal": top[0] == top[1],
+        "first_step_logits_rel_error": per_step[0]["rel_error"],
+        "max_step_logits_rel_error": max(p["rel_error"] for p in per_step),
+        "teacher_forced_argmax_equal_steps": sum(p["argmax_equal"] for p in per_step),
         "greedy_tokens_equal": got == ref_tokens,
-        "tokens_compared": len(ref_tokens),
-        "tokens_matching": same,
-        "first_difference_at": first_diff,
+        "free_running_first_difference_at": first_diff,
+        "steps": per_step,
         "ours": got,
         "transformers": ref_tokens,
     }

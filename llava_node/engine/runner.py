@@ -309,14 +309,7 @@ class LlavaRunner:
         Padding rows name ``dummy_slot``. Graph-capturable: no host synchronisation.
         """
         pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
-        x = F.embedding(self.last_tokens[slots], self.embed)  # [B, D]
-        cos, sin = self.cos[pos], self.sin[pos]
-        rows = self.cache.flat_slot_positions(slots, pos)
-        if self.fused is not None:
-            h = self._decode_layers_fused(x, cos, sin, rows, slots, pos + 1)
-        else:
-            h = self._decode_layers_torch(x, cos, sin, rows, slots, pos + 1)
-        logits = F.linear(h, self.lm_head).float()
+        logits = self.step_logits(slots, pos)
         nxt = sample_tokens(
             logits,
             self.temperature[slots],
@@ -331,6 +324,18 @@ class LlavaRunner:
         self.steps[slots] += 1
         self.seq_lens[self.dummy_slot :].zero_()  # a kernel, not a host copy: graph-safe
         return nxt
+
+    def step_logits(self, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, [B, vocab]) of each slot's last token at position ``pos``;
+        writes that token's keys and values into the cache."""
+        x = F.embedding(self.last_tokens[slots], self.embed)  # [B, D]
+        cos, sin = self.cos[pos], self.sin[pos]
+        rows = self.cache.flat_slot_positions(slots, pos)
+        if self.fused is not None:
+            h = self._decode_layers_fused(x, cos, sin, rows, slots, pos + 1)
+        else:
+            h = self._decode_layers_torch(x, cos, sin, rows, slots, pos + 1)
+        return F.linear(h, self.lm_head).float()
 
     def _decode_layers_torch(
         self,
