@@ -77,6 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     router = Router(settings.dispatch_policy)
     fleet = Fleet(store, poller, pool, http)
     service = GenerationService(settings, store, router, pool, writer, metrics)
+    poller.breaker = service.breaker
     cp = ControlPlane(settings, db, writer, store, poller, fleet, pool, router, service, metrics, http)
     app.state.cp = cp
     for url in settings.workers:
@@ -98,6 +99,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the control-plane app (nothing starts until its lifespan runs)."""
     from control_plane.api import admin, errors, llava, openai
+    from control_plane.api.limits import BodySizeLimit
 
     settings = settings or Settings()
     app = FastAPI(
@@ -107,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     app.include_router(llava.router)
     app.include_router(openai.router)

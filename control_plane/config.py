@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     first_token_timeout_s: float = 120.0
     stall_timeout_s: float = 60.0
     max_new_tokens_cap: int = 1024  # LLaVA caps max_new_tokens at 1024
+    max_attempts: int = 3  # nodes tried for a request that fails before its first token
+    retry_backoff_s: float = 0.05
+    max_inflight_per_worker: int = 128
+    max_waiting: int = 512
+    queue_timeout_s: float = 30.0
+    breaker_threshold: int = 3
+    breaker_cooldown_s: float = 5.0
     max_body_bytes: int = 64 * 1024 * 1024
     max_images: int = 8
     max_image_bytes: int = 20 * 1024 * 1024

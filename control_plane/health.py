@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from control_plane.admission import CircuitBreaker
 from control_plane.config import Settings
 from control_plane.store import ModelStatus, WorkerInfo, WorkerState, WorkerStore
 
@@ -92,6 +93,7 @@ class HealthPoller:
         self.session = session
         self._task: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(256)
+        self.breaker: CircuitBreaker | None = None  # set by the app: polls may not close an open circuit
         self.rounds = 0
         self.last_round_s = 0.0
 
@@ -177,7 +179,9 @@ class HealthPoller:
             worker.consecutive_failures = 0
             worker.failing_since = None
             worker.last_error = ""
-            if worker.state is not WorkerState.HEALTHY:
+            if worker.state is not WorkerState.HEALTHY and (
+                self.breaker is None or self.breaker.may_close(worker)
+            ):
                 self.store.set_state(worker, WorkerState.HEALTHY, "poll succeeded: server ready")
         else:
             now = time.monotonic()

@@ -17,6 +17,7 @@ from typing import Any
 
 import tritonclient.grpc.aio as grpcclient
 
+from control_plane.admission import Admission, CircuitBreaker
 from control_plane.config import Settings
 from control_plane.db import BatchWriter
 from control_plane.errors import BadRequest, NodeFailed, NoWorker, UnknownModel, WorkerUnreachable
@@ -83,7 +84,10 @@ class GenerationService:
         self.metrics = metrics
         self._running_ids: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
-        self.max_attempts = 3
+        self.admission = Admission(
+            settings.max_inflight_per_worker, settings.max_waiting, settings.queue_timeout_s
+        )
+        self.breaker = CircuitBreaker(store, settings.breaker_threshold, settings.breaker_cooldown_s)
 
     def new_request_id(self, given: str | None) -> str:
         """The Triton request id: the client's (if unused right now) or a fresh one."""
@@ -98,14 +102,11 @@ class GenerationService:
             return rid
         return f"req-{uuid.uuid4().hex}"
 
-    def _choose(self, req: GenerateRequest, exclude: set[int]) -> WorkerInfo:
-        if req.pinned_worker is not None and req.pinned_worker not in exclude:
-            pinned = self.store.get(req.pinned_worker)
-            if pinned is not None and pinned.can_serve(req.model):
-                return pinned
-        worker = self.router.choose(self.store.candidates(req.model), exclude)
-        if worker is not None:
-            return worker
+    def _candidates(self, req: GenerateRequest, exclude: set[int]) -> list[WorkerInfo]:
+        """Healthy workers with the model ready (raises if there are none at all)."""
+        candidates = [w for w in self.store.candidates(req.model) if w.id not in exclude]
+        if candidates:
+            return candidates
         if req.model not in self.store.known_models():
             known = ", ".join(self.store.listed_models()) or "none"
             raise UnknownModel(
@@ -116,6 +117,25 @@ class GenerationService:
                 f"every worker serving model {req.model!r} failed to take the request", param="model"
             )
         raise NoWorker(f"no healthy worker has model {req.model!r} ready right now", param="model")
+
+    async def _acquire(self, req: GenerateRequest, exclude: set[int]) -> WorkerInfo:
+        """A worker for ``req`` with room for one more stream, counted as in flight."""
+
+        def pick() -> WorkerInfo | None:
+            candidates = self._candidates(req, exclude)
+            if req.pinned_worker is not None:
+                pinned = next((w for w in candidates if w.id == req.pinned_worker), None)
+                if pinned is not None and self.admission.has_room(pinned):
+                    return pinned
+            return self.router.choose([w for w in candidates if self.admission.has_room(w)])
+
+        worker = await self.admission.wait_for_room(pick, req.model)
+        self.store.adjust_inflight(worker, +1)  # before any await: pick and count are atomic
+        return worker
+
+    def _release(self, worker: WorkerInfo) -> None:
+        self.store.adjust_inflight(worker, -1)
+        self.admission.release()
 
     def _inputs(self, req: GenerateRequest) -> list[Any]:
         return build_inputs(
@@ -149,10 +169,9 @@ class GenerationService:
             inputs = self._inputs(req)
             exclude: set[int] = set()
             while True:
-                worker = self._choose(req, exclude)
+                worker = await self._acquire(req, exclude)
                 rec.attempts += 1
                 rec.worker_id = worker.id
-                self.store.adjust_inflight(worker, +1)
                 try:
                     async for chunk in self.pool.stream(
                         worker.grpc_url,
@@ -166,30 +185,34 @@ class GenerationService:
                             rec.first_token = time.monotonic()
                             rec.first_token_at = utcnow()
                             self.metrics.ttft.labels(req.api).observe(rec.first_token - rec.started)
+                            self.breaker.success(worker)
                         rec.prompt_tokens = chunk.prompt_tokens
                         rec.completion_tokens = chunk.completion_tokens
                         rec.finish_reason = chunk.finish_reason or rec.finish_reason
                         yield chunk
+                    self.breaker.success(worker)
                     status = "ok"
                     return
                 except NodeStreamError as exc:
-                    streamed = rec.first_token is not None
                     if exc.client_error:
                         raise BadRequest(exc.message) from None
-                    if exc.unreachable and not streamed and rec.attempts < self.max_attempts:
+                    self.breaker.failure(worker, exc.message)
+                    if exc.stalled:
+                        self._cancel_on_node(worker, req)  # it may still be generating there
+                    streamed = rec.first_token is not None
+                    if exc.unreachable and not streamed and rec.attempts < self.settings.max_attempts:
                         log.warning(
                             "worker %s failed before streaming (%s); retrying", worker.name, exc.message
                         )
                         self.metrics.retries.inc()
                         exclude.add(worker.id)
+                        await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (rec.attempts - 1))
                         continue
-                    if exc.stalled and streamed:
-                        self._cancel_on_node(worker, req)
                     if exc.unreachable:
                         raise WorkerUnreachable(f"worker {worker.name}: {exc.message}") from None
                     raise NodeFailed(f"worker {worker.name} failed: {exc.message}") from None
                 finally:
-                    self.store.adjust_inflight(worker, -1)
+                    self._release(worker)
         except (GeneratorExit, asyncio.CancelledError):
             status, error = "cancelled", "the client went away"
             if worker is not None:

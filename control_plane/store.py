@@ -101,7 +101,9 @@ class WorkerInfo:
     queue_length: int = 0  # waiting on the node (node metrics or pushed heartbeat)
     active: int = 0  # generating on the node (node metrics)
     inflight: int = 0  # this control plane's open streams to it
-    consecutive_failures: int = 0
+    consecutive_failures: int = 0  # failed polls in a row
+    request_failures: int = 0  # failed requests in a row (circuit breaker)
+    breaker_open_until: float = 0.0  # monotonic time before which polls may not restore it
     failing_since: float | None = None  # monotonic time of the first failed poll in a row
     last_error: str = ""
     last_poll_latency_ms: float | None = None

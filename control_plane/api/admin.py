@@ -116,6 +116,11 @@ async def control_plane_status(cp: CPDep) -> dict[str, Any]:
         "workers": states,
         "models": cp.store.listed_models(),
         "poller": cp.poller.describe(),
+        "admission": {
+            "waiting": cp.service.admission.waiting,
+            "rejected": cp.service.admission.rejected,
+            "circuits_opened": cp.service.breaker.opened,
+        },
         "writer": {
             "batches": cp.writer.batches,
             "rows": cp.writer.rows_written,
