@@ -7,6 +7,7 @@ import http.server
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -27,7 +28,7 @@ def data_url(img: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(img).decode()
 
 
-def user_turn(img: bytes, text: str = QUESTION) -> dict:
+def user_turn(img: bytes, text: str = QUESTION) -> Any:
     return {
         "role": "user",
         "content": [
@@ -140,7 +141,7 @@ def test_non_streaming_chat_returns_text_usage_and_finish_reason(client: openai.
     )
 
 
-def sql_requests(client: openai.OpenAI) -> list[dict]:
+def sql_requests(client: openai.OpenAI) -> list[dict[str, Any]]:
     base = str(client.base_url).removesuffix("/v1/")
     r = httpx.post(f"{base}/admin/sql", json={"query": "SELECT request_id, status, api FROM requests"})
     return [dict(zip(r.json()["columns"], row, strict=True)) for row in r.json()["rows"]]

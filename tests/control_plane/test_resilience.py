@@ -126,17 +126,6 @@ def test_failing_node_is_retried_invisibly_and_its_circuit_opens(
         cp.stop()
 
 
-def read_some_then_close(url: str, body: dict, frames_wanted: int, openai: bool = False) -> int:
-    got = 0
-    with httpx.stream("POST", url, json=body, timeout=60) as r:
-        assert r.status_code == 200
-        for data in r.iter_bytes():
-            got += data.count(b"data: " if openai else b"\0")
-            if got >= frames_wanted:
-                break  # leaving the block closes the connection mid-stream
-    return got
-
-
 @pytest.mark.parametrize("api", ["llava", "openai"])
 def test_client_disconnect_stops_generation_on_the_node(
     control_plane: ControlPlaneProcess, fleet: list[TritonNode], api: str
