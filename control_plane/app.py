@@ -89,7 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await poller.stop()
-        await service.drain()
+        await service.drain()  # pending cancellations, bounded
         await pool.close()
         await http.close()
         await asyncio.to_thread(writer.close)

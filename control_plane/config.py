@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     dispatch_policy: DispatchPolicy = DispatchPolicy.SHORTEST_QUEUE
     connect_timeout_s: float = 5.0
     first_token_timeout_s: float = 120.0
-    stall_timeout_s: float = 60.0
+    stall_timeout_s: float = 60.0  # a stream with no token for this long is ended and cancelled
+    cancel_retry_s: float = 60.0  # how long to keep asking a silent node to cancel
     max_new_tokens_cap: int = 1024  # LLaVA caps max_new_tokens at 1024
     max_attempts: int = 3  # nodes tried for a request that fails before its first token
     retry_backoff_s: float = 0.05

@@ -229,12 +229,21 @@ class GenerationService:
             self._record_end(rec, status, error)
 
     def _cancel_on_node(self, worker: WorkerInfo, req: GenerateRequest) -> None:
+        """Tell the node to stop generating ``req`` (in the background; a node that is
+        stopped or restarting is asked again for a while)."""
+
         async def cancel() -> None:
-            try:
-                n = await self.pool.cancel(worker.grpc_url, req.model, req.request_id)
-                log.info("cancelled %s on %s (%d running)", req.request_id, worker.name, n)
-            except Exception as exc:
-                log.warning("could not cancel %s on %s: %s", req.request_id, worker.name, exc)
+            deadline = time.monotonic() + self.settings.cancel_retry_s
+            while True:
+                try:
+                    n = await self.pool.cancel(worker.grpc_url, req.model, req.request_id)
+                    log.info("cancelled %s on %s (%d running)", req.request_id, worker.name, n)
+                    return
+                except Exception as exc:
+                    if time.monotonic() >= deadline:
+                        log.warning("could not cancel %s on %s: %s", req.request_id, worker.name, exc)
+                        return
+                await asyncio.sleep(1.0)
 
         task = asyncio.get_running_loop().create_task(cancel())
         self._background.add(task)
@@ -243,7 +252,9 @@ class GenerationService:
     async def drain(self) -> None:
         """Wait for background cancellations to finish (at shutdown)."""
         if self._background:
-            await asyncio.wait(list(self._background), timeout=5)
+            _done, pending = await asyncio.wait(list(self._background), timeout=5)
+            for task in pending:
+                task.cancel()
 
     def _record_start(self, req: GenerateRequest, rec: _Record) -> None:
         self.writer.insert(

@@ -162,6 +162,7 @@ class BatchingEngine(Engine):
                 if req.sink.is_cancelled():
                     self._waiting.popleft()
                     self._count_cancel()
+                    log.info("request %s cancelled before it started", req.request_id)
                     req.sink.send("", [], FinishReason.CANCELLED, int(req.input_ids.shape[0]), 0)
                     continue
                 pages = cache.allocator.allocate(

@@ -1,0 +1,765 @@
+"""Triton kernels of the fused decode step: paged attention, RMSNorm, SiLU*up, RoPE + cache store.
+
+Every wrapper here is CUDA-graph capturable: it launches kernels whose grids depend on
+tensor *shapes* only, allocates its outputs with ``torch.empty`` and never reads a
+tensor's values on the host. Values that vary from step to step (sequence lengths,
+block tables, cache rows) are read inside the kernels.
+
+The kernels also run under Triton's CPU interpreter (``TRITON_INTERPRET=1``) on CPU
+tensors, which is how the tests check them against pure-torch references.
+
+Paged KV cache layout (see ``kv_cache.py``): ``k_cache``/``v_cache`` are
+``[num_pages * page_size, n_kv_heads, head_dim]``; position ``p`` of batch row ``b``
+lives at cache row ``block_tables[b, p // page_size] * page_size + p % page_size``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "add_rms_norm",
+    "decode_num_splits",
+    "paged_decode_attention",
+    "rms_norm",
+    "rope_store",
+    "silu_mul",
+]
+
+# Programs the split-K decode attention aims to launch, per streaming multiprocessor.
+PROGRAMS_PER_SM = 4
+# Upper bound on the split-K partitions of one (row, head).
+MAX_SPLITS = 32
+# SM count assumed when no CUDA device is involved (the H100 SXM has 132).
+DEFAULT_NUM_SMS = 132
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of one decode attention kernel."""
+
+    block_n: int  # key/value positions per loop iteration
+    num_warps: int
+    num_stages: int | None = None  # None: Triton's default
+
+
+# One program per (row, query head, split), elementwise (CUDA cores).
+HEADS_CONFIG = DecodeConfig(block_n=64, num_warps=4)
+# One program per (row, KV head, split), the group's query heads on the tensor cores.
+GROUPS_CONFIG = DecodeConfig(block_n=64, num_warps=4)
+# Finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) free of NaN
+# when nothing has been seen yet (exp2(-inf - -inf) would be NaN).
+_NEG_BIG = tl.constexpr(-1.0e30)
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------
+# Decode attention over a paged KV cache (flash decoding: split-K + reduction)
+# --------------------------------------------------------------------------------------
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _split_range(lens_ptr, b, split, num_splits, max_len, BLOCK_N: tl.constexpr):  # type: ignore[no-untyped-def]
+    # Positions [start, end) of batch row b handled by partition `split`: the row's valid
+    # length is cut into num_splits chunks of whole BLOCK_Ns; chunks past the end are empty.
+    seq_len = tl.load(lens_ptr + b).to(tl.int64)
+    seq_len = tl.minimum(tl.maximum(seq_len, 0), max_len)
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    return start, end
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _decode_heads_kernel(  # type: ignore[no-untyped-def]
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    lens_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    qk_scale,
+    max_len,
+    H,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kr,
+    stride_kh,
+    stride_kd,
+    stride_vr,
+    stride_vh,
+    stride_vd,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    # One program per (batch row, query head, split). The online softmax runs per key
+    # *lane*: each of the BLOCK_N lanes keeps its own running max, sum and [HEAD_DIM]
+    # accumulator, so the loop body is elementwise apart from the q.k dot over HEAD_DIM
+    # (within a warp); the lanes are merged once, after the loop.
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    num_splits = tl.num_programs(1)
+    b = pid // H
+    h = pid % H
+    kvh = h // GROUP
+    start, end = _split_range(lens_ptr, b, split, num_splits, max_len, BLOCK_N)
+
+    d = tl.arange(0, HEAD_DIM)
+    lane = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d * stride_qd).to(tl.float32) * qk_scale
+    k_base = k_ptr + kvh * stride_kh + d[None, :] * stride_kd
+    v_base = v_ptr + kvh * stride_vh + d[None, :] * stride_vd
+    bt_row = bt_ptr + b * stride_btb
+
+    m_i = tl.full([BLOCK_N], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + lane
+        valid = pos < end
+        page = tl.load(bt_row + pos // PAGE_SIZE, mask=valid, other=0)
+        row = page * PAGE_SIZE + pos % PAGE_SIZE
+        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # log2 domain (scale * log2 e)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, s)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+        m_i = m_new
+
+    # Merge the lanes. Lanes that saw nothing have m = _NEG_BIG, l = 0, acc = 0.
+    m = tl.max(m_i, axis=0)
+    w = tl.exp2(m_i - m)
+    l_sum = tl.sum(l_i * w, axis=0)
+    o = tl.sum(acc * w[:, None], axis=0)
+    if not SPLIT:
+        o = o / tl.where(l_sum > 0.0, l_sum, 1.0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, o.to(out_ptr.dtype.element_ty))
+    else:
+        part = (b * H + h) * num_splits + split
+        tl.store(part_acc_ptr + part * HEAD_DIM + d, o)
+        tl.store(part_m_ptr + part, m)
+        tl.store(part_l_ptr + part, l_sum)
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _decode_groups_kernel(  # type: ignore[no-untyped-def]
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    lens_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    qk_scale,
+    max_len,
+    H,
+    KVH,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kr,
+    stride_kh,
+    stride_kd,
+    stride_vr,
+    stride_vh,
+    stride_vd,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program per (batch row, KV head, split): the GROUP query heads that share a KV
+    # head are padded to BLOCK_G (>= 16) rows so that q.K^T and p.V run on the tensor
+    # cores, and each K/V tile is read once for the whole group.
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    num_splits = tl.num_programs(1)
+    b = pid // KVH
+    kvh = pid % KVH
+    start, end = _split_range(lens_ptr, b, split, num_splits, max_len, BLOCK_N)
+
+    d = tl.arange(0, HEAD_DIM)
+    g = tl.arange(0, BLOCK_G)
+    lane = tl.arange(0, BLOCK_N)
+    g_mask = g < GROUP
+    h = kvh * GROUP + g
+    q = tl.load(
+        q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=g_mask[:, None],
+        other=0.0,
+    ).to(k_ptr.dtype.element_ty)
+    k_base = k_ptr + kvh * stride_kh + d[None, :] * stride_kd
+    v_base = v_ptr + kvh * stride_vh + d[None, :] * stride_vd
+    bt_row = bt_ptr + b * stride_btb
+
+    m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + lane
+        valid = pos < end
+        page = tl.load(bt_row + pos // PAGE_SIZE, mask=valid, other=0)
+        row = page * PAGE_SIZE + pos % PAGE_SIZE
+        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if not SPLIT:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + b * stride_ob + h[:, None] * stride_oh + d[None, :] * stride_od,
+            o.to(out_ptr.dtype.element_ty),
+            mask=g_mask[:, None],
+        )
+    else:
+        part = (b * H + h) * num_splits + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_m_ptr + part, m_i, mask=g_mask)
+        tl.store(part_l_ptr + part, l_i, mask=g_mask)
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    out_ptr,
+    H,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    # One program per (batch row, query head): merge the partitions' (max, sum, acc).
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // H
+    h = pid % H
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    s_mask = s < num_splits
+    part = pid * num_splits + s
+    m = tl.load(part_m_ptr + part, mask=s_mask, other=_NEG_BIG)
+    l_part = tl.load(part_l_ptr + part, mask=s_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max)
+    l_sum = tl.sum(l_part * w, axis=0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, o.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return DEFAULT_NUM_SMS
+
+
+def decode_num_splits(
+    batch: int, heads_per_row: int, max_len: int, device: torch.device, block_n: int = 64
+) -> int:
+    """Split-K partitions per (row, head) for the decode attention, from shapes only.
+
+    Aims at ``PROGRAMS_PER_SM * SMs`` programs in all: a batch that already launches that
+    many ``(row, head)`` programs (``batch * heads_per_row``) gets 1 partition (no reduction pass); a smaller one gets
+    enough partitions to fill the GPU, at most one per ``block_n`` positions of the longest
+    possible sequence (``max_len``) and at most ``MAX_SPLITS``. Each row's *valid* length
+    is then cut into that many equal parts inside the kernel, so short rows and long rows
+    all spread over the partitions (empty partitions exit at once).
+    """
+    programs = max(1, batch * heads_per_row)
+    target = PROGRAMS_PER_SM * _num_sms(device)
+    splits = triton.cdiv(target, programs)
+    return int(max(1, min(splits, MAX_SPLITS, triton.cdiv(max(max_len, 1), block_n))))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    page_size: int,
+    *,
+    num_splits: int | None = None,
+    group_kernel: bool | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per batch row over that row's paged KV cache.
+
+    Args:
+        q: ``[B, H, D]`` queries (any strides).
+        k_cache, v_cache: ``[num_pages * page_size, KVH, D]``; ``H`` is a multiple of ``KVH``
+            and query head ``h`` reads KV head ``h // (H // KVH)``.
+        block_tables: ``[B, max_pages_per_seq]`` int64 page ids of each row.
+        lens: ``[B]`` int64 valid positions of each row (``0 .. lens[b] - 1`` are read; a row
+            with ``lens == 0`` gets zeros).
+        scale: softmax scale (usually ``1 / sqrt(D)``).
+        page_size: positions per page.
+        num_splits: split-K partitions; ``None`` chooses from the shapes
+            (:func:`decode_num_splits`).
+        group_kernel: use the kernel that handles all query heads of a KV head in one
+            program (tensor-core dots); ``None``: when ``H > KVH``.
+
+    Returns:
+        ``[B, H, D]`` in ``q``'s dtype. Softmax statistics and accumulation are float32.
+    """
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads do not divide into {n_kv_heads} KV heads")
+    if k_cache.shape[2] != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"cache shapes {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit q {tuple(q.shape)}"
+        )
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, not {head_dim}")
+    group = n_heads // n_kv_heads
+    if group_kernel is None:
+        group_kernel = group > 1
+    max_len = block_tables.shape[1] * page_size
+    cfg = GROUPS_CONFIG if group_kernel else HEADS_CONFIG
+    block_n = cfg.block_n
+    launch: dict[str, Any] = {"num_warps": cfg.num_warps}
+    if cfg.num_stages is not None:
+        launch["num_stages"] = cfg.num_stages
+    if num_splits is None:
+        heads_per_row = n_kv_heads if group_kernel else n_heads
+        num_splits = decode_num_splits(batch, heads_per_row, max_len, q.device, block_n)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if num_splits > 1:
+        part_acc = torch.empty((batch * n_heads * num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((batch * n_heads * num_splits,), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:  # unused by the kernel (the constexpr branch that stores them is not compiled)
+        part_acc = part_m = part_l = out
+    qk_scale = float(scale) * _LOG2E
+    common: tuple[Any, ...] = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+    )
+    if group_kernel:
+        precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+        _decode_groups_kernel[(batch * n_kv_heads, num_splits)](
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            lens,
+            out,
+            part_acc,
+            part_m,
+            part_l,
+            qk_scale,
+            max_len,
+            n_heads,
+            n_kv_heads,
+            *common,
+            GROUP=group,
+            BLOCK_G=max(16, triton.next_power_of_2(group)),
+            PAGE_SIZE=page_size,
+            HEAD_DIM=head_dim,
+            BLOCK_N=block_n,
+            SPLIT=num_splits > 1,
+            DOT_PRECISION=precision,
+            **launch,
+        )
+    else:
+        _decode_heads_kernel[(batch * n_heads, num_splits)](
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            lens,
+            out,
+            part_acc,
+            part_m,
+            part_l,
+            qk_scale,
+            max_len,
+            n_heads,
+            *common,
+            GROUP=group,
+            PAGE_SIZE=page_size,
+            HEAD_DIM=head_dim,
+            BLOCK_N=block_n,
+            SPLIT=num_splits > 1,
+            **launch,
+        )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch * n_heads,)](
+            part_acc,
+            part_m,
+            part_l,
+            out,
+            n_heads,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+            num_warps=4,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# RMSNorm, with and without the residual add
+# --------------------------------------------------------------------------------------
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _rms_norm_kernel(  # type: ignore[no-untyped-def]
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    y_ptr,
+    res_out_ptr,
+    n_cols,
+    eps,
+    stride_x,
+    stride_res,
+    stride_y,
+    stride_res_out,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+        summed = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_res_out + cols, summed, mask=mask)
+        h = summed.to(tl.float32)
+    else:
+        h = x.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / n_cols
+    normed = (h * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    # weight * normed in the promoted dtype, rounded once, as torch computes it.
+    y = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_warps(block: int) -> int:
+    return max(1, min(8, block // 512))
+
+
+def _check_norm_args(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be [N, hidden] with unit column stride, got {tuple(x.shape)}/{x.stride()}")
+    if weight.shape != (x.shape[1],) or not weight.is_contiguous():
+        raise ValueError(f"weight must be contiguous [{x.shape[1]}], got {tuple(weight.shape)}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm of each row of ``x`` ``[N, hidden]``.
+
+    ``weight * (x32 * rsqrt(mean(x32**2) + eps)).to(x.dtype)``, with ``x32 = x.float()``;
+    the result has the dtype torch would give (``weight``'s and ``x``'s promoted).
+    """
+    _check_norm_args(x, weight)
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if n_rows == 0:
+        return y
+    block = triton.next_power_of_2(n_cols)
+    _rms_norm_kernel[(n_rows,)](
+        x,
+        x,
+        weight,
+        y,
+        y,
+        n_cols,
+        float(eps),
+        x.stride(0),
+        x.stride(0),
+        y.stride(0),
+        y.stride(0),
+        HAS_RESIDUAL=False,
+        BLOCK=block,
+        num_warps=_norm_warps(block),
+    )
+    return y
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: ``h = x + residual``; returns ``(rms_norm(h), h)``.
+
+    ``h`` is rounded to ``x``'s dtype (as ``x + residual`` in torch) before the norm's
+    float32 statistics are taken. Inputs are not modified.
+    """
+    _check_norm_args(x, weight)
+    if residual.shape != x.shape or residual.stride(1) != 1 or residual.dtype != x.dtype:
+        raise ValueError(
+            f"residual {tuple(residual.shape)}/{residual.dtype} does not match x {tuple(x.shape)}/{x.dtype}"
+        )
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    new_residual = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return y, new_residual
+    block = triton.next_power_of_2(n_cols)
+    _rms_norm_kernel[(n_rows,)](
+        x,
+        residual,
+        weight,
+        y,
+        new_residual,
+        n_cols,
+        float(eps),
+        x.stride(0),
+        residual.stride(0),
+        y.stride(0),
+        new_residual.stride(0),
+        HAS_RESIDUAL=True,
+        BLOCK=block,
+        num_warps=_norm_warps(block),
+    )
+    return y, new_residual
+
+
+# --------------------------------------------------------------------------------------
+# SiLU(gate) * up
+# --------------------------------------------------------------------------------------
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _silu_mul_kernel(  # type: ignore[no-untyped-def]
+    gu_ptr,
+    out_ptr,
+    n_cols,
+    stride_gu,
+    stride_out,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+SILU_BLOCK = 1024
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up = [gate | up]`` of shape ``[N, 2F]``; returns ``[N, F]``.
+
+    Computed in float32 and rounded once to ``gate_up``'s dtype.
+    """
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
+        raise ValueError(f"gate_up must be [N, 2F] with unit column stride, got {tuple(gate_up.shape)}")
+    n_rows, width = gate_up.shape
+    n_cols = width // 2
+    out = torch.empty((n_rows, n_cols), dtype=gate_up.dtype, device=gate_up.device)
+    if n_rows == 0 or n_cols == 0:
+        return out
+    block = min(SILU_BLOCK, triton.next_power_of_2(n_cols))
+    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        gate_up,
+        out,
+        n_cols,
+        gate_up.stride(0),
+        out.stride(0),
+        BLOCK=block,
+        num_warps=4,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# RoPE on q and k, and the KV-cache store, in one launch
+# --------------------------------------------------------------------------------------
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _rope_tile(x_ptr, n_heads, stride_h, stride_d, c1, c2, s1, s2, BLOCK_H: tl.constexpr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
+    # Rotated halves (float32) of a [n_heads, 2 * HALF] tile: x * cos + rotate_half(x) * sin.
+    hh = tl.arange(0, BLOCK_H)
+    j = tl.arange(0, HALF)
+    mask = (hh < n_heads)[:, None]
+    base = x_ptr + hh[:, None] * stride_h + j[None, :] * stride_d
+    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * c1[None, :] - x2 * s1[None, :]
+    o2 = x2 * c2[None, :] + x1 * s2[None, :]
+    return o1, o2
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _rope_store_kernel(  # type: ignore[no-untyped-def]
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    kc_ptr,
+    vc_ptr,
+    rows_ptr,
+    H,
+    KVH,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vd,
+    stride_cb,
+    stride_cd,
+    stride_sb,
+    stride_sd,
+    stride_kcr,
+    stride_kch,
+    stride_kcd,
+    stride_vcr,
+    stride_vch,
+    stride_vcd,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_KVH: tl.constexpr,
+):
+    # One program per batch row: rotate q in place, rotate k into the cache, copy v.
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, HALF)
+    c1 = tl.load(cos_ptr + b * stride_cb + j * stride_cd).to(tl.float32)
+    c2 = tl.load(cos_ptr + b * stride_cb + (j + HALF) * stride_cd).to(tl.float32)
+    s1 = tl.load(sin_ptr + b * stride_sb + j * stride_sd).to(tl.float32)
+    s2 = tl.load(sin_ptr + b * stride_sb + (j + HALF) * stride_sd).to(tl.float32)
+
+    hq = tl.arange(0, BLOCK_H)
+    q_row = q_ptr + b * stride_qb
+    q1, q2 = _rope_tile(q_row, H, stride_qh, stride_qd, c1, c2, s1, s2, BLOCK_H, HALF)
+    q_dst = q_row + hq[:, None] * stride_qh + j[None, :] * stride_qd
+    q_mask = (hq < H)[:, None]
+    tl.store(q_dst, q1.to(q_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(q_dst + HALF * stride_qd, q2.to(q_ptr.dtype.element_ty), mask=q_mask)
+
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    hk = tl.arange(0, BLOCK_KVH)
+    kv_mask = (hk < KVH)[:, None]
+    k1, k2 = _rope_tile(k_ptr + b * stride_kb, KVH, stride_kh, stride_kd, c1, c2, s1, s2, BLOCK_KVH, HALF)
+    kc_dst = kc_ptr + row * stride_kcr + hk[:, None] * stride_kch + j[None, :] * stride_kcd
+    tl.store(kc_dst, k1.to(kc_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(kc_dst + HALF * stride_kcd, k2.to(kc_ptr.dtype.element_ty), mask=kv_mask)
+
+    d = tl.arange(0, 2 * HALF)
+    v = tl.load(v_ptr + b * stride_vb + hk[:, None] * stride_vh + d[None, :] * stride_vd, mask=kv_mask)
+    vc_dst = vc_ptr + row * stride_vcr + hk[:, None] * stride_vch + d[None, :] * stride_vcd
+    tl.store(vc_dst, v.to(vc_ptr.dtype.element_ty), mask=kv_mask)
+
+
+def rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """Rotary embedding of q and k, and the KV-cache write, in one launch.
+
+    Args:
+        q: ``[B, H, D]``, rotated **in place** (views, e.g. of a fused QKV output, are fine).
+        k, v: ``[B, KVH, D]``; not modified.
+        cos, sin: ``[B, D]``, each row's rotary table at that row's position.
+        k_cache, v_cache: ``[num_pages * page_size, KVH, D]``; rotated k and raw v are
+            written at cache row ``rows[b]``.
+        rows: ``[B]`` int64 cache rows.
+
+    Returns:
+        ``q`` (rotated): ``x * cos + rotate_half(x) * sin`` computed in float32 and rounded
+        once, with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``.
+    """
+    batch, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    if head_dim % 2 or (head_dim // 2) & (head_dim // 2 - 1):
+        raise ValueError(f"head_dim must be twice a power of two, not {head_dim}")
+    if k.shape != (batch, n_kv_heads, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if cos.shape != (batch, head_dim) or sin.shape != cos.shape:
+        raise ValueError(f"cos/sin must be [{batch}, {head_dim}], got {tuple(cos.shape)}/{tuple(sin.shape)}")
+    if k_cache.shape[1:] != (n_kv_heads, head_dim) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches {tuple(k_cache.shape)} do not fit k {tuple(k.shape)}")
+    if batch == 0:
+        return q
+    _rope_store_kernel[(batch,)](
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        rows,
+        n_heads,
+        n_kv_heads,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *cos.stride(),
+        *sin.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        HALF=head_dim // 2,
+        BLOCK_H=triton.next_power_of_2(n_heads),
+        BLOCK_KVH=triton.next_power_of_2(n_kv_heads),
+        num_warps=4,
+    )
+    return q

@@ -1,0 +1,324 @@
+"""The Triton kernels of the fused decode step against pure-torch references.
+
+Run under Triton's CPU interpreter (``TRITON_INTERPRET=1``, set below before Triton is
+imported) on CPU tensors; skipped where Triton is not installed. On a CUDA host the same
+tests can run on the GPU with ``KERNELS_TEST_DEVICE=cuda`` (then the interpreter is off).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The interpreter must be on before Triton is first imported: CPU tensors, no GPU needed.
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("KERNELS_TEST_DEVICE") == "cuda" else "1")
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from llava_node.engine import kernels  # noqa: E402
+
+DEVICE = torch.device(os.environ.get("KERNELS_TEST_DEVICE", "cpu"))
+# Triton's interpreter rounds float32 -> bfloat16 casts toward zero; GPUs round to nearest.
+# So bf16 results are compared exactly on a GPU and to within an ulp under the interpreter.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------
+def ref_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    page_size: int,
+) -> torch.Tensor:
+    """Float64 attention of each row's query over positions 0..lens[b]-1 of its pages."""
+    batch, n_heads, head_dim = q.shape
+    group = n_heads // k_cache.shape[1]
+    out = torch.zeros(batch, n_heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        pos = torch.arange(n)
+        rows = block_tables[b, pos // page_size].cpu() * page_size + pos % page_size
+        k = k_cache.cpu()[rows].double().repeat_interleave(group, dim=1)  # [n, H, D]
+        v = v_cache.cpu()[rows].double().repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[b].cpu().double(), k) * scale
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, dim=-1), v)
+    return out
+
+
+def ref_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' LlamaRMSNorm (and runner._rms_norm).
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def ref_rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def ref_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Float32 arithmetic, so that the kernel's single rounding is what is compared.
+    x32, c, s = x.float(), cos.float()[:, None, :], sin.float()[:, None, :]
+    return x32 * c + ref_rotate_half(x32) * s
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.cpu().double(), ref.cpu().double()
+    assert not torch.isnan(out64).any()
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------
+# paged decode attention
+# --------------------------------------------------------------------------------------
+def make_paged(
+    gen: torch.Generator,
+    lens: list[int],
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    pages_per_seq: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A paged cache whose only finite entries are the rows' valid positions.
+
+    Pages are handed out shuffled (page 0 never); unused table entries point at page 0.
+    Every other cache entry is NaN, so a kernel that reads past a row's length, or a
+    page it does not own, produces NaN.
+    """
+    batch = len(lens)
+    needed = [math.ceil(n / page_size) for n in lens]
+    num_pages = sum(needed) + 3
+    perm = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    tables = torch.zeros(batch, pages_per_seq, dtype=torch.int64)
+    rows_k = torch.full((num_pages * page_size, n_kv_heads, head_dim), float("nan"))
+    rows_v = rows_k.clone()
+    for b, n in enumerate(lens):
+        assert n <= pages_per_seq * page_size
+        own = [perm.pop() for _ in range(needed[b])]
+        tables[b, : len(own)] = torch.tensor(own, dtype=torch.int64)
+        pos = torch.arange(n)
+        rows = tables[b, pos // page_size] * page_size + pos % page_size
+        rows_k[rows] = torch.randn(n, n_kv_heads, head_dim, generator=gen)
+        rows_v[rows] = torch.randn(n, n_kv_heads, head_dim, generator=gen)
+    lens_t = torch.tensor(lens, dtype=torch.int64)
+    return (
+        rows_k.to(DEVICE, dtype),
+        rows_v.to(DEVICE, dtype),
+        tables.to(DEVICE),
+        lens_t.to(DEVICE),
+    )
+
+
+ATTENTION_CASES = [
+    # (lens, H, KVH, D, page_size, pages_per_seq, num_splits, group_kernel)
+    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, None, None, id="mha-auto-splits"),
+    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, 1, None, id="mha-one-split"),
+    pytest.param([130, 5, 64], 2, 2, 16, 16, 10, 3, None, id="mha-three-splits-page16"),
+    pytest.param([65, 1], 8, 2, 16, 8, 9, None, None, id="gqa-group-kernel"),
+    pytest.param([65, 1], 8, 2, 16, 8, 9, 1, None, id="gqa-group-kernel-one-split"),
+    pytest.param([65, 1], 8, 2, 16, 8, 9, 4, False, id="gqa-heads-kernel"),
+    pytest.param([3, 40], 6, 2, 16, 4, 10, 2, True, id="gqa-group-of-3"),
+    pytest.param([100, 2], 2, 2, 64, 16, 8, 2, None, id="d64"),
+    pytest.param([77], 2, 1, 128, 16, 5, 3, None, id="d128-gqa"),
+    pytest.param([90, 12], 2, 2, 128, 128, 1, 2, None, id="d128-page128"),
+    pytest.param([0, 9, 0], 2, 2, 16, 4, 4, 2, None, id="empty-rows"),
+]
+
+
+@pytest.mark.parametrize(
+    ("lens", "n_heads", "n_kv_heads", "head_dim", "page_size", "pages_per_seq", "num_splits", "group_kernel"),
+    ATTENTION_CASES,
+)
+def test_paged_decode_attention(
+    lens: list[int],
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    pages_per_seq: int,
+    num_splits: int | None,
+    group_kernel: bool | None,
+) -> None:
+    gen = torch.Generator().manual_seed(sum(lens) + 31 * n_heads + head_dim)
+    k_cache, v_cache, tables, lens_t = make_paged(gen, lens, n_kv_heads, head_dim, page_size, pages_per_seq)
+    # A non-contiguous q, as the engine passes a view of the fused QKV projection.
+    qkv = torch.randn(len(lens), n_heads + 1, head_dim, generator=gen).to(DEVICE)
+    q = qkv[:, :n_heads]
+    scale = 1.0 / math.sqrt(head_dim)
+    out = kernels.paged_decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        lens_t,
+        scale,
+        page_size,
+        num_splits=num_splits,
+        group_kernel=group_kernel,
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = ref_paged_attention(q, k_cache, v_cache, tables, lens_t, scale, page_size)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_kernel", [False, True])
+def test_paged_decode_attention_bf16(group_kernel: bool) -> None:
+    if group_kernel and INTERPRETED:
+        # Triton's interpreter multiplies bf16 tl.dot operands as their raw uint16 bits.
+        pytest.skip("the Triton interpreter cannot run tl.dot on bfloat16")
+    gen = torch.Generator().manual_seed(7)
+    lens = [70, 3]
+    k_cache, v_cache, tables, lens_t = make_paged(gen, lens, 2, 32, 16, 5, dtype=torch.bfloat16)
+    q = torch.randn(2, 4, 32, generator=gen).to(DEVICE, torch.bfloat16)
+    out = kernels.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens_t, 0.2, 16, num_splits=2, group_kernel=group_kernel
+    )
+    assert out.dtype == torch.bfloat16
+    ref = ref_paged_attention(q, k_cache, v_cache, tables, lens_t, 0.2, 16)
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_decode_num_splits_from_shapes() -> None:
+    cpu = torch.device("cpu")
+    sms = kernels.DEFAULT_NUM_SMS
+    # A batch that already fills the GPU: no split (no reduction pass).
+    assert kernels.decode_num_splits(64, 32, 4096, cpu) == 1
+    assert kernels.decode_num_splits(32, 32, 4096, cpu) == 1
+    # Small batches split up to the target number of programs.
+    one = kernels.decode_num_splits(1, 32, 4096, cpu)
+    assert one == math.ceil(kernels.PROGRAMS_PER_SM * sms / 32)
+    assert 1 < kernels.decode_num_splits(8, 32, 4096, cpu) < one
+    # Never more partitions than blocks of the longest possible sequence, nor MAX_SPLITS.
+    assert kernels.decode_num_splits(1, 1, 4096, cpu) == kernels.MAX_SPLITS
+    assert kernels.decode_num_splits(1, 1, 100, cpu) == 2
+
+
+# --------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 96), (3, 1000), (2, 8192)])
+def test_rms_norm(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(shape[1], generator=gen)).to(DEVICE, dtype)
+    y = kernels.rms_norm(x, weight, 1e-5)
+    ref = ref_rms_norm(x, weight, 1e-5)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    else:  # one bf16 ulp, where the float32 statistics round differently
+        torch.testing.assert_close(y.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 200, generator=gen).to(DEVICE, dtype)
+    # A strided residual, and inputs that must stay untouched.
+    residual_full = torch.randn(4, 256, generator=gen).to(DEVICE, dtype)
+    residual = residual_full[:, :200]
+    before = (x.clone(), residual_full.clone())
+    weight = (1 + 0.1 * torch.randn(200, generator=gen)).to(DEVICE, dtype)
+    y, new_res = kernels.add_rms_norm(x, residual, weight, 1e-6)
+    ref_res = x + residual
+    assert new_res.dtype == dtype
+    if INTERPRETED and dtype == torch.bfloat16:
+        torch.testing.assert_close(new_res, ref_res, rtol=8e-3, atol=0)
+    else:  # the same single rounding as torch's x + residual
+        torch.testing.assert_close(new_res, ref_res, rtol=0, atol=0)
+    ref = ref_rms_norm(ref_res, weight, 1e-6)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(y.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+    assert torch.equal(x, before[0]) and torch.equal(residual_full, before[1])
+
+
+def test_rms_norm_float32_weight_promotes() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    weight = torch.randn(64, generator=gen).to(DEVICE)
+    y = kernels.rms_norm(x, weight, 1e-5)
+    ref = ref_rms_norm(x, weight, 1e-5)
+    assert y.dtype == torch.float32
+    # The normalised value is rounded to bf16 before the float32 weight multiplies it.
+    torch.testing.assert_close(y, ref, rtol=1e-5 if not INTERPRETED else 8e-3, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# SiLU * up
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [40, 1500])
+def test_silu_mul(width: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(width)
+    gate_up = (torch.randn(3, 2 * width, generator=gen) * 4).to(DEVICE, dtype)
+    out = kernels.silu_mul(gate_up)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    ref32 = F.silu(gate) * up
+    assert out.shape == (3, width) and out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-6)
+    else:
+        # Rounded once from float32: exactly the bf16 rounding of the float32 result...
+        torch.testing.assert_close(out.float(), ref32.to(dtype).float(), rtol=8e-3, atol=1e-3)
+        # ...and within bf16 tolerance of torch's own bf16 arithmetic.
+        g, u = gate_up.chunk(2, dim=-1)
+        torch.testing.assert_close(out, F.silu(g) * u, rtol=1.6e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------
+# RoPE + KV-cache store
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n_heads", "n_kv_heads", "head_dim"), [(4, 4, 32), (6, 2, 16)])
+def test_rope_store(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n_heads * head_dim)
+    batch, cache_rows = 3, 20
+    # q, k, v as views of one fused projection output, like the engine's.
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, generator=gen).to(DEVICE, dtype)
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    q, k, v = (t.reshape(batch, -1, head_dim) for t in (q, k, v))
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    # Per-row tables at arbitrary positions, HF-style (both halves equal).
+    pos = torch.tensor([0, 5, 17], dtype=torch.float32)
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = pos[:, None] * inv[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
+    k_cache = torch.full((cache_rows, n_kv_heads, head_dim), 7.0).to(DEVICE, dtype)
+    v_cache = torch.full((cache_rows, n_kv_heads, head_dim), 7.0).to(DEVICE, dtype)
+    rows = torch.tensor([4, 13, 0], dtype=torch.int64, device=DEVICE)
+
+    out = kernels.rope_store(q, k, v, cos, sin, k_cache, v_cache, rows)
+
+    assert out.data_ptr() == q.data_ptr()
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.float(), ref_rope(q0, cos, sin).to(dtype).float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        k_cache[rows].float(), ref_rope(k0, cos, sin).to(dtype).float(), rtol=tol, atol=tol
+    )
+    assert torch.equal(v_cache[rows], v0)
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+    untouched = torch.ones(cache_rows, dtype=torch.bool)
+    untouched[rows.cpu()] = False
+    assert (k_cache[untouched.to(DEVICE)] == 7).all() and (v_cache[untouched.to(DEVICE)] == 7).all()
+    if dtype == torch.bfloat16:  # within bf16 tolerance of the engine's torch RoPE
+        ref_torch = q0 * cos[:, None, :] + ref_rotate_half(q0) * sin[:, None, :]
+        torch.testing.assert_close(out, ref_torch, rtol=1.6e-2, atol=2e-2)
