@@ -48,7 +48,8 @@ def stream(url: str, rid: str, max_new_tokens: int, start_gate: threading.Event 
     if start_gate is not None:
         start_gate.wait()
     out = Outcome(rid, time.monotonic())
-    body = {"model": "llava", "prompt": f"USER: story {rid} ASSISTANT:", "max_new_tokens": max_new_tokens}
+    prompt = f"USER: story {rid} ASSISTANT:"
+    body = {"model": "llava", "prompt": prompt, "max_new_tokens": max_new_tokens}
     try:
         with httpx.stream(
             "POST", f"{url}/worker_generate_stream", json=body, timeout=120, headers={"X-Request-Id": rid}
@@ -63,7 +64,7 @@ def stream(url: str, rid: str, max_new_tokens: int, start_gate: threading.Event 
                     out.error_code = frame["error_code"]
                     if frame["error_code"] != 0:
                         out.error_text = frame["text"]
-                    elif out.first_text_at is None and len(frame["text"]) > len(body["prompt"]):
+                    elif out.first_text_at is None and len(frame["text"]) > len(prompt):
                         out.first_text_at = time.monotonic()
     except httpx.HTTPError as exc:
         out.error_code = -1
