@@ -124,23 +124,23 @@ def make_paged(
 
 
 ATTENTION_CASES = [
-    # (lens, H, KVH, D, page_size, pages_per_seq, num_splits, group_kernel)
-    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, None, None, id="mha-auto-splits"),
-    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, 1, None, id="mha-one-split"),
-    pytest.param([130, 5, 64], 2, 2, 16, 16, 10, 3, None, id="mha-three-splits-page16"),
-    pytest.param([65, 1], 8, 2, 16, 8, 9, None, None, id="gqa-group-kernel"),
-    pytest.param([65, 1], 8, 2, 16, 8, 9, 1, None, id="gqa-group-kernel-one-split"),
-    pytest.param([65, 1], 8, 2, 16, 8, 9, 4, False, id="gqa-heads-kernel"),
-    pytest.param([3, 40], 6, 2, 16, 4, 10, 2, True, id="gqa-group-of-3"),
-    pytest.param([100, 2], 2, 2, 64, 16, 8, 2, None, id="d64"),
-    pytest.param([77], 2, 1, 128, 16, 5, 3, None, id="d128-gqa"),
-    pytest.param([90, 12], 2, 2, 128, 128, 1, 2, None, id="d128-page128"),
-    pytest.param([0, 9, 0], 2, 2, 16, 4, 4, 2, None, id="empty-rows"),
+    # (lens, H, KVH, D, page_size, pages_per_seq, num_splits); None: chosen from the shapes
+    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, None, id="mha-auto-splits"),
+    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, 1, id="mha-one-split"),
+    pytest.param([130, 5, 64], 2, 2, 16, 16, 10, 3, id="mha-three-splits-page16"),
+    pytest.param([65, 1], 8, 2, 16, 8, 9, None, id="gqa-auto-splits"),
+    pytest.param([65, 1], 8, 2, 16, 8, 9, 1, id="gqa-one-split"),
+    pytest.param([3, 40], 6, 2, 16, 4, 10, 2, id="gqa-group-of-3"),
+    pytest.param([100, 2], 2, 2, 64, 16, 8, 2, id="d64"),
+    pytest.param([77], 2, 1, 128, 16, 5, 3, id="d128-gqa"),
+    pytest.param([90, 12], 2, 2, 128, 128, 1, 2, id="d128-page128"),
+    pytest.param([0, 9, 0], 2, 2, 16, 4, 4, 2, id="empty-rows"),
 ]
 
 
+@pytest.mark.parametrize("group_kernel", [True, False], ids=["group-kernel", "heads-kernel"])
 @pytest.mark.parametrize(
-    ("lens", "n_heads", "n_kv_heads", "head_dim", "page_size", "pages_per_seq", "num_splits", "group_kernel"),
+    ("lens", "n_heads", "n_kv_heads", "head_dim", "page_size", "pages_per_seq", "num_splits"),
     ATTENTION_CASES,
 )
 def test_paged_decode_attention(
@@ -151,7 +151,7 @@ def test_paged_decode_attention(
     page_size: int,
     pages_per_seq: int,
     num_splits: int | None,
-    group_kernel: bool | None,
+    group_kernel: bool,
 ) -> None:
     gen = torch.Generator().manual_seed(sum(lens) + 31 * n_heads + head_dim)
     k_cache, v_cache, tables, lens_t = make_paged(gen, lens, n_kv_heads, head_dim, page_size, pages_per_seq)
@@ -191,6 +191,34 @@ def test_paged_decode_attention_bf16(group_kernel: bool) -> None:
     assert out.dtype == torch.bfloat16
     ref = ref_paged_attention(q, k_cache, v_cache, tables, lens_t, 0.2, 16)
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
+def test_paged_decode_attention_cuda_graph() -> None:
+    # Captured once, replayed after the lengths, block tables and cache change in place.
+    gen = torch.Generator().manual_seed(11)
+    lens_a, lens_b = [1, 30, 100, 128], [128, 5, 100, 17]
+    first = make_paged(gen, lens_a, 2, 64, 16, 8, dtype=torch.bfloat16)
+    second = make_paged(gen, lens_b, 2, 64, 16, 8, dtype=torch.bfloat16)
+    assert all(a.shape == b.shape for a, b in zip(first, second, strict=True))
+    k_cache, v_cache, tables, lens_t = (t.clone() for t in first)
+    q = torch.randn(4, 8, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile outside the capture
+        kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens_t, 0.125, 16)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens_t, 0.125, 16)
+    for k_new, v_new, t_new, l_new in (first, second):
+        k_cache.copy_(k_new)
+        v_cache.copy_(v_new)
+        tables.copy_(t_new)
+        lens_t.copy_(l_new)
+        graph.replay()
+        ref = ref_paged_attention(q, k_cache, v_cache, tables, lens_t, 0.125, 16)
+        assert rel_err(out, ref) < 1e-2
 
 
 def test_decode_num_splits_from_shapes() -> None:
