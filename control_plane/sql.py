@@ -17,15 +17,14 @@ from control_plane.errors import BadRequest
 
 __all__ = ["QueryResult", "ReadOnlyViolation", "format_table", "run_readonly"]
 
-# PRAGMAs that only read, and only when called without a value.
-_READ_PRAGMAS = frozenset(
+# PRAGMAs whose argument names a table or index: they only read.
+_LOOKUP_PRAGMAS = frozenset(
+    {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+)
+# PRAGMAs that only read when called without a value (with one, most of them set it).
+_READ_PRAGMAS = _LOOKUP_PRAGMAS | frozenset(
     {
-        "table_info",
-        "table_xinfo",
         "table_list",
-        "index_list",
-        "index_info",
-        "foreign_key_list",
         "integrity_check",
         "quick_check",
         "journal_mode",
@@ -61,8 +60,10 @@ class QueryResult:
 def _authorizer(action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None) -> int:
     if action in _ALLOWED:
         return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_PRAGMAS and arg2 is None:
-        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA:
+        name = (arg1 or "").lower()
+        if (name in _READ_PRAGMAS and arg2 is None) or name in _LOOKUP_PRAGMAS:
+            return sqlite3.SQLITE_OK
     return sqlite3.SQLITE_DENY
 
 
@@ -102,7 +103,7 @@ def _run_sqlite(path: str, query: str, params: Any, max_rows: int, timeout_s: fl
             cur = conn.execute(query, params)
         except sqlite3.DatabaseError as exc:
             text = str(exc)
-            if "not authorized" in text or "readonly" in text or "read-only" in text:
+            if any(m in text for m in ("not authorized", "authorization denied", "readonly", "read-only")):
                 raise ReadOnlyViolation(f"refused: the SQL interface is read-only ({text})") from None
             raise BadRequest(f"SQL error: {text}") from None
         except sqlite3.Warning as exc:  # e.g. several statements at once
