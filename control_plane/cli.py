@@ -27,6 +27,13 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token", help="bearer token required by /admin (default: none)")
     p.add_argument("--api-key", action="append", dest="api_keys", help="accepted API key (repeat)")
     p.add_argument("--public-url", help="base URL clients reach this control plane at")
+    p.add_argument("--instance-name", help="this replica's name in the database (default hostname:port)")
+    p.add_argument(
+        "--lease-period", type=float, dest="lease_period_s", help="poll lease period in seconds (default 10)"
+    )
+    p.add_argument(
+        "--discovery-dns", help="host:port whose A records are nodes (e.g. a Kubernetes headless Service)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -44,6 +51,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "admin_token",
         "api_keys",
         "public_url",
+        "instance_name",
+        "lease_period_s",
+        "discovery_dns",
     ]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return Settings(**overrides)
