@@ -77,10 +77,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512, limit_per_host=8))
     leases = LeaseManager(db, settings.replica_name, settings.lease_period_s)
     pool = TritonPool()
-    poller = HealthPoller(store, settings, http, leases=leases, on_removed=lambda w: pool.drop(w.grpc_url))
+    poller = HealthPoller(store, settings, http, leases=leases)
     metrics = ControlPlaneMetrics()
     router = Router(settings.dispatch_policy)
     fleet = Fleet(store, poller, pool, http)
+    poller.on_removed = fleet.forget  # workers removed through another replica
     service = GenerationService(settings, store, router, pool, writer, metrics)
     discovery = (
         DnsDiscovery(fleet, settings.discovery_dns, settings.discovery_interval_s)

@@ -147,22 +147,19 @@ class HealthPoller:
         if self.leases is None:
             return [w for w in self.store.all() if w.state is not WorkerState.REMOVED]
         leases = self.leases
-
-        def sync_and_renew() -> tuple[set[int], list[WorkerInfo]]:
-            removed: list[WorkerInfo] = []
-            try:
-                removed = self.store.sync(skip=leases.held()).removed
-            except Exception as exc:  # the database is away: leases will tell
-                log.warning("could not read the workers from the database: %s", exc)
-            if removed:
-                leases.release([w.id for w in removed])
-            ids = [w.id for w in self.store.all() if w.state is not WorkerState.REMOVED]
-            return leases.renew(ids), removed
-
-        held, removed = await asyncio.to_thread(sync_and_renew)
+        removed: list[WorkerInfo] = []
+        try:
+            rows = await asyncio.to_thread(self.store.read_rows)
+        except Exception as exc:  # the database is away: the leases lapse, polling stops
+            log.warning("could not read the workers from the database: %s", exc)
+        else:
+            # applied here, on the loop that applies polls: a lease taken meanwhile is seen
+            removed = self.store.apply_rows(rows, skip=leases.holds).removed
         if self.on_removed is not None:
-            for info in removed:
+            for info in removed:  # its lease and channel
                 await self.on_removed(info)
+        ids = [w.id for w in self.store.all() if w.state is not WorkerState.REMOVED]
+        held = await asyncio.to_thread(leases.renew, ids)
         return [w for w in self.store.all() if w.id in held and w.state is not WorkerState.REMOVED]
 
     async def poll_worker(self, worker: WorkerInfo) -> PollResult | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -213,7 +214,7 @@ class WorkerStore:
     With several control-plane replicas on one database, each worker's live state is
     written by the replica that polls it (see :mod:`control_plane.leases`); the others
     take it from the ``workers`` rows with :meth:`sync`, which also brings in workers
-    registered and removed through other replicas.
+    registered and removed through other replicas: :meth:`read_rows`, then :meth:`apply_rows`.
     """
 
     def __init__(self, db: Database, writer: BatchWriter, replica: str = "") -> None:
@@ -239,15 +240,22 @@ class WorkerStore:
             loaded.append(info)
         return loaded
 
-    def sync(self, skip: set[int] | frozenset[int] = frozenset()) -> SyncResult:
-        """Bring the in-memory view up to date with the ``workers`` rows (reads only).
+    def read_rows(self) -> list[Worker]:
+        """Every ``workers`` row, removed ones included (blocking: call from a thread)."""
+        with self.db.session() as s:
+            return list(s.scalars(select(Worker)).all())
+
+    def apply_rows(
+        self, rows: Iterable[Worker], skip: Callable[[int], bool] = lambda _id: False
+    ) -> SyncResult:
+        """Bring the in-memory view up to date with ``workers`` rows (memory only).
 
         Adds workers registered elsewhere, drops workers removed elsewhere, and takes
-        the live state (health, models, queue) of every worker not in ``skip`` (the
-        ones this replica polls itself, whose state it knows first-hand).
+        the live state (health, models, queue) of every worker for which ``skip`` is
+        false; ``skip`` says which ones this replica polls itself (it knows their state
+        first-hand, and its own writes of it may not have reached the rows yet). Call
+        it where the poller applies its polls (the event loop), so the two never race.
         """
-        with self.db.session() as s:
-            rows = s.scalars(select(Worker)).all()
         result = SyncResult()
         for row in rows:
             with self._lock:
@@ -267,7 +275,7 @@ class WorkerStore:
                     self._by_name[info.name] = info.id
                     result.added.append(info)
                     continue
-            if row.id not in skip:
+            if not skip(row.id):
                 _apply_row(local, row)
                 result.updated += 1
         for info in result.added:
@@ -306,6 +314,10 @@ class WorkerStore:
             info, created = self._register_row(name, fields, labels, source)
         with self._lock:
             self._removed.pop(info.id, None)
+            # a sync running meanwhile may have brought the new row in already: keep that one
+            known = self._workers.get(info.id)
+            if known is not None:
+                return known, created
         self._add(info)
         return info, created
 
