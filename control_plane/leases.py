@@ -80,7 +80,8 @@ class LeaseManager:
 
     def renew(self, worker_ids: Iterable[int]) -> set[int]:
         """Renew this replica's leases on ``worker_ids`` and take those that are free or
-        expired; return the ones held now. Leases on other ids are left to lapse."""
+        expired; return the ones of ``worker_ids`` held now. Leases on other ids are not
+        renewed: they lapse (removed workers)."""
         ids = sorted(set(worker_ids))
         started = time.monotonic()
         if not ids:
@@ -95,8 +96,12 @@ class LeaseManager:
             return self.held()
         deadline = started + self.period_s
         with self._lock:
-            before = {w for w, until in self._valid_until.items() if started < until}
-            self._valid_until = {w: deadline for w in got}
+            before = {w for w in ids if started < self._valid_until.get(w, 0.0)}
+            for w in ids:  # others (a claim made meanwhile) are left as they are
+                if w in got:
+                    self._valid_until[w] = deadline
+                else:
+                    self._valid_until.pop(w, None)
         taken = got - before
         if taken:
             self.acquired += len(taken)
@@ -104,7 +109,7 @@ class LeaseManager:
         lost = before - got
         if lost:
             log.info("%s no longer polls workers %s", self.holder, sorted(lost))
-        return set(got)
+        return got
 
     def claim(self, worker_id: int) -> bool:
         """Take (or renew) one worker's lease, e.g. at its registration; True if held."""
