@@ -14,8 +14,10 @@ from sqlalchemy import update
 
 from control_plane.config import Settings
 from control_plane.db import BatchWriter, Database
+from control_plane.discovery import DnsDiscovery
 from control_plane.fleet import Fleet
 from control_plane.health import HealthPoller
+from control_plane.leases import LeaseManager
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.proxy import TritonPool
 from control_plane.routing import Router
@@ -43,6 +45,8 @@ class ControlPlane:
     service: GenerationService
     metrics: ControlPlaneMetrics
     http: aiohttp.ClientSession
+    leases: LeaseManager
+    discovery: DnsDiscovery | None = None
 
 
 def _fail_abandoned_requests(db: Database, replica: str) -> int:
@@ -68,27 +72,44 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if abandoned:
         log.warning("marked %d requests left running by a previous run as failed", abandoned)
     writer = BatchWriter(db, settings.db_flush_interval_s, settings.db_batch_size)
-    store = WorkerStore(db, writer)
+    store = WorkerStore(db, writer, replica=settings.replica_name)
     await asyncio.to_thread(store.load)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512, limit_per_host=8))
-    poller = HealthPoller(store, settings, http)
+    leases = LeaseManager(db, settings.replica_name, settings.lease_period_s)
     pool = TritonPool()
+    poller = HealthPoller(store, settings, http, leases=leases)
     metrics = ControlPlaneMetrics()
     router = Router(settings.dispatch_policy)
     fleet = Fleet(store, poller, pool, http)
+    poller.on_removed = fleet.forget  # workers removed through another replica
     service = GenerationService(settings, store, router, pool, writer, metrics)
     poller.breaker = service.breaker
-    cp = ControlPlane(settings, db, writer, store, poller, fleet, pool, router, service, metrics, http)
+    discovery = (
+        DnsDiscovery(fleet, settings.discovery_dns, settings.discovery_interval_s)
+        if settings.discovery_dns
+        else None
+    )
+    cp = ControlPlane(
+        settings, db, writer, store, poller, fleet, pool, router, service, metrics, http, leases, discovery
+    )
     app.state.cp = cp
     for url in settings.workers:
         await fleet.register(url, source="static", poll=False)
     await poller.poll_all()
     poller.start()
-    log.info("control plane up: %d workers, database %s", len(store.all()), db.url)
+    if discovery is not None:
+        discovery.start()
+    log.info("control plane %s up: %d workers, database %s", settings.replica_name, len(store.all()), db.url)
     try:
         yield
     finally:
+        if discovery is not None:
+            await discovery.stop()
         await poller.stop()
+        try:  # the other replicas take the polling over at once instead of after the lease period
+            await asyncio.to_thread(leases.release_all)
+        except Exception as exc:
+            log.warning("could not release the poll leases: %s", exc)
         await service.drain()  # pending cancellations, bounded
         await pool.close()
         await http.close()

@@ -3,6 +3,7 @@
 python -m control_plane serve --worker http://10.0.0.5:8000 --worker http://10.0.0.6:8000
 python -m control_plane sql "SELECT * FROM worker_uptime_24h"
 python -m control_plane stack            # two local Triton nodes + the control plane
+python -m control_plane copy-db --from sqlite:///var/data/control_plane.db --to postgresql+psycopg://...
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token", help="bearer token required by /admin (default: none)")
     p.add_argument("--api-key", action="append", dest="api_keys", help="accepted API key (repeat)")
     p.add_argument("--public-url", help="base URL clients reach this control plane at")
+    p.add_argument("--instance-name", help="this replica's name in the database (default hostname:port)")
+    p.add_argument(
+        "--lease-period", type=float, dest="lease_period_s", help="poll lease period in seconds (default 10)"
+    )
+    p.add_argument(
+        "--discovery-dns", help="host:port whose A records are nodes (e.g. a Kubernetes headless Service)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -44,6 +52,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "admin_token",
         "api_keys",
         "public_url",
+        "instance_name",
+        "lease_period_s",
+        "discovery_dns",
     ]
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return Settings(**overrides)
@@ -99,6 +110,20 @@ def _sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _copy_db(args: argparse.Namespace) -> int:
+    from control_plane.migrate import copy_database
+
+    try:
+        copied = copy_database(
+            args.source, args.target, progress=lambda table, n: print(f"{table}: {n} rows", flush=True)
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"copied {sum(copied.values())} rows into {args.target.split('@')[-1]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(prog="python -m control_plane", description=__doc__.splitlines()[0])
@@ -116,12 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("--nodes", type=int, default=2)
     stack.add_argument("--checkpoint", help="llava-hf checkpoint directory (default: the tiny test one)")
     stack.add_argument("--log-level", default="warning")
+    copy = sub.add_parser(
+        "copy-db", help="copy the worker store to another (empty) database, e.g. SQLite to PostgreSQL"
+    )
+    copy.add_argument("--from", dest="source", required=True, help="SQLAlchemy URL to copy from")
+    copy.add_argument("--to", dest="target", required=True, help="SQLAlchemy URL of an empty database")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "serve":
         return _serve(args)
     if args.command == "sql":
         return _sql(args)
+    if args.command == "copy-db":
+        return _copy_db(args)
     from control_plane.stack import run_stack
 
     return run_stack(args)

@@ -7,11 +7,12 @@ comma-separated string.
 
 from __future__ import annotations
 
+import socket
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DispatchPolicy", "Settings"]
@@ -52,7 +53,9 @@ class Settings(BaseSettings):
         description="Base URL clients use to reach this control plane; worker addresses handed "
         "out by /get_worker_address start with it. Empty: taken from each request.",
     )
-    instance_name: str = Field("", description="Name of this replica in the database; default host:port")
+    instance_name: str = Field(
+        "", description="Name of this replica in the database; default <hostname>:<port>, unique per process"
+    )
 
     # -- storage --------------------------------------------------------------------------
     data_dir: Path = PROJECT_ROOT / "var" / "data"
@@ -70,6 +73,17 @@ class Settings(BaseSettings):
     unhealthy_after_failures: int = 2
     offline_after_s: float = 30.0  # LLaVA drops a worker silent for 30 s
     push_heartbeat_timeout_s: float = 45.0
+    lease_period_s: float = Field(
+        10.0,
+        description="How long a replica's claim to poll a node lasts without renewal; another replica "
+        "takes the polling over within this time when the holder dies",
+    )
+    discovery_dns: str = Field(
+        "",
+        description="host:port of a DNS name (e.g. a Kubernetes headless Service) whose A records are "
+        "the nodes' addresses; empty: no DNS discovery",
+    )
+    discovery_interval_s: float = 10.0
 
     # -- routing and proxying ------------------------------------------------------------
     dispatch_policy: DispatchPolicy = DispatchPolicy.SHORTEST_QUEUE
@@ -109,6 +123,17 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @model_validator(mode="after")
+    def _lease_outlives_a_round(self) -> Settings:
+        # Leases are renewed once a poll round; a round lasts up to the poll interval plus
+        # the poll timeout, so a shorter lease would lapse between renewals.
+        if self.lease_period_s <= self.poll_interval_s + self.poll_timeout_s:
+            raise ValueError(
+                f"lease_period_s ({self.lease_period_s:g}) must be longer than poll_interval_s + "
+                f"poll_timeout_s ({self.poll_interval_s + self.poll_timeout_s:g})"
+            )
+        return self
+
     @property
     def sqlalchemy_url(self) -> str:
         """The database URL, defaulting to a SQLite file in ``data_dir``."""
@@ -118,5 +143,10 @@ class Settings(BaseSettings):
 
     @property
     def replica_name(self) -> str:
-        """This control plane's name in the database."""
-        return self.instance_name or f"{self.host}:{self.port}"
+        """This control plane's name in the database (leases, requests, heartbeats).
+
+        Unique per process by default: the host name tells machines (and containers,
+        and Kubernetes pods) apart, the port tells processes on one host apart. A
+        replica restarted with the same name takes back what its earlier run left.
+        """
+        return self.instance_name or f"{socket.gethostname()}:{self.port}"

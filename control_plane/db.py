@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, text, update
+from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.schema import Base
@@ -73,6 +73,29 @@ def _views(dialect: str) -> dict[str, str]:
 
 VIEWS = tuple(_views("sqlite"))
 
+# Any constant: replicas starting at once take turns creating the schema (PostgreSQL).
+_SCHEMA_LOCK_KEY = 0x11A7A_5C4E
+
+
+def _add_missing_columns(conn: Connection) -> list[str]:
+    """Add columns that the models have and an older database lacks.
+
+    The schema only ever gains columns (docs/schema.md), all nullable or defaulted in
+    code, so an ``ALTER TABLE ... ADD COLUMN`` brings an older database up to date.
+    """
+    inspector = inspect(conn)
+    added = []
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+                added.append(f"{table.name}.{column.name}")
+    return added
+
 
 class Database:
     """One SQLAlchemy engine and session factory, with the schema and views in place."""
@@ -96,11 +119,22 @@ class Database:
         return str(self.engine.dialect.name)
 
     def create_schema(self) -> None:
-        """Create missing tables and (re)create the views."""
-        Base.metadata.create_all(self.engine)
+        """Create missing tables and columns, and (re)create the views.
+
+        One transaction; on PostgreSQL under an advisory lock, so that replicas
+        starting together do not trip over each other's DDL.
+        """
+        views = _views(self.dialect)
         with self.engine.begin() as conn:
-            for name, sql in _views(self.dialect).items():
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            added = _add_missing_columns(conn)
+            if added:
+                log.info("added columns to an older database: %s", ", ".join(added))
+            Base.metadata.create_all(conn)
+            for name in reversed(views):  # dependents first: worker_uptime_24h uses v_heartbeats
                 conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
+            for name, sql in views.items():
                 conn.execute(text(f"CREATE VIEW {name} AS {sql}"))
 
     @contextmanager

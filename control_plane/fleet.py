@@ -77,12 +77,22 @@ class Fleet:
             await self.poller.poll_worker(info)
         return info, created
 
-    async def remove(self, worker_id: int) -> WorkerInfo | None:
+    async def remove(self, worker_id: int, reason: str = "removed by admin") -> WorkerInfo | None:
         """Remove a worker; its history stays in the database."""
-        info = await asyncio.to_thread(self.store.remove, worker_id)
+        info = await asyncio.to_thread(self.store.remove, worker_id, reason)
         if info is not None:
-            await self.pool.drop(info.grpc_url)
+            await self.forget(info)
         return info
+
+    async def forget(self, info: WorkerInfo) -> None:
+        """Let go of what this replica keeps for a removed worker (its lease, its channel)."""
+        leases = self.poller.leases
+        if leases is not None:
+            try:
+                await asyncio.to_thread(leases.release, [info.id])
+            except Exception as exc:  # it lapses on its own
+                log.warning("could not release the poll lease of worker %s: %s", info.id, exc)
+        await self.pool.drop(info.grpc_url)
 
     async def refresh(self) -> None:
         """Poll every worker now (LLaVA's /refresh_all_workers)."""

@@ -8,6 +8,12 @@ state) and the Prometheus metrics (load). Nodes push nothing. State machine:
     any state --a successful poll--> healthy
 
 Only healthy workers are routed to; every transition is recorded with its reason.
+
+With several control-plane replicas on one database, a replica polls only the
+workers whose poll lease it holds (:mod:`control_plane.leases`), so each node is
+polled, and its heartbeats and transitions recorded, by one replica at a time. Every
+round first brings the replica's view of the other workers up to date from the
+database (registrations, removals, health), then renews its leases, then polls.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
 from control_plane.admission import CircuitBreaker
 from control_plane.config import Settings
+from control_plane.leases import LeaseManager
 from control_plane.store import ModelStatus, WorkerInfo, WorkerState, WorkerStore
 
 __all__ = ["HealthPoller", "PollResult", "discover_endpoints", "parse_load"]
@@ -87,10 +95,19 @@ async def discover_endpoints(
 class HealthPoller:
     """Polls every worker on an interval and moves workers between states."""
 
-    def __init__(self, store: WorkerStore, settings: Settings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        store: WorkerStore,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        leases: LeaseManager | None = None,
+        on_removed: Callable[[WorkerInfo], Awaitable[None]] | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.session = session
+        self.leases = leases
+        self.on_removed = on_removed
         self._task: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(256)
         self.breaker: CircuitBreaker | None = None  # set by the app: polls may not close an open circuit
@@ -122,15 +139,49 @@ class HealthPoller:
             await asyncio.sleep(max(0.0, interval - self.last_round_s))
 
     async def poll_all(self) -> None:
-        """Poll every registered worker once, concurrently."""
-        workers = [w for w in self.store.all() if w.state is not WorkerState.REMOVED]
+        """Poll every worker this replica holds the lease of (every worker, without
+        leases) once, concurrently; first bring the view of the others up to date."""
+        workers = await self._round_targets()
         if workers:
-            await asyncio.gather(*(self.poll_worker(w) for w in workers))
+            await asyncio.gather(*(self._poll_and_apply(w) for w in workers))
 
-    async def poll_worker(self, worker: WorkerInfo) -> PollResult:
-        """Poll one worker, update its state and record the heartbeat."""
+    async def _round_targets(self) -> list[WorkerInfo]:
+        if self.leases is None:
+            return [w for w in self.store.all() if w.state is not WorkerState.REMOVED]
+        leases = self.leases
+        removed: list[WorkerInfo] = []
+        try:
+            rows = await asyncio.to_thread(self.store.read_rows)
+        except Exception as exc:  # the database is away: the leases lapse, polling stops
+            log.warning("could not read the workers from the database: %s", exc)
+        else:
+            # applied here, on the loop that applies polls: a lease taken meanwhile is seen
+            removed = self.store.apply_rows(rows, skip=leases.holds).removed
+        if self.on_removed is not None:
+            for info in removed:  # its lease and channel
+                await self.on_removed(info)
+        ids = [w.id for w in self.store.all() if w.state is not WorkerState.REMOVED]
+        held = await asyncio.to_thread(leases.renew, ids)
+        return [w for w in self.store.all() if w.id in held and w.state is not WorkerState.REMOVED]
+
+    async def poll_worker(self, worker: WorkerInfo) -> PollResult | None:
+        """Poll one worker now, update its state and record the heartbeat.
+
+        With leases, the worker's lease is taken first; a worker that another replica
+        polls is not polled here (None).
+        """
+        leases = self.leases
+        if leases is not None and not leases.holds(worker.id):
+            claimed = await asyncio.to_thread(leases.claim, worker.id)
+            if not claimed:
+                return None
+        return await self._poll_and_apply(worker)
+
+    async def _poll_and_apply(self, worker: WorkerInfo) -> PollResult | None:
         async with self._semaphore:
             result = await self._poll(worker)
+        if self.leases is not None and not self.leases.holds(worker.id):
+            return None  # the lease lapsed while polling: another replica may own it now
         self._apply(worker, result)
         return result
 
@@ -208,7 +259,10 @@ class HealthPoller:
 
     def describe(self) -> dict[str, Any]:
         """Poller statistics, for the admin API."""
-        return {"rounds": self.rounds, "last_round_s": round(self.last_round_s, 4)}
+        out: dict[str, Any] = {"rounds": self.rounds, "last_round_s": round(self.last_round_s, 4)}
+        if self.leases is not None:
+            out["leases"] = self.leases.describe()
+        return out
 
 
 def _describe(exc: BaseException, timeout_s: float) -> str:

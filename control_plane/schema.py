@@ -12,7 +12,16 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "Heartbeat", "ModelEvent", "RequestRecord", "Worker", "WorkerEvent", "utcnow"]
+__all__ = [
+    "Base",
+    "Heartbeat",
+    "ModelEvent",
+    "PollLease",
+    "RequestRecord",
+    "Worker",
+    "WorkerEvent",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -66,6 +75,9 @@ class Heartbeat(Base):
     inflight: Mapped[int] = mapped_column(Integer, default=0)
     source: Mapped[str] = mapped_column(String(16), default="poll", doc="poll or push")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    replica: Mapped[str | None] = mapped_column(
+        String(128), nullable=True, doc="control plane that polled (or received the push)"
+    )
 
 
 class WorkerEvent(Base):
@@ -80,6 +92,9 @@ class WorkerEvent(Base):
     from_state: Mapped[str] = mapped_column(String(32))
     to_state: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text, default="")
+    replica: Mapped[str | None] = mapped_column(
+        String(128), nullable=True, doc="control plane that saw the change"
+    )
 
 
 class RequestRecord(Base):
@@ -127,3 +142,18 @@ class ModelEvent(Base):
     event: Mapped[str] = mapped_column(String(32), doc="load_requested, loaded, load_failed, unloaded")
     duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class PollLease(Base):
+    """Which control-plane replica polls a node, until when.
+
+    A replica polls a node only while it holds the node's lease; it renews the lease
+    every poll round, and another replica may take it once it has expired.
+    """
+
+    __tablename__ = "poll_leases"
+
+    worker_id: Mapped[int] = mapped_column(ForeignKey("workers.id", ondelete="CASCADE"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), doc="the replica polling the node")
+    acquired_at: Mapped[datetime] = mapped_column(DateTime, doc="when this holder took the lease")
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True, doc="renewed every poll round")

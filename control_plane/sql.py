@@ -3,7 +3,11 @@
 Read-only by construction, not by inspecting the text: on SQLite the connection is
 opened read-only (``mode=ro``) with ``query_only`` on and an authorizer that allows
 only reading (no writes, no ATTACH, no PRAGMA that changes anything); on PostgreSQL
-the query runs in a ``READ ONLY`` transaction with a statement timeout.
+the query runs in a ``READ ONLY`` transaction with a statement timeout, sent as one
+prepared statement (the extended protocol), so that a second statement
+(``COMMIT; DELETE ...``) cannot leave that transaction: the server refuses it.
+For defence in depth on PostgreSQL, point the control plane at a database role that
+may only read when it is used for this (see docs/schema.md).
 """
 
 from __future__ import annotations
@@ -121,22 +125,52 @@ def _run_sqlalchemy(url: str, query: str, params: Any, max_rows: int, timeout_s:
 
     engine = create_engine(url)
     try:
+        if engine.dialect.name == "postgresql" and engine.dialect.driver != "psycopg":
+            raise BadRequest(
+                "the SQL interface on PostgreSQL needs the psycopg driver (postgresql+psycopg://)"
+            )
         with engine.connect() as conn:
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout_s * 1000)}")
             try:
-                cur = conn.execute(text(query), params or {})
+                if engine.dialect.name == "postgresql":
+                    columns, rows = _run_prepared(conn, query, params, max_rows)
+                else:
+                    cur = conn.execute(text(query), params or {})
+                    columns = list(cur.keys()) if cur.returns_rows else []
+                    rows = list(cur.fetchmany(max_rows + 1)) if cur.returns_rows else []
             except DBAPIError as exc:
-                message = str(exc.orig)
-                if "read-only" in message or "read only" in message:
-                    raise ReadOnlyViolation(f"refused: the SQL interface is read-only ({message})") from None
-                raise BadRequest(f"SQL error: {message}") from None
-            columns = list(cur.keys()) if cur.returns_rows else []
-            rows = cur.fetchmany(max_rows + 1) if cur.returns_rows else []
+                raise _refusal(str(exc.orig)) from None
+            except Exception as exc:
+                if type(exc).__module__.startswith("psycopg"):
+                    raise _refusal(str(exc)) from None
+                raise
             conn.rollback()
             return QueryResult(columns, [tuple(r) for r in rows[:max_rows]], len(rows) > max_rows)
     finally:
         engine.dispose()
+
+
+def _refusal(message: str) -> BadRequest:
+    message = message.strip()
+    if "read-only" in message or "read only" in message:
+        return ReadOnlyViolation(f"refused: the SQL interface is read-only ({message})")
+    return BadRequest(f"SQL error: {message}")
+
+
+def _run_prepared(conn: Any, query: str, params: Any, max_rows: int) -> tuple[list[str], list[Any]]:
+    """The query as one prepared statement on the connection's psycopg connection,
+    inside its read-only transaction (``:name`` parameters, as with SQLAlchemy)."""
+    from sqlalchemy import text
+
+    compiled = text(query).compile(dialect=conn.dialect)
+    values = compiled.construct_params(dict(params or {}))
+    raw = conn.connection.driver_connection
+    with raw.cursor() as cur:
+        cur.execute(str(compiled), values, prepare=True)  # one statement, or the server refuses
+        columns = [d.name for d in cur.description or ()]
+        rows = cur.fetchmany(max_rows + 1) if cur.description else []
+    return columns, rows
 
 
 def format_table(result: QueryResult) -> str:

@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from control_plane.db import BatchWriter, Database
 from control_plane.errors import BadRequest
 from control_plane.schema import Heartbeat, Worker, WorkerEvent, utcnow
 
-__all__ = ["WorkerInfo", "WorkerState", "WorkerStore", "is_served_model", "normalize_worker_url"]
+__all__ = [
+    "SyncResult",
+    "WorkerInfo",
+    "WorkerState",
+    "WorkerStore",
+    "is_served_model",
+    "normalize_worker_url",
+]
 
 # Steps of an ensemble are not addressed by clients: llava_preprocess, llava_engine.
 STEP_SUFFIXES = ("_preprocess", "_engine")
@@ -147,14 +156,78 @@ class WorkerInfo:
         }
 
 
-class WorkerStore:
-    """All workers, in memory, with their rows kept up to date in the database."""
+@dataclass
+class SyncResult:
+    """What :meth:`WorkerStore.sync` changed in memory."""
 
-    def __init__(self, db: Database, writer: BatchWriter) -> None:
+    added: list[WorkerInfo] = field(default_factory=list)
+    removed: list[WorkerInfo] = field(default_factory=list)
+    updated: int = 0
+
+
+def _models_from_row(models: dict[str, Any] | None) -> dict[str, ModelStatus]:
+    out = {}
+    for name, m in (models or {}).items():
+        if isinstance(m, dict):
+            out[name] = ModelStatus(ready=bool(m.get("ready")), state=str(m.get("state", "")))
+        else:  # older rows kept only the flag
+            out[name] = ModelStatus(ready=bool(m))
+    return out
+
+
+def _info_from_row(row: Worker, state: WorkerState | None = None) -> WorkerInfo:
+    info = WorkerInfo(
+        id=row.id,
+        name=row.name,
+        http_url=row.http_url,
+        grpc_url=row.grpc_url,
+        metrics_url=row.metrics_url,
+        labels=dict(row.labels or {}),
+        speed=row.speed,
+        source=row.source,
+        registered_at=row.registered_at,
+        last_seen_at=row.last_seen_at,
+    )
+    if state is None:
+        _apply_row(info, row)
+    else:
+        info.state = state
+    return info
+
+
+def _apply_row(info: WorkerInfo, row: Worker) -> None:
+    """Take a worker's live state from its row (written by the replica that polls it)."""
+    try:
+        info.state = WorkerState(row.state)
+    except ValueError:
+        info.state = WorkerState.UNKNOWN
+    info.models = _models_from_row(row.models)
+    info.queue_length = row.queue_length or 0
+    info.last_seen_at = row.last_seen_at
+    info.grpc_url, info.metrics_url = row.grpc_url, row.metrics_url
+    info.labels = dict(row.labels or {})
+    info.speed = row.speed
+    info.source = row.source
+
+
+class WorkerStore:
+    """All workers, in memory, with their rows kept up to date in the database.
+
+    With several control-plane replicas on one database, each worker's live state is
+    written by the replica that polls it (see :mod:`control_plane.leases`); the others
+    take it from the ``workers`` rows with :meth:`sync`, which also brings in workers
+    registered and removed through other replicas: :meth:`read_rows`, then :meth:`apply_rows`.
+    """
+
+    def __init__(self, db: Database, writer: BatchWriter, replica: str = "") -> None:
         self.db = db
         self.writer = writer
+        self.replica = replica
         self._workers: dict[int, WorkerInfo] = {}
         self._by_name: dict[str, int] = {}
+        # worker id -> registered_at of the incarnation this replica removed, so that a
+        # sync that read the row just before the removal does not bring it back
+        self._removed: dict[int, datetime] = {}
         self._lock = threading.Lock()
 
     # -- loading and registration (blocking: call from a thread) ----------------------------
@@ -164,22 +237,54 @@ class WorkerStore:
             rows = s.scalars(select(Worker).where(Worker.removed_at.is_(None))).all()
         loaded = []
         for row in rows:
-            info = WorkerInfo(
-                id=row.id,
-                name=row.name,
-                http_url=row.http_url,
-                grpc_url=row.grpc_url,
-                metrics_url=row.metrics_url,
-                labels=dict(row.labels or {}),
-                speed=row.speed,
-                source=row.source,
-                state=WorkerState.UNKNOWN,
-                registered_at=row.registered_at,
-                last_seen_at=row.last_seen_at,
-            )
+            info = _info_from_row(row, WorkerState.UNKNOWN)
             self._add(info)
             loaded.append(info)
         return loaded
+
+    def read_rows(self) -> list[Worker]:
+        """Every ``workers`` row, removed ones included (blocking: call from a thread)."""
+        with self.db.session() as s:
+            return list(s.scalars(select(Worker)).all())
+
+    def apply_rows(
+        self, rows: Iterable[Worker], skip: Callable[[int], bool] = lambda _id: False
+    ) -> SyncResult:
+        """Bring the in-memory view up to date with ``workers`` rows (memory only).
+
+        Adds workers registered elsewhere, drops workers removed elsewhere, and takes
+        the live state (health, models, queue) of every worker for which ``skip`` is
+        false; ``skip`` says which ones this replica polls itself (it knows their state
+        first-hand, and its own writes of it may not have reached the rows yet). Call
+        it where the poller applies its polls (the event loop), so the two never race.
+        """
+        result = SyncResult()
+        for row in rows:
+            with self._lock:
+                local = self._workers.get(row.id)
+                if row.removed_at is not None:
+                    if local is not None:
+                        self._workers.pop(row.id, None)
+                        self._by_name.pop(local.name, None)
+                        local.state = WorkerState.REMOVED
+                        result.removed.append(local)
+                    continue
+                if local is None:
+                    if self._removed.get(row.id) == row.registered_at:
+                        continue  # removed here after the row was read
+                    info = _info_from_row(row)
+                    self._workers[info.id] = info
+                    self._by_name[info.name] = info.id
+                    result.added.append(info)
+                    continue
+            if not skip(row.id):
+                _apply_row(local, row)
+                result.updated += 1
+        for info in result.added:
+            log.info("worker %s (%s) registered through another replica", info.id, info.name)
+        for info in result.removed:
+            log.info("worker %s (%s) removed through another replica", info.id, info.name)
+        return result
 
     def register(
         self,
@@ -204,19 +309,46 @@ class WorkerStore:
             if changed or labels is not None:
                 self._persist(info)
             return info, False
+        fields = {"grpc_url": grpc_url, "metrics_url": metrics_url, "speed": speed}
+        try:
+            info, created = self._register_row(name, fields, labels, source)
+        except IntegrityError:  # another replica inserted the same URL a moment ago
+            info, created = self._register_row(name, fields, labels, source)
+        with self._lock:
+            self._removed.pop(info.id, None)
+            # a sync running meanwhile may have brought the new row in already: keep that one
+            known = self._workers.get(info.id)
+            if known is not None:
+                return known, created
+        self._add(info)
+        return info, created
+
+    def _register_row(
+        self, name: str, fields: dict[str, Any], labels: dict[str, Any] | None, source: str
+    ) -> tuple[WorkerInfo, bool]:
         now = utcnow()
         with self.db.session() as s:
             row = s.scalars(select(Worker).where(Worker.name == name)).one_or_none()
+            if row is not None and row.removed_at is None:
+                # registered already, through another replica: take it as it is
+                for key, value in fields.items():
+                    setattr(row, key, value)
+                if labels is not None:
+                    row.labels = dict(labels)
+                s.flush()
+                return _info_from_row(row), False
             if row is None:
                 row = Worker(name=name, registered_at=now)
                 s.add(row)
             row.http_url = name
-            row.grpc_url = grpc_url
-            row.metrics_url = metrics_url
+            row.grpc_url = fields["grpc_url"]
+            row.metrics_url = fields["metrics_url"]
             row.labels = dict(labels or {})
-            row.speed = speed
+            row.speed = fields["speed"]
             row.source = source
             row.state = WorkerState.UNKNOWN.value
+            row.models = {}
+            row.queue_length = 0
             row.removed_at = None
             row.registered_at = now
             s.flush()
@@ -227,22 +359,10 @@ class WorkerStore:
                     from_state="",
                     to_state="unknown",
                     reason=f"registered ({source})",
+                    replica=self.replica or None,
                 )
             )
-            worker_id = row.id
-        info = WorkerInfo(
-            id=worker_id,
-            name=name,
-            http_url=name,
-            grpc_url=grpc_url,
-            metrics_url=metrics_url,
-            labels=dict(labels or {}),
-            speed=speed,
-            source=source,
-            registered_at=now,
-        )
-        self._add(info)
-        return info, True
+            return _info_from_row(row, WorkerState.UNKNOWN), True
 
     def remove(self, worker_id: int, reason: str = "removed by admin") -> WorkerInfo | None:
         """Take a worker out of the fleet (its history stays)."""
@@ -250,14 +370,19 @@ class WorkerStore:
             info = self._workers.pop(worker_id, None)
             if info is not None:
                 self._by_name.pop(info.name, None)
+                self._removed[worker_id] = info.registered_at
         if info is None:
             return None
         now = utcnow()
         with self.db.session() as s:
-            row = s.get(Worker, worker_id)
-            if row is not None:
-                row.removed_at = now
-                row.state = WorkerState.REMOVED.value
+            # conditional, so that replicas removing the same worker at once record it once
+            result = s.execute(
+                update(Worker)
+                .where(Worker.id == worker_id, Worker.removed_at.is_(None))
+                .values(removed_at=now, state=WorkerState.REMOVED.value)
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(result, "rowcount", 0):
                 s.add(
                     WorkerEvent(
                         worker_id=worker_id,
@@ -265,6 +390,7 @@ class WorkerStore:
                         from_state=info.state.value,
                         to_state="removed",
                         reason=reason,
+                        replica=self.replica or None,
                     )
                 )
         info.state = WorkerState.REMOVED
@@ -326,6 +452,7 @@ class WorkerStore:
                 "from_state": info.state.value,
                 "to_state": state.value,
                 "reason": reason[:2000],
+                "replica": self.replica or None,
             },
         )
         info.state = state
@@ -359,6 +486,7 @@ class WorkerStore:
                 "inflight": info.inflight,
                 "source": source,
                 "error": (error or None) and error[:2000],
+                "replica": self.replica or None,
             },
         )
         self._persist(info)

@@ -3,6 +3,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
+# A PostgreSQL server for the multi-replica tests, which start their own on loopback:
+# install the binaries where missing, without Debian's default cluster and service.
+if ! command -v postgres >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  echo "== installing PostgreSQL (binaries only: no cluster is created, no service started)"
+  SUDO=""; if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    $SUDO mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+  fi
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
+    -o Dpkg::Options::=--force-confold postgresql
+fi
 PY=.venv/bin/python
 echo "== ruff"
 "$PY" -m ruff check .

@@ -1,7 +1,9 @@
-"""Shared fixtures: the tiny checkpoint and real tritonserver nodes (stopped by PID)."""
+"""Shared fixtures: the tiny checkpoint, real tritonserver nodes and a real PostgreSQL
+server (all stopped by PID)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 
 from llava_node.launcher import TritonNode
 from llava_node.tiny_checkpoint import build_tiny_checkpoint
+from tests.postgres import PostgresServer, find_pg_bin
 from tests.processes import start_nodes
 
 
@@ -36,3 +39,20 @@ def fleet(tiny_checkpoint: Path) -> Iterator[list[TritonNode]]:
 def node(fleet: list[TritonNode]) -> TritonNode:
     """One real tritonserver node."""
     return fleet[0]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this session on a loopback port (``scripts/test.sh``
+    installs one where missing; without one, these tests are skipped, except in CI)."""
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        message = "no PostgreSQL server found (scripts/test.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(bin_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -221,8 +221,9 @@ def test_sigstop_a_node_is_detected_its_streams_stall_out_and_sigcont_brings_it_
     finally:
         victim.signal(signal.SIGCONT)
     rows = {r["request_id"]: r for r in sql(cp3, "SELECT request_id, worker_id, status, error FROM requests")}
-    on_victim = [o for o in outcomes
-                 if rows[o.request_id]["worker_id"] == victim_id and (o.ended_at or 0) > stopped_at]
+    on_victim = [
+        o for o in outcomes if rows[o.request_id]["worker_id"] == victim_id and (o.ended_at or 0) > stopped_at
+    ]
     report(
         "sigstop node during 9 streams",
         {
