@@ -101,11 +101,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _python_env_paths() -> list[str]:
+def _python_env_paths(extra: str = "") -> list[str]:
+    # This project, then an explicit PYTHONPATH (it may pin packages, e.g. numpy<2),
+    # then the running interpreter's site-packages (the stub does not read .pth files).
     paths = [str(PROJECT_ROOT)]
-    for key in ("purelib", "platlib"):
-        p = sysconfig.get_paths()[key]
-        if p not in paths:
+    for p in [*extra.split(os.pathsep), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]:
+        if p and p not in paths:
             paths.append(p)
     return paths
 
@@ -207,10 +208,7 @@ class TritonNode:
         if env.get("LD_LIBRARY_PATH"):
             ld.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in ld if p)
-        py = _python_env_paths()
-        if env.get("PYTHONPATH"):
-            py.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(py)
+        env["PYTHONPATH"] = os.pathsep.join(_python_env_paths(env.get("PYTHONPATH", "")))
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llava_node.client import build_inputs, parse_response
+from llava_node.client import build_inputs
 from llava_node.launcher import TritonNode, TritonNodeConfig
 
 QUESTION = (
@@ -62,19 +62,49 @@ def prompt_for(checkpoint: Path) -> tuple[str, int]:
     return prompt, len(tok(prompt.replace("<image>", "")).input_ids)
 
 
-async def one_stream(
-    client: Any, grpcclient: Any, prompt: str, image: bytes, max_tokens: int, rid: str, deadline: float
-) -> dict[str, Any]:
+def engine_inputs(checkpoint: Path, prompt: str, image: bytes) -> dict[str, Any]:
+    """``llava_engine``'s inputs for the prompt and image, made here with the checkpoint's
+    processor (what ``llava_preprocess`` does on the node)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    enc = processor(images=[Image.open(io.BytesIO(image)).convert("RGB")], text=prompt, return_tensors="np")
+    return {
+        "input_ids": enc["input_ids"][0].astype(np.int64),
+        "pixel_values": enc["pixel_values"].astype(np.float32),
+    }
+
+
+def request_inputs(
+    grpcclient: Any, args: argparse.Namespace, prompt: str, image: bytes, max_tokens: int
+) -> tuple[str, list[Any]]:
+    """(model, inputs): the ``llava`` ensemble, or ``llava_engine`` directly (numeric inputs)."""
+    if args.via == "ensemble":
+        return "llava", build_inputs(
+            grpcclient, prompt=prompt, images=[image], max_tokens=max_tokens, temperature=0.0
+        )
+    arrays = {
+        **args.engine_arrays,
+        "gen_max_tokens": np.array([max_tokens], np.int32),
+        "gen_temperature": np.array([0.0], np.float32),
+        "gen_top_p": np.array([1.0], np.float32),
+        "gen_seed": np.array([0], np.int64),
+    }
+    dtypes = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
+    inputs = []
+    for name, arr in arrays.items():
+        inp = grpcclient.InferInput(name, list(arr.shape), dtypes[arr.dtype])
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return "llava_engine", inputs
+
+
+async def one_stream(client: Any, model: str, inputs: list[Any], rid: str, deadline: float) -> dict[str, Any]:
     """Stream one request; times of the first and last responses; tokens received."""
-    inputs = build_inputs(grpcclient, prompt=prompt, images=[image], max_tokens=max_tokens, temperature=0.0)
 
     async def req() -> Any:
-        yield {
-            "model_name": "llava",
-            "inputs": inputs,
-            "request_id": rid,
-            "enable_empty_final_response": True,
-        }
+        yield {"model_name": model, "inputs": inputs, "request_id": rid, "enable_empty_final_response": True}
 
     start = time.perf_counter()
     first = last = None
@@ -87,11 +117,11 @@ async def one_stream(
             resp = result.get_response()
             now = time.perf_counter()
             if resp.outputs:
-                chunk = parse_response(result)
-                if chunk.token_ids:
+                ids = result.as_numpy("token_ids")
+                if ids is not None and ids.size:
                     first = first or now
                     last = now
-                    tokens = chunk.completion_tokens
+                    tokens = int(result.as_numpy("completion_tokens").reshape(-1)[0])
             final = resp.parameters.get("triton_final_response")
             if (final is not None and final.bool_param) or now > deadline:
                 break
@@ -101,7 +131,14 @@ async def one_stream(
 
 
 async def run_load(
-    grpc_url: str, prompt: str, image: bytes, streams: int, max_tokens: int, window_s: float, tag: str
+    grpc_url: str,
+    args: argparse.Namespace,
+    prompt: str,
+    image: bytes,
+    streams: int,
+    max_tokens: int,
+    window_s: float,
+    tag: str,
 ) -> dict[str, Any]:
     """``streams`` concurrent requests; aggregate rate over the run (or a time window)."""
     import tritonclient.grpc.aio as grpcclient
@@ -111,11 +148,9 @@ async def run_load(
     client = grpcclient.InferenceServerClient(grpc_url)
     deadline = time.perf_counter() + window_s
     t0 = time.perf_counter()
+    model, inputs = request_inputs(grpcclient, args, prompt, image, max_tokens)
     results = await asyncio.gather(
-        *(
-            one_stream(client, grpcclient, prompt, image, max_tokens, f"{tag}-{i}", deadline)
-            for i in range(streams)
-        )
+        *(one_stream(client, model, inputs, f"{tag}-{i}", deadline) for i in range(streams))
     )
     elapsed = time.perf_counter() - t0
     # stop whatever the window cut short, so the next phase starts on an idle node
@@ -163,9 +198,11 @@ def bench_engine(
     print(f"[{engine}] ready in {out['startup_s']} s", flush=True)
     try:
         window = args.baseline_window_s if engine == "hf_generate" else 120.0
-        asyncio.run(run_load(node.grpc_url, prompt, image, 1, 8, 60, f"{engine}-warm"))
+        asyncio.run(run_load(node.grpc_url, args, prompt, image, 1, 8, 60, f"{engine}-warm"))
         singles = [
-            asyncio.run(run_load(node.grpc_url, prompt, image, 1, args.new_tokens, 120, f"{engine}-s{i}"))
+            asyncio.run(
+                run_load(node.grpc_url, args, prompt, image, 1, args.new_tokens, 120, f"{engine}-s{i}")
+            )
             for i in range(args.single_runs)
         ]
         out["single"] = {
@@ -181,11 +218,21 @@ def bench_engine(
         for streams in args.streams:
             r = asyncio.run(
                 run_load(
-                    node.grpc_url, prompt, image, streams, args.new_tokens, window, f"{engine}-c{streams}"
+                    node.grpc_url,
+                    args,
+                    prompt,
+                    image,
+                    streams,
+                    args.new_tokens,
+                    window,
+                    f"{engine}-c{streams}",
                 )
             )
             out[f"c{streams}"] = r
             print(f"[{engine}] {streams} streams: {r['aggregate_tok_s']} tok/s aggregate", flush=True)
+    except Exception:
+        print(f"[{engine}] failed; node log:\n{node.log_tail(12000)}", flush=True)
+        raise
     finally:
         log = node.log_tail(3000)
         node.stop()
@@ -342,9 +389,24 @@ def main() -> int:
     parser.add_argument("--single-runs", type=int, default=5)
     parser.add_argument("--baseline-window-s", type=float, default=15.0)
     parser.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for the node (repeat)")
+    parser.add_argument(
+        "--via",
+        choices=["ensemble", "engine"],
+        default="ensemble",
+        help="send to the llava ensemble (default) or to llava_engine with numeric inputs",
+    )
     parser.add_argument("--check", action="store_true", help="compare with transformers on the GPU")
     parser.add_argument("--micro", action="store_true", help="time the bare decode step")
+    parser.add_argument("--phase", choices=["check", "micro"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.phase is not None:  # a phase in its own process, so its GPU memory is freed
+        prompt, _ = prompt_for(args.checkpoint)
+        if args.phase == "check":
+            out = check_against_transformers(args.checkpoint, prompt, bench_image())
+        else:
+            out = micro_decode(args.checkpoint, [1, 8, 32])
+        args.out.write_text(json.dumps(out, default=str))
+        return 0
     args.streams = [int(s) for s in args.streams.split(",") if s]
     import torch
 
@@ -364,12 +426,34 @@ def main() -> int:
     prompt, text_tokens = prompt_for(args.checkpoint)
     image = bench_image()
     result["prompt"] = {"text_tokens": text_tokens, "image_tokens": 576, "new_tokens": args.new_tokens}
+    result["via"] = args.via
+    if args.via == "engine":
+        args.engine_arrays = engine_inputs(args.checkpoint, prompt, image)
 
     def save() -> None:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
+    def phase(name: str) -> Any:
+        import subprocess
+
+        path = args.out.with_suffix(f".{name}.json")
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--phase",
+                name,
+                "--checkpoint",
+                str(args.checkpoint),
+                "--out",
+                str(path),
+            ],
+            check=True,
+        )
+        return json.loads(path.read_text())
+
     if args.check:
-        result["check"] = check_against_transformers(args.checkpoint, prompt, image)
+        result["check"] = phase("check")
         print(
             "[check]",
             {k: v for k, v in result["check"].items() if k not in ("ours", "transformers")},
@@ -377,7 +461,7 @@ def main() -> int:
         )
         save()
     if args.micro:
-        result["micro"] = micro_decode(args.checkpoint, [1, 8, 32])
+        result["micro"] = phase("micro")
         save()
     for engine in [e for e in args.engines.split(",") if e]:
         result[engine] = bench_engine(engine, args.checkpoint, args, prompt, image)

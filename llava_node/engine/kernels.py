@@ -598,8 +598,10 @@ def _silu_mul_kernel(  # type: ignore[no-untyped-def]
     mask = cols < n_cols
     gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate / (1.0 + tl.exp(-gate)) * up
-    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    # Two roundings, as torch's eager F.silu(gate) * up does in the model's dtype, so the
+    # fused decode path computes exactly what transformers computes.
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 SILU_BLOCK = 1024
@@ -608,7 +610,8 @@ SILU_BLOCK = 1024
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` of shape ``[N, 2F]``; returns ``[N, F]``.
 
-    Computed in float32 and rounded once to ``gate_up``'s dtype.
+    Computed in float32, rounding ``silu(gate)`` and the product to ``gate_up``'s dtype,
+    as torch's ``F.silu(gate) * up`` does: the same numbers as transformers' MLP.
     """
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.stride(1) != 1:
         raise ValueError(f"gate_up must be [N, 2F] with unit column stride, got {tuple(gate_up.shape)}")

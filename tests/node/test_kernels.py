@@ -304,11 +304,11 @@ def test_silu_mul(width: int, dtype: torch.dtype) -> None:
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-6)
     else:
-        # Rounded once from float32: exactly the bf16 rounding of the float32 result...
-        torch.testing.assert_close(out.float(), ref32.to(dtype).float(), rtol=8e-3, atol=1e-3)
-        # ...and within bf16 tolerance of torch's own bf16 arithmetic.
+        # torch's own bf16 arithmetic (silu rounded, then the product): exact on a GPU;
+        # the interpreter truncates float32 -> bf16 where the GPU rounds: 2 ulp there.
         g, u = gate_up.chunk(2, dim=-1)
-        torch.testing.assert_close(out, F.silu(g) * u, rtol=1.6e-2, atol=1e-2)
+        torch.testing.assert_close(out.float(), (F.silu(g) * u).float(), rtol=1.6e-2, atol=1e-3)
+        torch.testing.assert_close(out.float(), ref32, rtol=2e-2, atol=2e-2)
 
 
 # --------------------------------------------------------------------------------------
