@@ -16,15 +16,30 @@ from typing import Any
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack  # type: ignore[attr-defined]
 
 from llava_node.engine import EngineOptions, GenerationRequest, build_engine
 from llava_node.engine.loading import checkpoint_from_env
 from llava_node.protocol import FinishReason
-from llava_node.triton_io import bytes_list, param, scalar, text
+from llava_node.triton_io import bytes_list, param, text
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PERIOD_S = 1.0
 CANCEL_POLL_S = 0.02
+
+
+# Numeric tensors cross the stub boundary through DLPack, not NumPy: the pytriton stub's
+# NumPy path is built for NumPy 1.x and, on a host with NumPy 2, reads inputs wrongly and
+# writes outputs empty (seen on an H100/H200 host). DLPack does not depend on NumPy.
+def _numeric_input(request: Any, name: str) -> torch.Tensor:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise ValueError(f"input {name} is missing")
+    return from_dlpack(tensor.to_dlpack())
+
+
+def _numeric(name: str, value: torch.Tensor) -> Any:
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
 
 
 class SinkRegistry:
@@ -78,13 +93,13 @@ class TritonSink:
         response = pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-                pb_utils.Tensor("token_ids", np.asarray(token_ids, dtype=np.int64)),
+                _numeric("token_ids", torch.tensor(list(token_ids), dtype=torch.int64)),
                 pb_utils.Tensor(
                     "finish_reason",
                     np.array([(finish_reason.value if finish_reason else "").encode()], dtype=np.object_),
                 ),
-                pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
-                pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
+                _numeric("prompt_tokens", torch.tensor([prompt_tokens], dtype=torch.int32)),
+                _numeric("completion_tokens", torch.tensor([completion_tokens], dtype=torch.int32)),
             ]
         )
         if finish_reason is not None:
@@ -190,16 +205,12 @@ class TritonPythonModel:
             try:
                 gen = GenerationRequest(
                     request_id=request.request_id() or "",
-                    input_ids=torch.from_numpy(
-                        pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().copy()
-                    ),
-                    pixel_values=torch.from_numpy(
-                        pb_utils.get_input_tensor_by_name(request, "pixel_values").as_numpy().copy()
-                    ),
-                    max_tokens=int(scalar(pb_utils, request, "gen_max_tokens")),
-                    temperature=float(scalar(pb_utils, request, "gen_temperature")),
-                    top_p=float(scalar(pb_utils, request, "gen_top_p")),
-                    seed=int(scalar(pb_utils, request, "gen_seed")),
+                    input_ids=_numeric_input(request, "input_ids").clone(),
+                    pixel_values=_numeric_input(request, "pixel_values").clone(),
+                    max_tokens=int(_numeric_input(request, "gen_max_tokens").reshape(-1)[0]),
+                    temperature=float(_numeric_input(request, "gen_temperature").reshape(-1)[0]),
+                    top_p=float(_numeric_input(request, "gen_top_p").reshape(-1)[0]),
+                    seed=int(_numeric_input(request, "gen_seed").reshape(-1)[0]),
                     stop=[s.decode("utf-8", "replace") for s in bytes_list(pb_utils, request, "gen_stop")],
                     sink=sink,
                 )
@@ -213,7 +224,7 @@ class TritonPythonModel:
         count = self.sinks.cancel(request_id) if request_id else 0
         self.log.info("cancel request for id %r: %d request(s) cancelled", request_id, count)
         response = pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor("cancelled_requests", np.array([count], dtype=np.int32))]
+            output_tensors=[_numeric("cancelled_requests", torch.tensor([count], dtype=torch.int32))]
         )
         request.get_response_sender().send(response, flags=FINAL)
 
