@@ -154,7 +154,8 @@ async def run_load(
     )
     elapsed = time.perf_counter() - t0
     # stop whatever the window cut short, so the next phase starts on an idle node
-    for i in range(streams):
+    cut = [i for i, r in enumerate(results) if r["tokens"] < max_tokens and elapsed >= window_s]
+    for i in cut if args.cancel_cut else []:
         inp = grpcclient.InferInput("cancel_request_id", [1], "BYTES")
         inp.set_data_from_numpy(np.array([f"{tag}-{i}".encode()], dtype=np.object_))
 
@@ -216,6 +217,10 @@ def bench_engine(
             flush=True,
         )
         for streams in args.streams:
+            # The baseline serves one request at a time: its concurrent runs use fewer tokens
+            # per request so that they end (its aggregate rate is its one-stream rate anyway).
+            new_tokens = args.baseline_conc_tokens if engine == "hf_generate" else args.new_tokens
+            out[f"c{streams}_new_tokens"] = new_tokens
             r = asyncio.run(
                 run_load(
                     node.grpc_url,
@@ -223,7 +228,7 @@ def bench_engine(
                     prompt,
                     image,
                     streams,
-                    args.new_tokens,
+                    new_tokens,
                     window,
                     f"{engine}-c{streams}",
                 )
