@@ -395,6 +395,18 @@ def main() -> int:
     parser.add_argument("--baseline-window-s", type=float, default=15.0)
     parser.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for the node (repeat)")
     parser.add_argument(
+        "--baseline-conc-tokens",
+        type=int,
+        default=128,
+        help="new tokens per request in the baseline's concurrent runs",
+    )
+    parser.add_argument(
+        "--no-cancel",
+        dest="cancel_cut",
+        action="store_false",
+        help="do not cancel streams a time window cut short",
+    )
+    parser.add_argument(
         "--via",
         choices=["ensemble", "engine"],
         default="ensemble",
