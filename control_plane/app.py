@@ -16,6 +16,7 @@ from control_plane.config import Settings
 from control_plane.db import BatchWriter, Database
 from control_plane.fleet import Fleet
 from control_plane.health import HealthPoller
+from control_plane.lifecycle import ModelManager
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.proxy import TritonPool
 from control_plane.routing import Router
@@ -43,6 +44,7 @@ class ControlPlane:
     service: GenerationService
     metrics: ControlPlaneMetrics
     http: aiohttp.ClientSession
+    models: ModelManager
 
 
 def _fail_abandoned_requests(db: Database, replica: str) -> int:
@@ -77,16 +79,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     router = Router(settings.dispatch_policy)
     fleet = Fleet(store, poller, pool, http)
     service = GenerationService(settings, store, router, pool, writer, metrics)
-    cp = ControlPlane(settings, db, writer, store, poller, fleet, pool, router, service, metrics, http)
+    models = ModelManager(settings, store, writer, http, metrics)
+    service.ensure_loaded = models.ensure_loaded
+    cp = ControlPlane(
+        settings, db, writer, store, poller, fleet, pool, router, service, metrics, http, models
+    )
     app.state.cp = cp
     for url in settings.workers:
         await fleet.register(url, source="static", poll=False)
     await poller.poll_all()
     poller.start()
+    await models.start()
     log.info("control plane up: %d workers, database %s", len(store.all()), db.url)
     try:
         yield
     finally:
+        await models.stop()
         await poller.stop()
         await service.drain()
         await pool.close()

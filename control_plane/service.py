@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -84,6 +84,8 @@ class GenerationService:
         self._running_ids: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.max_attempts = 3
+        # Cold start (lifecycle.ModelManager.ensure_loaded): load a model that is ready nowhere.
+        self.ensure_loaded: Callable[[str], Awaitable[None]] | None = None
 
     def new_request_id(self, given: str | None) -> str:
         """The Triton request id: the client's (if unused right now) or a fresh one."""
@@ -117,6 +119,16 @@ class GenerationService:
             )
         raise NoWorker(f"no healthy worker has model {req.model!r} ready right now", param="model")
 
+    async def _choose_or_load(self, req: GenerateRequest, exclude: set[int]) -> WorkerInfo:
+        """:meth:`_choose`; a model that is ready nowhere is loaded first (cold start)."""
+        try:
+            return self._choose(req, exclude)
+        except NoWorker:
+            if self.ensure_loaded is None:
+                raise
+        await self.ensure_loaded(req.model)
+        return self._choose(req, exclude)
+
     def _inputs(self, req: GenerateRequest) -> list[Any]:
         return build_inputs(
             grpcclient,
@@ -149,10 +161,10 @@ class GenerationService:
             inputs = self._inputs(req)
             exclude: set[int] = set()
             while True:
-                worker = self._choose(req, exclude)
+                worker = await self._choose_or_load(req, exclude)
                 rec.attempts += 1
                 rec.worker_id = worker.id
-                self.store.adjust_inflight(worker, +1)
+                self.store.adjust_inflight(worker, +1, req.model)
                 try:
                     async for chunk in self.pool.stream(
                         worker.grpc_url,
@@ -189,7 +201,7 @@ class GenerationService:
                         raise WorkerUnreachable(f"worker {worker.name}: {exc.message}") from None
                     raise NodeFailed(f"worker {worker.name} failed: {exc.message}") from None
                 finally:
-                    self.store.adjust_inflight(worker, -1)
+                    self.store.adjust_inflight(worker, -1, req.model)
         except (GeneratorExit, asyncio.CancelledError):
             status, error = "cancelled", "the client went away"
             if worker is not None:
