@@ -85,10 +85,13 @@ def _table(models: list[dict[str, Any]]) -> str:
 
 def run_models(args: argparse.Namespace) -> int:
     """Run one ``models`` action against the admin API; print the answer."""
+    import logging
+
     import httpx
 
     from control_plane.config import Settings
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no request lines among the output
     settings = Settings()
     url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/")
     token = args.admin_token if args.admin_token is not None else settings.admin_token

@@ -133,3 +133,73 @@ def test_replica_bounds_and_the_default_model(store: WorkerStore) -> None:
     assert (m.min_replicas("llava"), m.min_replicas("a"), m.min_replicas("b")) == (1, 0, 2)
     assert (m.max_replicas("a"), m.max_replicas("b")) == (None, 3)
     assert manager(store, model_min_replicas={"llava": 0}).min_replicas("llava") == 0
+
+
+class Recorder:
+    """Stands in for the manager's background work: records what a round decides."""
+
+    def __init__(self, m: ModelManager) -> None:
+        self.loads: list[tuple[str, int, str]] = []
+        self.unloads: list[str] = []
+
+        def start_load(model: str, w: WorkerInfo, reason: str) -> Any:
+            self.loads.append((model, w.id, reason))
+
+        def spawn(coro: Any, name: str) -> Any:
+            coro.close()
+            self.unloads.append(name)
+
+        m._start_load = start_load  # type: ignore[method-assign,assignment]
+        m._spawn = spawn  # type: ignore[method-assign,assignment]
+
+
+def check(m: ModelManager, model: str) -> None:
+    healthy = [w for w in m.store.all() if w.state is WorkerState.HEALTHY]
+    m._check(model, healthy, time.monotonic())
+
+
+def test_a_round_loads_the_default_model_when_it_is_loaded_nowhere(store: WorkerStore) -> None:
+    worker(store, 1, {"llava": False, "a": False})
+    m = manager(store)
+    rec = Recorder(m)
+    check(m, "llava")
+    check(m, "a")  # minimum 0: nothing to do
+    assert rec.loads == [("llava", 1, "below its minimum of 1 replica(s)")]
+
+
+def test_a_round_scales_out_above_the_threshold_up_to_the_maximum(store: WorkerStore) -> None:
+    busy = worker(store, 1, {"a": True})
+    worker(store, 2, {"a": False})
+    m = manager(store, scale_out_inflight=2)
+    rec = Recorder(m)
+    busy.model_inflight["a"] = 2
+    check(m, "a")
+    assert rec.loads == []  # 2 per replica: not above 2
+    busy.model_inflight["a"] = 3
+    check(m, "a")
+    assert rec.loads == [("a", 2, "scale out: 3 requests in flight on 1 replica(s)")]
+    capped = manager(store, scale_out_inflight=2, model_max_replicas={"a": 1})
+    rec = Recorder(capped)
+    check(capped, "a")
+    assert rec.loads == []
+
+
+def test_a_round_unloads_idle_replicas_down_to_the_minimum_and_never_a_pinned_model(
+    store: WorkerStore,
+) -> None:
+    old = time.monotonic() - 100
+    a1 = worker(store, 1, {"a": True, "b": True, "llava": True})
+    a2 = worker(store, 2, {"a": True, "b": True, "llava": True})
+    m = manager(store, idle_ttl_s=10, pinned_models="b")
+    for w in (a1, a2):
+        m._explicit[w.id] = True
+        for name in ("a", "b", "llava"):
+            m._ready_since[(name, w.id)] = old
+    a2.model_last_used["a"] = time.monotonic()  # used just now: not idle
+    rec = Recorder(m)
+    for name in ("a", "b", "llava"):
+        check(m, name)
+    # a: the idle replica goes; b: pinned; llava: one of two goes, the minimum of 1 stays
+    assert sorted(rec.unloads) == ["unload a from 1", "unload llava from 1"]
+    assert not a1.models["a"].ready and a1.models["a"].state == "UNLOADING"  # out of routing at once
+    assert a2.models["a"].ready and a1.models["b"].ready
