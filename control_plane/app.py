@@ -18,6 +18,7 @@ from control_plane.discovery import DnsDiscovery
 from control_plane.fleet import Fleet
 from control_plane.health import HealthPoller
 from control_plane.leases import LeaseManager
+from control_plane.lifecycle import ModelManager
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.proxy import TritonPool
 from control_plane.routing import Router
@@ -46,6 +47,7 @@ class ControlPlane:
     metrics: ControlPlaneMetrics
     http: aiohttp.ClientSession
     leases: LeaseManager
+    models: ModelManager
     discovery: DnsDiscovery | None = None
 
 
@@ -84,13 +86,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     poller.on_removed = fleet.forget  # workers removed through another replica
     service = GenerationService(settings, store, router, pool, writer, metrics)
     poller.breaker = service.breaker
+    models = ModelManager(settings, store, writer, http, metrics)
+    service.ensure_loaded = models.ensure_loaded
     discovery = (
         DnsDiscovery(fleet, settings.discovery_dns, settings.discovery_interval_s)
         if settings.discovery_dns
         else None
     )
     cp = ControlPlane(
-        settings, db, writer, store, poller, fleet, pool, router, service, metrics, http, leases, discovery
+        settings,
+        db,
+        writer,
+        store,
+        poller,
+        fleet,
+        pool,
+        router,
+        service,
+        metrics,
+        http,
+        leases,
+        models,
+        discovery,
     )
     app.state.cp = cp
     for url in settings.workers:
@@ -99,10 +116,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     poller.start()
     if discovery is not None:
         discovery.start()
+    await models.start()
     log.info("control plane %s up: %d workers, database %s", settings.replica_name, len(store.all()), db.url)
     try:
         yield
     finally:
+        await models.stop()
         if discovery is not None:
             await discovery.stop()
         await poller.stop()

@@ -1,7 +1,8 @@
-"""Command line: ``serve`` the control plane, run read-only ``sql``, or run the local ``stack``.
+"""Command line: ``serve`` the control plane, run read-only ``sql``, manage ``models``, or run the local ``stack``.
 
 python -m control_plane serve --worker http://10.0.0.5:8000 --worker http://10.0.0.6:8000
 python -m control_plane sql "SELECT * FROM worker_uptime_24h"
+python -m control_plane models list      # models and their placements (admin API)
 python -m control_plane stack            # two local Triton nodes + the control plane
 python -m control_plane copy-db --from sqlite:///var/data/control_plane.db --to postgresql+psycopg://...
 """
@@ -13,6 +14,8 @@ import json
 import logging
 import sys
 from typing import Any
+
+from control_plane.models_cli import add_models_parser, run_models
 
 __all__ = ["main", "settings_from_args"]
 
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument("query")
     sql.add_argument("--max-rows", type=int, default=1000)
     sql.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_models_parser(sub)
     stack = sub.add_parser("stack", help="run two local Triton nodes and the control plane")
     _add_settings_args(stack)
     stack.add_argument("--nodes", type=int, default=2)
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sql(args)
     if args.command == "copy-db":
         return _copy_db(args)
+    if args.command == "models":
+        return run_models(args)
     from control_plane.stack import run_stack
 
     return run_stack(args)

@@ -108,6 +108,36 @@ class Settings(BaseSettings):
     )
     image_fetch_timeout_s: float = 10.0
 
+    # -- model lifecycle (nodes in explicit model-control mode; see lifecycle.py) -----------
+    default_model: str = Field(
+        "llava", description="Keeps one replica loaded unless model_min_replicas says otherwise"
+    )
+    cold_start_timeout_s: float = Field(
+        300.0,
+        description="How long a request for a model loaded nowhere waits for its load; 0: no loading on demand",
+    )
+    model_load_timeout_s: float = Field(900.0, description="Longest a node's load call may take")
+    load_retry_after_s: float = Field(
+        30.0, description="After a model failed to load on every eligible node, fail at once for this long"
+    )
+    idle_ttl_s: float = Field(600.0, description="Unload a model idle this long on a node; 0: never")
+    scale_out_inflight: float = Field(
+        4.0, description="Load another replica when in-flight requests per replica exceed this; 0: never"
+    )
+    lifecycle_interval_s: float = Field(2.0, description="How often idle, minimum and scale-out checks run")
+    model_min_replicas: dict[str, int] = Field(
+        default_factory=dict, description='Per model, e.g. {"llava-13b": 1}; default 0 (1 for default_model)'
+    )
+    model_max_replicas: dict[str, int] = Field(default_factory=dict, description="Per model; default below")
+    default_max_replicas: int = Field(0, description="Most replicas per model; 0: one per eligible node")
+    model_labels: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description='Worker labels a model needs, e.g. {"llava-13b": {"gpu": "h100"}}',
+    )
+    pinned_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Models never unloaded (admins pin more at run time)"
+    )
+
     # -- security --------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Bearer tokens accepted on inference APIs; empty: open"
@@ -118,7 +148,7 @@ class Settings(BaseSettings):
     )
     admin_token: str = Field("", description="Bearer token for /admin; empty: admin is open")
 
-    @field_validator("workers", "api_keys", "image_url_allowed_hosts", mode="before")
+    @field_validator("workers", "api_keys", "image_url_allowed_hosts", "pinned_models", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 __all__ = [
     "BadRequest",
+    "ColdStartTimeout",
+    "Conflict",
     "Forbidden",
+    "ModelLoadFailed",
     "NoWorker",
     "NodeFailed",
     "NotFound",
@@ -73,6 +76,14 @@ class NotFound(ServiceError):
     openai_code = "not_found"
 
 
+class Conflict(ServiceError):
+    """The request contradicts the current state (e.g. unloading a pinned model)."""
+
+    status_code = 409
+    openai_type = "invalid_request_error"
+    openai_code = "conflict"
+
+
 class UnknownModel(NotFound):
     """No node has ever listed this model."""
 
@@ -118,3 +129,15 @@ class NodeFailed(ServiceError):
     llava_code = LLAVA_NODE_ERROR
     openai_type = "server_error"
     openai_code = "worker_error"
+
+
+class ColdStartTimeout(NoWorker):
+    """The model is being loaded for this request but was not ready within the cold-start timeout."""
+
+    openai_code = "model_loading"
+
+
+class ModelLoadFailed(NodeFailed):
+    """Loading the model on a node failed (the message names the model, the node and the cause)."""
+
+    openai_code = "model_load_failed"

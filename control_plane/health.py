@@ -2,7 +2,10 @@
 
 Every interval, every registered node is polled concurrently, each poll bounded by a
 timeout: ``/v2/health/ready`` (server ready), ``/v2/repository/index`` (each model's
-state) and the Prometheus metrics (load). Nodes push nothing. State machine:
+state) and the Prometheus metrics (load). Nodes push nothing. A node that is live and
+answers its index counts as up even when not ready: Triton's strict readiness turns
+false for good once any model fails to load, and routing goes by each model's state.
+State machine:
 
     unknown/healthy --N failed polls--> unhealthy --failing for offline_after_s--> offline
     any state --a successful poll--> healthy
@@ -205,7 +208,12 @@ class HealthPoller:
                     }
             res.latency_ms = (time.perf_counter() - started) * 1000.0
             res.ok = res.server_ready
-            if not res.server_ready:
+            if not res.server_ready and res.models is not None:
+                # Strict readiness stays false after any failed model load (explicit
+                # model control): a live node still serves the models its index has ready.
+                async with self.session.get(f"{worker.http_url}/v2/health/live", timeout=timeout) as live:
+                    res.ok = live.status == 200
+            if not res.ok:
                 res.error = "server not ready (/v2/health/ready did not answer 200)"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             res.error = _describe(exc, self.settings.poll_timeout_s)

@@ -32,3 +32,18 @@ class ControlPlaneMetrics:
             "cp_completion_tokens", "Tokens streamed to clients", ["api"], registry=self.registry
         )
         self.inflight = Gauge("cp_inflight_requests", "Streams open now", registry=self.registry)
+        self.model_loads = Counter(
+            "cp_model_loads",
+            "Model loads on nodes, by model and outcome",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.model_load_seconds = Histogram(
+            "cp_model_load_seconds",
+            "Time to load a model on a node (the cold-start time)",
+            buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+        self.model_unloads = Counter(
+            "cp_model_unloads", "Models unloaded from nodes, by model", ["model"], registry=self.registry
+        )

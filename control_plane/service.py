@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -88,6 +88,8 @@ class GenerationService:
             settings.max_inflight_per_worker, settings.max_waiting, settings.queue_timeout_s
         )
         self.breaker = CircuitBreaker(store, settings.breaker_threshold, settings.breaker_cooldown_s)
+        # Cold start (lifecycle.ModelManager.ensure_loaded): load a model that is ready nowhere.
+        self.ensure_loaded: Callable[[str], Awaitable[None]] | None = None
 
     def new_request_id(self, given: str | None) -> str:
         """The Triton request id: the client's (if unused right now) or a fresh one."""
@@ -119,7 +121,11 @@ class GenerationService:
         raise NoWorker(f"no healthy worker has model {req.model!r} ready right now", param="model")
 
     async def _acquire(self, req: GenerateRequest, exclude: set[int]) -> WorkerInfo:
-        """A worker for ``req`` with room for one more stream, counted as in flight."""
+        """A worker for ``req`` with room for one more stream, counted as in flight.
+
+        A model that is ready nowhere is loaded first (cold start), when a lifecycle
+        manager is attached.
+        """
 
         def pick() -> WorkerInfo | None:
             candidates = self._candidates(req, exclude)
@@ -129,12 +135,18 @@ class GenerationService:
                     return pinned
             return self.router.choose([w for w in candidates if self.admission.has_room(w)])
 
-        worker = await self.admission.wait_for_room(pick, req.model)
-        self.store.adjust_inflight(worker, +1)  # before any await: pick and count are atomic
+        try:
+            worker = await self.admission.wait_for_room(pick, req.model)
+        except NoWorker:
+            if self.ensure_loaded is None:
+                raise
+            await self.ensure_loaded(req.model)
+            worker = await self.admission.wait_for_room(pick, req.model)
+        self.store.adjust_inflight(worker, +1, req.model)  # before any await: pick and count are atomic
         return worker
 
-    def _release(self, worker: WorkerInfo) -> None:
-        self.store.adjust_inflight(worker, -1)
+    def _release(self, worker: WorkerInfo, model: str) -> None:
+        self.store.adjust_inflight(worker, -1, model)
         self.admission.release()
 
     def _inputs(self, req: GenerateRequest) -> list[Any]:
@@ -212,7 +224,7 @@ class GenerationService:
                         raise WorkerUnreachable(f"worker {worker.name}: {exc.message}") from None
                     raise NodeFailed(f"worker {worker.name} failed: {exc.message}") from None
                 finally:
-                    self._release(worker)
+                    self._release(worker, req.model)
         except (GeneratorExit, asyncio.CancelledError):
             status, error = "cancelled", "the client went away"
             if worker is not None:

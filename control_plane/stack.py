@@ -1,9 +1,10 @@
 """The main job: local Triton nodes plus the control plane, until Ctrl-C.
 
 Starts ``--nodes`` tritonserver processes serving ``model_repository/`` (the tiny
-random-weight checkpoint unless one is given), then the control plane with those
-nodes registered, prints where everything listens and an example request, and on
-Ctrl-C stops everything it started.
+random-weight checkpoint unless one is given) in explicit model-control mode with
+``llava`` loaded (the control plane loads and unloads the repository's other models
+on demand), then the control plane with those nodes registered, prints where
+everything listens and an example request, and on Ctrl-C stops everything it started.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def run_stack(args: argparse.Namespace) -> int:
                         http_port=base,
                         grpc_port=base + 1,
                         metrics_port=base + 2,
+                        # The control plane decides what else each node loads, and when.
+                        model_control="explicit",
+                        load_models=["llava"],
                     )
                 )
             )
@@ -92,6 +96,7 @@ def run_stack(args: argparse.Namespace) -> int:
             f"  curl -sN {url}/worker_generate_stream -d "
             '\'{"model": "llava", "prompt": "USER: Hello ASSISTANT:", "max_new_tokens": 32}\' | tr \'\\0\' \'\\n\'\n'
             f"  curl -s -H 'Authorization: Bearer {settings.admin_token}' {url}/admin/workers\n"
+            f"  .venv/bin/python -m control_plane models list --url {url} --admin-token {settings.admin_token}\n"
             f"  .venv/bin/python -m control_plane sql 'SELECT * FROM worker_uptime_24h'\n\n"
             "Press Ctrl-C to stop the control plane and the nodes.",
             flush=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -110,6 +111,8 @@ class WorkerInfo:
     queue_length: int = 0  # waiting on the node (node metrics or pushed heartbeat)
     active: int = 0  # generating on the node (node metrics)
     inflight: int = 0  # this control plane's open streams to it
+    model_inflight: dict[str, int] = field(default_factory=dict)  # the same, per model
+    model_last_used: dict[str, float] = field(default_factory=dict)  # model -> monotonic time
     consecutive_failures: int = 0  # failed polls in a row
     request_failures: int = 0  # failed requests in a row (circuit breaker)
     breaker_open_until: float = 0.0  # monotonic time before which polls may not restore it
@@ -148,6 +151,7 @@ class WorkerInfo:
             "queue_length": self.queue_length,
             "active": self.active,
             "inflight": self.inflight,
+            "model_inflight": {m: n for m, n in self.model_inflight.items() if n},
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
             "last_poll_latency_ms": self.last_poll_latency_ms,
@@ -431,6 +435,14 @@ class WorkerStore:
                 names.update(w.ready_models())
         return sorted(names)
 
+    def servable_models(self) -> list[str]:
+        """Models a healthy worker can serve, loaded or not: those in its repository index."""
+        names: set[str] = set()
+        for w in self._workers.values():
+            if w.state is WorkerState.HEALTHY:
+                names.update(n for n in w.models if is_served_model(n))
+        return sorted(names)
+
     def known_models(self) -> list[str]:
         """Every model any worker has reported, ready or not."""
         names: set[str] = set()
@@ -508,7 +520,11 @@ class WorkerStore:
             },
         )
 
-    def adjust_inflight(self, info: WorkerInfo, delta: int) -> None:
-        """Count a stream opened (+1) or ended (-1) to this worker."""
+    def adjust_inflight(self, info: WorkerInfo, delta: int, model: str | None = None) -> None:
+        """Count a stream opened (+1) or ended (-1) to this worker (and ``model`` on it:
+        the model lifecycle reads these counts and last-use times)."""
         with self._lock:
             info.inflight = max(0, info.inflight + delta)
+            if model is not None:
+                info.model_inflight[model] = max(0, info.model_inflight.get(model, 0) + delta)
+                info.model_last_used[model] = time.monotonic()

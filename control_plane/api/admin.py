@@ -1,4 +1,5 @@
-"""Admin API: the fleet (list, show, add, remove workers), status, read-only SQL.
+"""Admin API: the fleet (list, show, add, remove workers), models (placements, load,
+unload, pin), status, read-only SQL.
 
 Every route needs ``Authorization: Bearer <admin token>`` when an admin token is set.
 """
@@ -102,6 +103,53 @@ async def remove_worker(worker_id: int, cp: CPDep) -> dict[str, Any]:
     return {"removed": worker_id, "name": info.name}
 
 
+class ModelAction(BaseModel):
+    """Where to load or unload a model."""
+
+    worker_id: int | None = Field(
+        None, description="the worker; default: the best one (load) or every one (unload)"
+    )
+
+
+@router.get("/models")
+async def list_models(cp: CPDep) -> dict[str, Any]:
+    """Every model the nodes list: its state on each node, pin, replicas, last use, last load error."""
+    return {"models": cp.models.describe()}
+
+
+@router.get("/models/{model}")
+async def show_model(model: str, cp: CPDep) -> dict[str, Any]:
+    """One model, with its placements."""
+    if model not in cp.store.known_models() and model not in cp.models.pinned:
+        raise NotFound(f"no worker lists model {model!r}")
+    return cp.models.describe_model(model)
+
+
+@router.post("/models/{model}/load")
+async def load_model(model: str, cp: CPDep, body: ModelAction | None = None) -> dict[str, Any]:
+    """Load a model on a worker (the best one if none is given); answers once it is loaded."""
+    return await cp.models.load(model, body.worker_id if body else None)
+
+
+@router.post("/models/{model}/unload")
+async def unload_model(model: str, cp: CPDep, body: ModelAction | None = None) -> dict[str, Any]:
+    """Unload a model from a worker (from every worker if none is given). Refused for a
+    pinned model, or below the model's minimum replicas."""
+    return await cp.models.unload(model, body.worker_id if body else None)
+
+
+@router.post("/models/{model}/pin")
+async def pin_model(model: str, cp: CPDep) -> dict[str, Any]:
+    """Pin a model: it is never unloaded, neither when idle nor by an unload call."""
+    return cp.models.pin(model)
+
+
+@router.delete("/models/{model}/pin")
+async def unpin_model(model: str, cp: CPDep) -> dict[str, Any]:
+    """Unpin a model."""
+    return cp.models.unpin(model)
+
+
 @router.get("/status")
 async def control_plane_status(cp: CPDep) -> dict[str, Any]:
     """Poller, database writer and fleet summary."""
@@ -115,12 +163,14 @@ async def control_plane_status(cp: CPDep) -> dict[str, Any]:
         "dispatch_policy": cp.settings.dispatch_policy.value,
         "workers": states,
         "models": cp.store.listed_models(),
+        "servable_models": cp.store.servable_models(),
         "poller": cp.poller.describe(),
         "admission": {
             "waiting": cp.service.admission.waiting,
             "rejected": cp.service.admission.rejected,
             "circuits_opened": cp.service.breaker.opened,
         },
+        "lifecycle_rounds": cp.models.rounds,
         "writer": {
             "batches": cp.writer.batches,
             "rows": cp.writer.rows_written,

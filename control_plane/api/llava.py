@@ -118,8 +118,9 @@ async def refresh_all_workers(cp: CPDep) -> dict[str, Any]:
 
 @router.post("/list_models")
 async def list_models(cp: CPDep) -> dict[str, list[str]]:
-    """Models ready on at least one healthy node."""
-    return {"models": cp.store.listed_models()}
+    """Models the fleet can serve: those a healthy node lists, loaded or not (a request
+    for one that is loaded nowhere loads it first)."""
+    return {"models": cp.store.servable_models()}
 
 
 def _base_url(request: Request, configured: str) -> str:
@@ -128,9 +129,20 @@ def _base_url(request: Request, configured: str) -> str:
 
 @router.post("/get_worker_address", openapi_extra=_body_doc(ModelQuery))
 async def get_worker_address(request: Request, cp: CPDep) -> dict[str, str]:
-    """An address (under this control plane) for a node serving ``model``; ``""`` if none."""
+    """An address (under this control plane) for a node serving ``model``; ``""`` if none.
+
+    A model that is loaded nowhere is loaded first (the answer waits, up to the
+    cold-start timeout; LLaVA's web UI waits for this call without a time limit, but
+    not for the first bytes of a stream). If that fails, ``error`` says why.
+    """
     body = await parse_body(request, ModelQuery)
     worker = cp.router.choose(cp.store.candidates(body.model))
+    if worker is None and body.model in cp.store.servable_models():
+        try:
+            await cp.models.ensure_loaded(body.model)
+        except ServiceError as exc:
+            return {"address": "", "error": exc.message}
+        worker = cp.router.choose(cp.store.candidates(body.model))
     if worker is None:
         return {"address": ""}
     return {"address": f"{_base_url(request, cp.settings.public_url)}/workers/{worker.id}"}

@@ -31,13 +31,22 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], dependencies=[D
 
 @router.get("/models")
 async def list_models(cp: CPDep) -> dict[str, Any]:
-    """Models the fleet can serve."""
+    """Models the fleet can serve, loaded or not: ``ready`` says whether one is loaded
+    now, ``state`` is ``loaded``, ``loading``, ``failed`` or ``unloaded`` (a request for
+    a model loaded nowhere loads it first)."""
     ready = set(cp.store.listed_models())
     return {
         "object": "list",
         "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "llava-triton", "ready": name in ready}
-            for name in cp.store.known_models()
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "llava-triton",
+                "ready": name in ready,
+                "state": cp.models.model_state(name),
+            }
+            for name in cp.store.servable_models()
         ],
     }
 
