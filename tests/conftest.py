@@ -4,6 +4,12 @@ server (all stopped by PID)."""
 from __future__ import annotations
 
 import os
+
+# The GPU kernels' tests run under Triton's CPU interpreter, which must be chosen before
+# anything imports triton (KERNELS_TEST_DEVICE=cuda runs them on a GPU instead).
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("KERNELS_TEST_DEVICE") == "cuda" else "1")
+
+import os
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -25,7 +25,9 @@ ADMIN = "admin-secret"
 
 @pytest.fixture()
 def client(tmp_path: Path) -> Iterator[TestClient]:
-    settings = Settings(data_dir=tmp_path, admin_token=ADMIN, api_keys=["k1", "k2"], poll_interval_s=60)
+    settings = Settings(
+        data_dir=tmp_path, admin_token=ADMIN, api_keys=["k1", "k2"], poll_interval_s=60, lease_period_s=120
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 

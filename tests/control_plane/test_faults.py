@@ -234,11 +234,12 @@ def test_sigstop_a_node_is_detected_its_streams_stall_out_and_sigcont_brings_it_
         },
     )
     heartbeat_timeout = 2 * (POLL_S + POLL_TIMEOUT_S) + POLL_S
-    assert detected_s is not None and detected_s <= heartbeat_timeout + 0.5
-    assert on_victim
+    # (slack for a loaded 2-core machine)
+    assert detected_s is not None and detected_s <= heartbeat_timeout + 1.5, detected_s
+    assert on_victim, [(o.request_id, rows[o.request_id]) for o in outcomes]
     for o in on_victim:
-        assert o.error_code == 3 and "sent nothing for 3 s" in o.error_text
-        assert STALL_S - 0.5 <= (o.ended_at or 0) - stopped_at <= STALL_S + 2.0
+        assert o.error_code == 3 and "sent nothing for 3 s" in o.error_text, o
+        assert STALL_S - 0.5 <= (o.ended_at or 0) - stopped_at <= STALL_S + 3.0, o
     assert all(o.error_code == 0 for o in outcomes if o not in on_victim)
     wait_for(lambda: worker_state(cp3, victim.http_url) == "healthy", 15, "SIGCONT brings it back")
     # the node heard the cancellations once it could

@@ -30,6 +30,7 @@ NOT_IN_THE_CONTROL_PLANE_IMAGE = {"control_plane.stack"}
 # top-level module -> the requirement that provides it
 REQUIREMENT_OF = {
     "torch": "torch",
+    "triton": "torch",  # OpenAI Triton ships with torch's CUDA builds (the GPU kernels)
     "transformers": "transformers",
     "tokenizers": "tokenizers",
     "PIL": "pillow",
