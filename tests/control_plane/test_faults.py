@@ -220,6 +220,9 @@ def test_sigstop_a_node_is_detected_its_streams_stall_out_and_sigcont_brings_it_
         outcomes, _ = run_load(cp3, 9, 1400, "stop", stop_when_streaming)
     finally:
         victim.signal(signal.SIGCONT)
+    wait_for(
+        lambda: not sql(cp3, "SELECT id FROM requests WHERE status = 'running'"), 10, "request rows written"
+    )
     rows = {r["request_id"]: r for r in sql(cp3, "SELECT request_id, worker_id, status, error FROM requests")}
     on_victim = [
         o for o in outcomes if rows[o.request_id]["worker_id"] == victim_id and (o.ended_at or 0) > stopped_at
@@ -240,7 +243,9 @@ def test_sigstop_a_node_is_detected_its_streams_stall_out_and_sigcont_brings_it_
     for o in on_victim:
         assert o.error_code == 3 and "sent nothing for 3 s" in o.error_text, o
         assert STALL_S - 0.5 <= (o.ended_at or 0) - stopped_at <= STALL_S + 3.0, o
-    assert all(o.error_code == 0 for o in outcomes if o not in on_victim)
+    assert all(o.error_code == 0 for o in outcomes if o not in on_victim), [
+        (o, rows[o.request_id]) for o in outcomes if o.error_code != 0 and o not in on_victim
+    ]
     wait_for(lambda: worker_state(cp3, victim.http_url) == "healthy", 15, "SIGCONT brings it back")
     # the node heard the cancellations once it could
     try:
