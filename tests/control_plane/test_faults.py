@@ -156,7 +156,7 @@ def test_sigkill_one_of_three_nodes_during_32_streams(
     try:
         outcomes, killed_at = run_load(cp3, 32, 300, "kill", kill_when_streaming)
         wait_for(lambda: worker_state(cp3, victim.http_url) == "unhealthy", 10, "victim out of routing")
-        time.sleep(0.3)
+        wait_for(lambda: not sql(cp3, "SELECT id FROM requests WHERE status = 'running'"), 10, "rows written")
         rows = {
             r["request_id"]: r
             for r in sql(cp3, "SELECT request_id, worker_id, attempts, status, error FROM requests")
