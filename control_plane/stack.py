@@ -15,8 +15,9 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-__all__ = ["free_port_block", "run_stack"]
+__all__ = ["free_port_block", "run_stack", "stop_all"]
 
 
 def free_port_block(host: str, start: int, size: int = 3, avoid: set[int] | None = None) -> int:
@@ -38,6 +39,14 @@ def _free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def stop_all(nodes: list[Any]) -> None:
+    """Stop nodes in parallel (each waits for its server to exit, then kills what is left)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+        list(pool.map(lambda n: n.stop(), nodes))
 
 
 def run_stack(args: argparse.Namespace) -> int:
@@ -97,7 +106,8 @@ def run_stack(args: argparse.Namespace) -> int:
             '\'{"model": "llava", "prompt": "USER: Hello ASSISTANT:", "max_new_tokens": 32}\' | tr \'\\0\' \'\\n\'\n'
             f"  curl -s -H 'Authorization: Bearer {settings.admin_token}' {url}/admin/workers\n"
             f"  .venv/bin/python -m control_plane models list --url {url} --admin-token {settings.admin_token}\n"
-            f"  .venv/bin/python -m control_plane sql 'SELECT * FROM worker_uptime_24h'\n\n"
+            f"  .venv/bin/python -m control_plane sql --database-url '{settings.sqlalchemy_url}' "
+            "'SELECT * FROM worker_uptime_24h'\n\n"
             "Press Ctrl-C to stop the control plane and the nodes.",
             flush=True,
         )
@@ -117,7 +127,7 @@ def run_stack(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for n in nodes:
-            n.stop()
         if nodes:
+            print(f"stopping {len(nodes)} Triton node(s)...", flush=True)
+            stop_all(nodes)
             print(f"stopped {len(nodes)} Triton node(s)")
