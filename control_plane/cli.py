@@ -72,24 +72,29 @@ def exit_on_sigterm() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+
+    settings = settings_from_args(args)
+    exit_on_sigterm()
+    print(f"control plane listening on http://{settings.host}:{settings.port} (Ctrl-C stops it)", flush=True)
+    run_server(settings, args.log_level)
+    return 0
+
+
+def run_server(settings: Any, log_level: str) -> None:
+    """Serve the control plane with uvicorn (uvloop, httptools) until it is stopped."""
     import uvicorn
 
     from control_plane.app import create_app
 
-    settings = settings_from_args(args)
-    app = create_app(settings)
-    exit_on_sigterm()
-    print(f"control plane listening on http://{settings.host}:{settings.port} (Ctrl-C stops it)", flush=True)
     uvicorn.run(
-        app,
+        create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level=args.log_level,
+        log_level=log_level,
         loop="uvloop",
         http="httptools",
         access_log=False,
     )
-    return 0
 
 
 def _sql(args: argparse.Namespace) -> int:

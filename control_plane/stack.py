@@ -51,10 +51,8 @@ def stop_all(nodes: list[Any]) -> None:
 
 def run_stack(args: argparse.Namespace) -> int:
     """Run nodes and control plane in the foreground."""
-    import uvicorn
 
-    from control_plane.app import create_app
-    from control_plane.cli import exit_on_sigterm, settings_from_args
+    from control_plane.cli import exit_on_sigterm, run_server, settings_from_args
     from llava_node.launcher import NodeStartError, TritonNode, TritonNodeConfig, resolve_checkpoint
 
     exit_on_sigterm()
@@ -111,15 +109,7 @@ def run_stack(args: argparse.Namespace) -> int:
             "Press Ctrl-C to stop the control plane and the nodes.",
             flush=True,
         )
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=args.log_level,
-            loop="uvloop",
-            http="httptools",
-            access_log=False,
-        )
+        run_server(settings, args.log_level)
         return 0
     except NodeStartError as exc:
         print(f"error: a Triton node failed to start:\n{exc}", file=sys.stderr)

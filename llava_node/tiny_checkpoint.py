@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["CHAT_TEMPLATE", "build_llava_7b_shaped_checkpoint", "build_tiny_checkpoint", "is_checkpoint"]
 
@@ -117,6 +119,83 @@ def is_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """Sizes of a LLaVA-1.5-style model: Llama decoder, CLIP vision tower."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    max_positions: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    vision_projection: int
+    vision_act: str
+    image_size: int
+    patch_size: int
+
+
+def _llava_config(tokenizer: Any, shape: _Shape) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=shape.max_positions,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=shape.vision_hidden,
+        intermediate_size=shape.vision_intermediate,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=shape.vision_heads,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+        projection_dim=shape.vision_projection,
+        hidden_act=shape.vision_act,
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),  # type: ignore[call-arg]
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(shape.image_size // shape.patch_size) ** 2,
+    )
+
+
+def _save_processor_and_card(out: Path, tokenizer: Any, shape: _Shape, card: dict[str, Any]) -> None:
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    size = shape.image_size
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        tokenizer=tokenizer,
+        patch_size=shape.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    card = {"built_by": "llava_node.tiny_checkpoint", "random_weights": True, **card}
+    (out / "TINY_CHECKPOINT.json").write_text(json.dumps(card))
+
+
 def build_tiny_checkpoint(
     out_dir: str | Path,
     *,
@@ -133,54 +212,28 @@ def build_tiny_checkpoint(
     every machine and every run.
     """
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(seed, vocab_size)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=32,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=image_token_id,  # type: ignore[call-arg]
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=(image_size // patch_size) ** 2,
+    shape = _Shape(
+        hidden_size,
+        hidden_size * 2,
+        2,
+        4,
+        max_positions,
+        32,
+        64,
+        2,
+        2,
+        32,
+        "quick_gelu",
+        image_size,
+        patch_size,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = LlavaForConditionalGeneration(_llava_config(tokenizer, shape)).eval()
     # The default init draws small weights whose greedy output repeats one token; a
     # wider spread gives varied text that depends on the image, which makes
     # token-exact and stop-string tests meaningful.
@@ -193,24 +246,7 @@ def build_tiny_checkpoint(
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 32
     model.save_pretrained(out)
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(out)
-    (out / "TINY_CHECKPOINT.json").write_text(
-        json.dumps({"seed": seed, "built_by": "llava_node.tiny_checkpoint", "random_weights": True})
-    )
+    _save_processor_and_card(out, tokenizer, shape, {"seed": seed})
     return out
 
 
@@ -223,84 +259,24 @@ def build_llava_7b_shaped_checkpoint(out_dir: str | Path, *, seed: int = 0, devi
     is noise. Built on ``device`` (a GPU: seconds), written as safetensors (~14 GB).
     """
     import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(seed, 32000)
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),  # type: ignore[call-arg]
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=576,
-    )
+    shape = _Shape(4096, 11008, 32, 32, 4096, 1024, 4096, 24, 16, 768, "quick_gelu", 336, 14)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
+            model = LlavaForConditionalGeneration(_llava_config(tokenizer, shape)).eval()
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.do_sample = False
     model.save_pretrained(out)
     del model
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        ),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(out)
-    (out / "TINY_CHECKPOINT.json").write_text(
-        json.dumps(
-            {
-                "seed": seed,
-                "built_by": "llava_node.tiny_checkpoint",
-                "random_weights": True,
-                "shape": "llava-1.5-7b",
-            }
-        )
-    )
+    _save_processor_and_card(out, tokenizer, shape, {"seed": seed, "shape": "llava-1.5-7b"})
     return out
 
 
