@@ -72,7 +72,6 @@ def exit_on_sigterm() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-
     settings = settings_from_args(args)
     exit_on_sigterm()
     print(f"control plane listening on http://{settings.host}:{settings.port} (Ctrl-C stops it)", flush=True)
