@@ -6,6 +6,14 @@ thread sends the responses, the last one flagged final, on every path.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# The Python-backend stub starts its interpreter without reading PYTHONPATH (seen with the
+# nvidia-pytriton stub), while the launcher and the node image name the project and its
+# packages there: honour it before importing them.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import json
 import logging
 import threading

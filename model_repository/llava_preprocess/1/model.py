@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+# The Python-backend stub starts its interpreter without reading PYTHONPATH (seen with the
+# nvidia-pytriton stub), while the launcher and the node image name the project and its
+# packages there: honour it before importing them.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 import json
 from typing import Any
 
