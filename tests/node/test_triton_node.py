@@ -39,7 +39,9 @@ def metric(node: TritonNode, name: str) -> float:
 
 
 def test_grpc_stream_yields_pieces_then_a_final_response(node: TritonNode) -> None:
-    chunks = list(stream_generate(node.grpc_url, prompt=PROMPT, images=[image_bytes()], max_tokens=16))
+    chunks = list(
+        stream_generate(node.grpc_url, prompt=PROMPT, images=[image_bytes()], max_tokens=16, temperature=0.0)
+    )
     assert len(chunks) >= 3
     assert all(c.finish_reason is None for c in chunks[:-1])
     assert chunks[-1].finish_reason == "length"
