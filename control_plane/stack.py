@@ -42,10 +42,13 @@ def _free(host: str, port: int) -> bool:
 
 def run_stack(args: argparse.Namespace) -> int:
     """Run nodes and control plane in the foreground."""
+    from control_plane.cli import exit_on_sigterm, prepare_grpc, settings_from_args
+
+    prepare_grpc(settings_from_args(args))  # before anything imports gRPC
+
     import uvicorn
 
     from control_plane.app import create_app
-    from control_plane.cli import exit_on_sigterm, settings_from_args
     from llava_node.launcher import NodeStartError, TritonNode, TritonNodeConfig, resolve_checkpoint
 
     exit_on_sigterm()
