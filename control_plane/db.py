@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.schema import Base
@@ -166,11 +177,16 @@ class _Op:
 
 
 class BatchWriter:
-    """Writes rows on its own thread, in batches, in the order they were given.
+    """Writes rows on its own thread, in batches, one transaction a batch.
 
-    ``insert`` and ``update`` return at once. Consecutive operations of one kind on
-    one table become one ``executemany``; each batch is one transaction. A full queue
-    drops the newest row (and says so in the log) rather than block the caller.
+    ``insert`` and ``update`` return at once. Within a batch, the inserts into one table
+    become one ``executemany`` (in the order given), then the updates of one table (by
+    primary key) another: an update of a row inserted in the same batch is folded into
+    the insert, and several updates of one row become one (later values win). Tables go
+    parents first (foreign keys); a ``call`` is a barrier: what was queued before it is
+    written before it runs. Each batch commits as a whole, so readers never see its
+    statements in between: they see every write in the order given. A full queue drops
+    the newest row (and says so in the log) rather than block the caller.
     """
 
     def __init__(
@@ -252,23 +268,76 @@ class BatchWriter:
     def _write(self, batch: list[_Op]) -> None:
         try:
             with self.db.session() as s:
-                i = 0
-                while i < len(batch):
-                    op = batch[i]
+                segment: list[_Op] = []
+                for op in batch:
                     if op.kind == "call":
+                        _write_rows(s, segment)
+                        segment = []
                         assert op.call is not None
                         op.call(s)
-                        i += 1
-                        continue
-                    rows = list(op.rows)
-                    j = i + 1
-                    while j < len(batch) and batch[j].kind == op.kind and batch[j].model is op.model:
-                        rows.extend(batch[j].rows)
-                        j += 1
-                    stmt = insert(op.model) if op.kind == "insert" else update(op.model)
-                    s.execute(stmt, rows)
-                    i = j
+                    else:
+                        segment.append(op)
+                _write_rows(s, segment)
             self.batches += 1
             self.rows_written += sum(len(op.rows) or 1 for op in batch)
         except Exception:
             log.exception("database write of %d operations failed; they are lost", len(batch))
+
+
+def _write_rows(s: Session, ops: list[_Op]) -> None:
+    """Inserts and updates of one batch segment: one executemany per table and kind."""
+    if not ops:
+        return
+    inserts: dict[Table, list[dict[str, Any]]] = {}
+    inserted: dict[Table, dict[Any, dict[str, Any]]] = {}  # table -> primary key -> row
+    updates: dict[Table, dict[Any, dict[str, Any]]] = {}
+    for op in ops:
+        table = op.model.__table__
+        pk = _pk_column(table)
+        for row in op.rows:
+            key = row.get(pk) if pk is not None else None
+            if op.kind == "insert":
+                row = dict(row)
+                inserts.setdefault(table, []).append(row)
+                if key is not None:
+                    inserted.setdefault(table, {})[key] = row
+                continue
+            pending = inserted.get(table, {}).get(key)
+            if pending is not None:  # inserted in this batch: insert the final values
+                pending.update(row)
+                continue
+            earlier = updates.setdefault(table, {}).get(key)
+            if earlier is not None:
+                earlier.update(row)
+            else:
+                updates[table][key] = dict(row)
+    conn = s.connection()
+    for table in _ordered(inserts):
+        rows = inserts[table]
+        start = 0
+        for i in range(1, len(rows) + 1):  # executemany takes the columns of its first row
+            if i == len(rows) or rows[i].keys() != rows[start].keys():
+                conn.execute(insert(table), rows[start:i])
+                start = i
+    for table in _ordered(updates):
+        pk = _pk_column(table)
+        assert pk is not None, f"updates of {table.name} need a single-column primary key"
+        by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in updates[table].values():
+            params = {k: v for k, v in row.items() if k != pk}
+            params["_pk"] = row[pk]
+            by_keys.setdefault(tuple(sorted(params)), []).append(params)
+        stmt = update(table).where(table.c[pk] == bindparam("_pk"))
+        for rows in by_keys.values():
+            conn.execute(stmt, rows)
+
+
+def _pk_column(table: Table) -> str | None:
+    cols = list(table.primary_key.columns)
+    return cols[0].key if len(cols) == 1 else None
+
+
+def _ordered(by_table: dict[Table, Any]) -> list[Table]:
+    """The tables of ``by_table``, parents before children (foreign keys)."""
+    order = {t: i for i, t in enumerate(Base.metadata.sorted_tables)}
+    return sorted(by_table, key=lambda t: order.get(t, len(order)))
