@@ -170,14 +170,16 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 @dataclass
 class _Op:
-    kind: str  # "insert" | "update" | "call"
+    kind: str  # "insert" | "update" | "call" | "mark" (flush: set done once written)
     model: Any = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     call: Callable[[Session], None] | None = None
+    done: threading.Event | None = None
 
 
 class BatchWriter:
-    """Writes rows on its own thread, in batches, one transaction a batch.
+    """Writes rows on its own thread, in batches, one transaction a batch: a batch holds
+    what is queued within ``flush_interval_s`` of its first row (at most ``batch_size``).
 
     ``insert`` and ``update`` return at once. Within a batch, the inserts into one table
     become one ``executemany`` (in the order given), then the updates of one table (by
@@ -198,6 +200,7 @@ class BatchWriter:
         self._queue: queue.Queue[_Op | None] = queue.Queue(maxsize=max_queue)
         self._idle = threading.Event()
         self._idle.set()
+        self._wake = threading.Event()  # flush(): write the batch being collected now
         self.dropped = 0
         self.batches = 0
         self.rows_written = 0
@@ -226,46 +229,67 @@ class BatchWriter:
         self._put(_Op("call", call=fn))
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until everything queued so far is written."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle.wait(0.05):
-                return True
-        return False
+        """Wait until everything queued so far is written (the batch being collected is
+        written at once, without waiting for the rest of its interval)."""
+        if not self._thread.is_alive():
+            return self._queue.empty()
+        done = threading.Event()
+        self._idle.clear()
+        try:
+            self._queue.put(_Op("mark", done=done), timeout=timeout_s)
+        except queue.Full:
+            return False
+        self._wake.set()
+        return done.wait(timeout_s)
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
         self._queue.put(None)
+        self._wake.set()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
             try:
-                first = self._queue.get(timeout=self.flush_interval_s)
+                first = self._queue.get(timeout=1.0)
             except queue.Empty:
                 self._idle.set()
                 continue
-            batch: list[_Op] = []
             if first is None:
-                stopping = True
-            else:
-                batch.append(first)
-            while len(batch) < self.batch_size:
-                try:
-                    op = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if op is None:
-                    stopping = True
-                    break
-                batch.append(op)
-            if batch:
-                self._write(batch)
+                break
+            # A batch is what comes within flush_interval_s of its first row (or batch_size
+            # rows): a few transactions a second however many rows come, and the writes
+            # (which hold the GIL at times) stay off the moments a request's tokens pass.
+            batch = [first]
+            flush_at = time.monotonic() + self.flush_interval_s
+            stopping = self._drain(batch)
+            if not stopping and len(batch) < self.batch_size and not _marked(batch):
+                self._wake.wait(max(0.0, flush_at - time.monotonic()))
+                stopping = self._drain(batch)
+            self._wake.clear()
+            self._write([op for op in batch if op.kind != "mark"])
+            for op in batch:
+                if op.done is not None:
+                    op.done.set()
             if self._queue.empty():
                 self._idle.set()
 
+    def _drain(self, batch: list[_Op]) -> bool:
+        """Move queued operations into ``batch`` (up to ``batch_size``); True at the stop mark."""
+        while len(batch) < self.batch_size:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if op is None:
+                return True
+            batch.append(op)
+        return False
+
     def _write(self, batch: list[_Op]) -> None:
+        if not batch:
+            return
         try:
             with self.db.session() as s:
                 segment: list[_Op] = []
@@ -282,6 +306,10 @@ class BatchWriter:
             self.rows_written += sum(len(op.rows) or 1 for op in batch)
         except Exception:
             log.exception("database write of %d operations failed; they are lost", len(batch))
+
+
+def _marked(batch: list[_Op]) -> bool:
+    return any(op.kind == "mark" for op in batch)
 
 
 def _write_rows(s: Session, ops: list[_Op]) -> None:

@@ -96,3 +96,24 @@ def test_a_call_is_a_barrier(tmp_path: Path) -> None:
     assert writer.flush(10)
     writer.close()
     assert seen == [5, 6]
+
+
+def test_rows_wait_for_the_interval_and_flush_writes_them_at_once(tmp_path: Path) -> None:
+    import time
+
+    db = _db(tmp_path)
+    writer = BatchWriter(db, flush_interval_s=10.0)
+    try:
+        for i in range(5):
+            writer.insert(Worker, {"id": i + 1, "name": f"http://a:{i}", "http_url": "x", "grpc_url": "a:2"})
+        time.sleep(0.3)
+        with db.session() as s:
+            assert s.scalars(select(Worker.id)).all() == []  # still collecting the batch
+        started = time.monotonic()
+        assert writer.flush(5)
+        assert time.monotonic() - started < 2
+        with db.session() as s:
+            assert s.scalars(select(Worker.id).order_by(Worker.id)).all() == [1, 2, 3, 4, 5]
+        assert writer.batches == 1
+    finally:
+        writer.close()
