@@ -14,9 +14,10 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from control_plane.api.deps import CPDep, require_api_key
+from control_plane.api.streaming import TokenStreamResponse
 from control_plane.errors import BadRequest, ServiceError
 from control_plane.images import ImageFetcher
 from control_plane.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
@@ -207,7 +208,7 @@ async def chat_completions(
             await chunks.aclose()
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(
+    return TokenStreamResponse(
         events(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
     )
 
