@@ -7,6 +7,7 @@ a batch. Reads (admin API, SQL) run in worker threads with short sessions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -119,7 +121,15 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             connect_args = {"check_same_thread": False, "timeout": 30}
-        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        self.engine: Engine = create_engine(
+            url,
+            connect_args=connect_args,
+            pool_pre_ping=True,
+            # JSON columns (worker models and labels, every heartbeat's models) through orjson:
+            # the poller writes and reads them for every node every round.
+            json_serializer=_json_dumps,
+            json_deserializer=orjson.loads,
+        )
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -157,6 +167,10 @@ class Database:
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -367,5 +381,10 @@ def _pk_column(table: Table) -> str | None:
 
 def _ordered(by_table: dict[Table, Any]) -> list[Table]:
     """The tables of ``by_table``, parents before children (foreign keys)."""
-    order = {t: i for i, t in enumerate(Base.metadata.sorted_tables)}
+    order = _table_order()
     return sorted(by_table, key=lambda t: order.get(t, len(order)))
+
+
+@functools.cache
+def _table_order() -> dict[Table, int]:
+    return {t: i for i, t in enumerate(Base.metadata.sorted_tables)}
