@@ -488,6 +488,7 @@ async def measure(
     args: argparse.Namespace,
     nodes: Sequence[CpuMeter],
     duration_s: float | None = None,
+    stagger_s: float | None = None,
 ) -> Run:
     """One run of ``target`` at ``streams``."""
     fn = getattr(client, target.kind)
@@ -496,8 +497,10 @@ async def measure(
         return fn(target.base_url)  # type: ignore[no-any-return]
 
     duration = duration_s if duration_s is not None else args.duration_s
-    stagger = min(args.stagger_s, duration / 4) if streams > 1 else 0.0
-    settle = min(args.settle_s, duration / 4) if streams > 1 else 0.0
+    stagger = stagger_s if stagger_s is not None else min(args.stagger_s, duration / 4)
+    settle = min(args.settle_s, duration / 4)
+    if streams == 1:
+        stagger = settle = 0.0
     cp0 = target.cp.read() if target.cp is not None else 0.0
     node0 = sum(n.read() for n in nodes)
     lg0 = time.process_time()
@@ -593,14 +596,17 @@ async def streams_phase(
     runs: list[Run] = []
     try:
         print("warming up ...", flush=True)
+        rate = 0.0
         for t in targets:
-            await measure(client, t, 16, -1, args, node_meters, duration_s=args.warmup_s)
+            warm = await measure(client, t, 16, -1, args, node_meters, duration_s=args.warmup_s)
+            rate = rate or warm.tok_s
         for rep in range(args.repeats):
             for streams in args.streams:
+                duration, stagger = level_timing(args, streams, rate)
                 shift = rep % len(targets)
                 order = targets[shift:] + targets[:shift]
                 for t in order:
-                    run = await measure(client, t, streams, rep, args, node_meters)
+                    run = await measure(client, t, streams, rep, args, node_meters, duration, stagger)
                     runs.append(run)
                     cpu = f"{run.cp_cpu_s:.2f}" if run.cp_cpu_s is not None else "-"
                     print(
@@ -614,6 +620,17 @@ async def streams_phase(
     finally:
         await client.close()
     return runs
+
+
+def level_timing(args: argparse.Namespace, streams: int, rate_tok_s: float) -> tuple[float, float]:
+    """Duration and stagger of the runs at ``streams``: a "wave" is how long every stream
+    takes for one request at ``rate_tok_s`` (the direct rate at 16 streams, from the
+    warm-up). Streams start spread over half a wave (at least ``--stagger-s``), so that
+    requests do not arrive in lockstep, and the window after them lasts at least
+    ``--min-waves`` waves (each stream then starts requests inside it)."""
+    wave = streams * args.max_tokens / max(rate_tok_s, 1.0)
+    stagger = max(args.stagger_s, 0.5 * wave)
+    return max(args.duration_s, stagger + args.settle_s + args.min_waves * wave), stagger
 
 
 def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -761,31 +778,18 @@ def simulate(ports_file: Path, count: int, metrics_file: Path | None) -> int:
 
 
 def poller_phase(args: argparse.Namespace, work: Path, metrics_text: str | None) -> dict[str, Any]:
-    """Register ``--poller-nodes`` simulated nodes; measure the control plane's CPU."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Serve ``--poller-nodes`` simulated nodes; for each control plane (this one, and the
+    baseline's if given, alternating over ``--poller-repeats``), register them all in a
+    fresh control plane and measure its CPU over the window."""
     count = args.poller_nodes
     ports_file = work / "sim-ports.json"
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--simulate",
-        str(ports_file),
-        "--poller-nodes",
-        str(count),
-    ]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--simulate", str(ports_file)]
+    cmd += ["--poller-nodes", str(count)]
     if metrics_text is not None:
         (work / "node-metrics.txt").write_text(metrics_text)
         cmd += ["--simulate-metrics", str(work / "node-metrics.txt")]
     with open(work / "sim.log", "wb") as sim_log:
         sim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sim_log, start_new_session=True)
-    cp = ControlPlaneProc(
-        REPO,
-        work / "cp-poller",
-        [],
-        {"LLAVA_CP_POLL_INTERVAL_S": str(args.poll_interval)},
-        "poller",
-    )
     try:
         deadline = time.monotonic() + 120
         while not ports_file.exists() and time.monotonic() < deadline:
@@ -793,59 +797,30 @@ def poller_phase(args: argparse.Namespace, work: Path, metrics_text: str | None)
                 raise RuntimeError(f"simulator exited:\n{(work / 'sim.log').read_text()[-3000:]}")
             time.sleep(0.2)
         ports = json.loads(ports_file.read_text())
-        cp.start()
-        print(f"registering {count} simulated nodes ...", flush=True)
-        t = time.monotonic()
-
-        def register(port: int) -> None:
-            _post_json(
-                f"{cp.url}/admin/workers",
-                {
-                    "url": f"http://127.0.0.1:{port}",
-                    "grpc_url": f"127.0.0.1:{port}",
-                    "metrics_url": f"http://127.0.0.1:{port}/metrics",
-                },
-            )
-
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(register, ports))
-        print(f"  registered in {time.monotonic() - t:.1f} s", flush=True)
-        cp.wait_healthy(count, 120)
-        time.sleep(2 * args.poll_interval + 1)  # settle: a few whole rounds
-        meter = CpuMeter(cp.pid)
-        sim_meter = CpuMeter(sim.pid)
-        s0 = _get_json(f"{cp.url}/admin/status")
-        beats0 = _count_heartbeats(cp.url)
-        c0, sim0, w0 = meter.read(), sim_meter.read(), time.monotonic()
-        time.sleep(args.poller_window_s)
-        c1, sim1, w1 = meter.read(), sim_meter.read(), time.monotonic()
-        s1 = _get_json(f"{cp.url}/admin/status")
-        time.sleep(1.0)  # the writer flushes every 0.25 s
-        beats1 = _count_heartbeats(cp.url)
-        batches = s1["writer"]["batches"] - s0["writer"]["batches"]
-        rows = s1["writer"]["rows"] - s0["writer"]["rows"]
-        rounds = s1["poller"]["rounds"] - s0["poller"]["rounds"]
-        result = {
-            "nodes": count,
-            "healthy": s1["workers"].get("healthy", 0),
-            "poll_interval_s": args.poll_interval,
-            "window_s": w1 - w0,
-            "cp_cpu_s": c1 - c0,
-            "cp_cpu_percent_of_one_core": 100.0 * (c1 - c0) / (w1 - w0),
-            "simulator_cpu_percent_of_one_core": 100.0 * (sim1 - sim0) / (w1 - w0),
-            "poll_rounds": rounds,
-            "last_round_s": s1["poller"]["last_round_s"],
-            "heartbeats_written": beats1 - beats0,
-            "writer_batches": batches,
-            "writer_rows": rows,
-            "rows_per_batch": rows / batches if batches else None,
-            "writer_dropped": s1["writer"]["dropped"],
-        }
+        sources = [("", REPO)]
+        if args.baseline_src is not None:
+            sources.append(("@base", args.baseline_src.resolve()))
+        runs = []
+        for rep in range(args.poller_repeats):
+            for label, src in sources if rep % 2 == 0 else sources[::-1]:
+                print(f"poller{label}, repeat {rep}: registering {count} simulated nodes ...", flush=True)
+                run = poller_run(args, work / f"cp-poller{label}-{rep}", src, ports, sim.pid)
+                run.update(
+                    {"control_plane": f"this{label}" if not label else label.lstrip("@"), "repeat": rep}
+                )
+                runs.append(run)
+                print("  " + poller_line(run), flush=True)
         if args.profile:
-            result["profile"] = profile_pid(cp.pid, Path(args.profile) / "poller.txt", args.profile_s)
-        return result
+            cp = ControlPlaneProc(REPO, work / "cp-poller-profile", [], _poller_env(args), "poller")
+            try:
+                _register_all(cp.start(), ports)
+                cp.wait_healthy(count, 120)
+                time.sleep(2 * args.poll_interval + 1)
+                profile_pid(cp.pid, Path(args.profile) / "poller.txt", args.profile_s)
+            finally:
+                cp.stop()
+        return {"nodes": count, "poll_interval_s": args.poll_interval, "runs": runs}
     finally:
-        cp.stop()
         if sim.poll() is None:
             os.kill(sim.pid, signal.SIGTERM)
             try:
@@ -855,21 +830,93 @@ def poller_phase(args: argparse.Namespace, work: Path, metrics_text: str | None)
                 sim.wait(5)
 
 
+def _poller_env(args: argparse.Namespace) -> dict[str, str]:
+    return {"LLAVA_CP_POLL_INTERVAL_S": str(args.poll_interval)}
+
+
+def _register_all(cp: ControlPlaneProc, ports: Sequence[int]) -> None:
+    """Every simulated node through the admin API, with explicit endpoints (no discovery)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def register(port: int) -> None:
+        body = {
+            "url": f"http://127.0.0.1:{port}",
+            "grpc_url": f"127.0.0.1:{port}",
+            "metrics_url": f"http://127.0.0.1:{port}/metrics",
+        }
+        _post_json(f"{cp.url}/admin/workers", body)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(register, ports))
+
+
+def poller_run(
+    args: argparse.Namespace, data_dir: Path, src: Path, ports: Sequence[int], sim_pid: int
+) -> dict[str, Any]:
+    """One control plane polling every simulated node: its CPU over the window."""
+    count = len(ports)
+    cp = ControlPlaneProc(src, data_dir, [], _poller_env(args), "poller")
+    try:
+        cp.start()
+        t = time.monotonic()
+        _register_all(cp, ports)
+        registered_s = time.monotonic() - t
+        cp.wait_healthy(count, 120)
+        time.sleep(2 * args.poll_interval + 1)  # settle: a few whole rounds
+        meter = CpuMeter(cp.pid)
+        sim_meter = CpuMeter(sim_pid)
+        s0 = _get_json(f"{cp.url}/admin/status")
+        beats0 = _count_heartbeats(cp.url)
+        c0, sim0, w0 = meter.read(), sim_meter.read(), time.monotonic()
+        time.sleep(args.poller_window_s)
+        c1, sim1, w1 = meter.read(), sim_meter.read(), time.monotonic()
+        s1 = _get_json(f"{cp.url}/admin/status")
+        time.sleep(1.0)  # let the writer write the window's last batch
+        beats1 = _count_heartbeats(cp.url)
+        batches = s1["writer"]["batches"] - s0["writer"]["batches"]
+        rows = s1["writer"]["rows"] - s0["writer"]["rows"]
+        return {
+            "nodes": count,
+            "healthy": s1["workers"].get("healthy", 0),
+            "poll_interval_s": args.poll_interval,
+            "registered_in_s": registered_s,
+            "window_s": w1 - w0,
+            "cp_cpu_s": c1 - c0,
+            "cp_cpu_percent_of_one_core": 100.0 * (c1 - c0) / (w1 - w0),
+            "simulator_cpu_percent_of_one_core": 100.0 * (sim1 - sim0) / (w1 - w0),
+            "poll_rounds": s1["poller"]["rounds"] - s0["poller"]["rounds"],
+            "last_round_s": s1["poller"]["last_round_s"],
+            "heartbeats_written": beats1 - beats0,
+            "writer_batches": batches,
+            "writer_rows": rows,
+            "rows_per_batch": rows / batches if batches else None,
+            "writer_dropped": s1["writer"]["dropped"],
+        }
+    finally:
+        cp.stop()
+
+
 def _count_heartbeats(url: str) -> int:
     out = _post_json(f"{url}/admin/sql", {"query": "SELECT COUNT(*) FROM heartbeats"})
     return int(out["rows"][0][0])
 
 
-def print_poller(p: dict[str, Any]) -> None:
-    """The poller summary."""
-    print(
-        f"poller: {p['nodes']} nodes ({p['healthy']} healthy) every {p['poll_interval_s']:g} s: "
+def poller_line(p: dict[str, Any]) -> str:
+    """One poller run, in words."""
+    return (
+        f"{p['nodes']} nodes ({p['healthy']} healthy) every {p['poll_interval_s']:g} s: "
         f"control plane {p['cp_cpu_percent_of_one_core']:.1f}% of one core over {p['window_s']:.0f} s "
         f"({p['poll_rounds']} rounds, last {p['last_round_s'] * 1000:.0f} ms); "
-        f"{p['heartbeats_written']} heartbeats in {p['writer_batches']} writer batches "
-        f"({_fmt(p['rows_per_batch'], '.0f')} rows per batch); simulator "
+        f"{p['heartbeats_written']} heartbeats, {p['writer_rows']} rows in {p['writer_batches']} writer "
+        f"batches ({_fmt(p['rows_per_batch'], '.0f')} rows per batch); simulator "
         f"{p['simulator_cpu_percent_of_one_core']:.0f}% of one core"
     )
+
+
+def print_poller(p: dict[str, Any]) -> None:
+    """The poller runs."""
+    for run in p["runs"]:
+        print(f"poller [{run['control_plane']}, repeat {run['repeat']}]: {poller_line(run)}")
 
 
 # -- profiling -------------------------------------------------------------------------------
@@ -990,11 +1037,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stagger-s", type=float, default=1.0, help="streams start spread over this")
     p.add_argument("--settle-s", type=float, default=1.0, help="left out after the stagger")
     p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--min-waves", type=float, default=2.0, help="a run's window, in requests per stream")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline-src", type=Path, help="a second control plane from this source tree")
     p.add_argument("--poller-nodes", type=int, default=500)
     p.add_argument("--poll-interval", type=float, default=2.0)
     p.add_argument("--poller-window-s", type=float, default=30.0)
+    p.add_argument("--poller-repeats", type=int, default=2, help="runs per control plane, alternating")
     p.add_argument("--skip-streams", action="store_true")
     p.add_argument("--skip-poller", action="store_true")
     p.add_argument("--quick", action="store_true", help="one repeat of 6 s runs, a 12 s poller window")
@@ -1008,6 +1057,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.paths = [x.strip() for x in str(args.paths).split(",") if x.strip()]
     if args.quick:
         args.repeats, args.duration_s, args.poller_window_s, args.warmup_s = 1, 6.0, 12.0, 2.0
+        args.poller_repeats = 1
     return args
 
 
