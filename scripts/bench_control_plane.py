@@ -1040,6 +1040,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-waves", type=float, default=2.0, help="a run's window, in requests per stream")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline-src", type=Path, help="a second control plane from this source tree")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="nodes on CPU 0, control plane(s) and load generator on CPU 1 (streams phase)",
+    )
     p.add_argument("--poller-nodes", type=int, default=500)
     p.add_argument("--poll-interval", type=float, default=2.0)
     p.add_argument("--poller-window-s", type=float, default=30.0)
@@ -1055,6 +1060,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.streams = [int(x) for x in str(args.streams).split(",") if x]
     args.paths = [x.strip() for x in str(args.paths).split(",") if x.strip()]
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        p.error("--pin needs two CPUs")
+    args.pin_nodes, args.pin_rest = {cpus[0]}, set(cpus[1:])
     if args.quick:
         args.repeats, args.duration_s, args.poller_window_s, args.warmup_s = 1, 6.0, 12.0, 2.0
         args.poller_repeats = 1
@@ -1090,9 +1099,15 @@ def main(argv: list[str] | None = None) -> int:
                 "settle_s": args.settle_s,
             }
             print(f"starting {args.nodes} node(s) ...", flush=True)
+            all_cpus = os.sched_getaffinity(0)
+            if args.pin:  # processes inherit the CPUs of the thread that starts them
+                result["settings"]["pin"] = {"nodes": sorted(args.pin_nodes), "rest": sorted(args.pin_rest)}
+                os.sched_setaffinity(0, args.pin_nodes)
             with running_nodes(checkpoint, args.nodes, args.max_batch) as nodes:
                 with urllib.request.urlopen(nodes[0].metrics_url, timeout=5) as r:
                     metrics_text = r.read().decode()
+                if args.pin:
+                    os.sched_setaffinity(0, args.pin_rest)
                 cps: dict[str, ControlPlaneProc] = {}
                 try:
                     workers = [n.http_url for n in nodes]
@@ -1111,6 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     for cp in cps.values():
                         cp.stop()
+                    os.sched_setaffinity(0, all_cpus)
         if not args.skip_poller:
             result["poller"] = poller_phase(args, work, metrics_text)
     out.parent.mkdir(parents=True, exist_ok=True)
