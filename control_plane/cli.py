@@ -17,7 +17,7 @@ from typing import Any
 
 from control_plane.models_cli import add_models_parser, run_models
 
-__all__ = ["main", "settings_from_args"]
+__all__ = ["main", "prepare_grpc", "settings_from_args"]
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +63,17 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     return Settings(**overrides)
 
 
+def prepare_grpc(settings: Any) -> None:
+    """Apply ``settings.grpc_experiments`` to this process before gRPC is imported (gRPC
+    reads ``GRPC_EXPERIMENTS`` when it starts); an explicit environment variable wins."""
+    import os
+
+    if settings.grpc_experiments and "GRPC_EXPERIMENTS" not in os.environ:
+        if "grpc" in sys.modules:
+            logging.getLogger(__name__).warning("gRPC is already imported: GRPC_EXPERIMENTS may not apply")
+        os.environ["GRPC_EXPERIMENTS"] = settings.grpc_experiments
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit, so ``finally`` blocks run (uvicorn re-raises the
     signal it caught after its own shutdown)."""
@@ -73,6 +84,7 @@ def exit_on_sigterm() -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    prepare_grpc(settings)
     exit_on_sigterm()
     print(f"control plane listening on http://{settings.host}:{settings.port} (Ctrl-C stops it)", flush=True)
     run_server(settings, args.log_level)
@@ -80,7 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def run_server(settings: Any, log_level: str) -> None:
-    """Serve the control plane with uvicorn (uvloop, httptools) until it is stopped."""
+    """Serve the control plane with uvicorn (uvloop, httptools) until it is stopped.
+    Call :func:`prepare_grpc` first, before anything imports gRPC."""
     import uvicorn
 
     from control_plane.app import create_app

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     discovery_interval_s: float = 10.0
 
     # -- routing and proxying ------------------------------------------------------------
+    grpc_experiments: str = Field(
+        "-event_engine_client",
+        description="GRPC_EXPERIMENTS for this process's gRPC clients (set by `serve` and `stack` before "
+        "gRPC starts, unless the environment already sets GRPC_EXPERIMENTS; empty: gRPC's defaults). "
+        "The default turns off gRPC's EventEngine client, which costs a third more CPU per streamed "
+        "token under asyncio (docs/performance.md)",
+    )
     dispatch_policy: DispatchPolicy = DispatchPolicy.SHORTEST_QUEUE
     connect_timeout_s: float = 5.0
     first_token_timeout_s: float = 120.0

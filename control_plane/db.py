@@ -7,6 +7,7 @@ a batch. Reads (admin API, SQL) run in worker threads with short sessions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -17,7 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, insert, inspect, text, update
+import orjson
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.schema import Base
@@ -108,7 +121,15 @@ class Database:
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             connect_args = {"check_same_thread": False, "timeout": 30}
-        self.engine: Engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        self.engine: Engine = create_engine(
+            url,
+            connect_args=connect_args,
+            pool_pre_ping=True,
+            # JSON columns (worker models and labels, every heartbeat's models) through orjson:
+            # the poller writes and reads them for every node every round.
+            json_serializer=_json_dumps,
+            json_deserializer=orjson.loads,
+        )
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -148,6 +169,10 @@ class Database:
         self.engine.dispose()
 
 
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
@@ -159,18 +184,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 @dataclass
 class _Op:
-    kind: str  # "insert" | "update" | "call"
+    kind: str  # "insert" | "update" | "call" | "mark" (flush: set done once written)
     model: Any = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     call: Callable[[Session], None] | None = None
+    done: threading.Event | None = None
 
 
 class BatchWriter:
-    """Writes rows on its own thread, in batches, in the order they were given.
+    """Writes rows on its own thread, in batches, one transaction a batch: a batch holds
+    what is queued within ``flush_interval_s`` of its first row (at most ``batch_size``).
 
-    ``insert`` and ``update`` return at once. Consecutive operations of one kind on
-    one table become one ``executemany``; each batch is one transaction. A full queue
-    drops the newest row (and says so in the log) rather than block the caller.
+    ``insert`` and ``update`` return at once. Within a batch, the inserts into one table
+    become one ``executemany`` (in the order given), then the updates of one table (by
+    primary key) another: an update of a row inserted in the same batch is folded into
+    the insert, and several updates of one row become one (later values win). Tables go
+    parents first (foreign keys); a ``call`` is a barrier: what was queued before it is
+    written before it runs. Each batch commits as a whole, so readers never see its
+    statements in between: they see every write in the order given. A full queue drops
+    the newest row (and says so in the log) rather than block the caller.
     """
 
     def __init__(
@@ -182,6 +214,7 @@ class BatchWriter:
         self._queue: queue.Queue[_Op | None] = queue.Queue(maxsize=max_queue)
         self._idle = threading.Event()
         self._idle.set()
+        self._wake = threading.Event()  # flush(): write the batch being collected now
         self.dropped = 0
         self.batches = 0
         self.rows_written = 0
@@ -210,65 +243,148 @@ class BatchWriter:
         self._put(_Op("call", call=fn))
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until everything queued so far is written."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle.wait(0.05):
-                return True
-        return False
+        """Wait until everything queued so far is written (the batch being collected is
+        written at once, without waiting for the rest of its interval)."""
+        if not self._thread.is_alive():
+            return self._queue.empty()
+        done = threading.Event()
+        self._idle.clear()
+        try:
+            self._queue.put(_Op("mark", done=done), timeout=timeout_s)
+        except queue.Full:
+            return False
+        self._wake.set()
+        return done.wait(timeout_s)
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
         self._queue.put(None)
+        self._wake.set()
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
             try:
-                first = self._queue.get(timeout=self.flush_interval_s)
+                first = self._queue.get(timeout=1.0)
             except queue.Empty:
                 self._idle.set()
                 continue
-            batch: list[_Op] = []
             if first is None:
-                stopping = True
-            else:
-                batch.append(first)
-            while len(batch) < self.batch_size:
-                try:
-                    op = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if op is None:
-                    stopping = True
-                    break
-                batch.append(op)
-            if batch:
-                self._write(batch)
+                break
+            # A batch is what comes within flush_interval_s of its first row (or batch_size
+            # rows): a few transactions a second however many rows come, and the writes
+            # (which hold the GIL at times) stay off the moments a request's tokens pass.
+            batch = [first]
+            flush_at = time.monotonic() + self.flush_interval_s
+            stopping = self._drain(batch)
+            if not stopping and len(batch) < self.batch_size and not _marked(batch):
+                self._wake.wait(max(0.0, flush_at - time.monotonic()))
+                stopping = self._drain(batch)
+            self._wake.clear()
+            self._write([op for op in batch if op.kind != "mark"])
+            for op in batch:
+                if op.done is not None:
+                    op.done.set()
             if self._queue.empty():
                 self._idle.set()
 
+    def _drain(self, batch: list[_Op]) -> bool:
+        """Move queued operations into ``batch`` (up to ``batch_size``); True at the stop mark."""
+        while len(batch) < self.batch_size:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if op is None:
+                return True
+            batch.append(op)
+        return False
+
     def _write(self, batch: list[_Op]) -> None:
+        if not batch:
+            return
         try:
             with self.db.session() as s:
-                i = 0
-                while i < len(batch):
-                    op = batch[i]
+                segment: list[_Op] = []
+                for op in batch:
                     if op.kind == "call":
+                        _write_rows(s, segment)
+                        segment = []
                         assert op.call is not None
                         op.call(s)
-                        i += 1
-                        continue
-                    rows = list(op.rows)
-                    j = i + 1
-                    while j < len(batch) and batch[j].kind == op.kind and batch[j].model is op.model:
-                        rows.extend(batch[j].rows)
-                        j += 1
-                    stmt = insert(op.model) if op.kind == "insert" else update(op.model)
-                    s.execute(stmt, rows)
-                    i = j
+                    else:
+                        segment.append(op)
+                _write_rows(s, segment)
             self.batches += 1
             self.rows_written += sum(len(op.rows) or 1 for op in batch)
         except Exception:
             log.exception("database write of %d operations failed; they are lost", len(batch))
+
+
+def _marked(batch: list[_Op]) -> bool:
+    return any(op.kind == "mark" for op in batch)
+
+
+def _write_rows(s: Session, ops: list[_Op]) -> None:
+    """Inserts and updates of one batch segment: one executemany per table and kind."""
+    if not ops:
+        return
+    inserts: dict[Table, list[dict[str, Any]]] = {}
+    inserted: dict[Table, dict[Any, dict[str, Any]]] = {}  # table -> primary key -> row
+    updates: dict[Table, dict[Any, dict[str, Any]]] = {}
+    for op in ops:
+        table = op.model.__table__
+        pk = _pk_column(table)
+        for row in op.rows:
+            key = row.get(pk) if pk is not None else None
+            if op.kind == "insert":
+                row = dict(row)
+                inserts.setdefault(table, []).append(row)
+                if key is not None:
+                    inserted.setdefault(table, {})[key] = row
+                continue
+            pending = inserted.get(table, {}).get(key)
+            if pending is not None:  # inserted in this batch: insert the final values
+                pending.update(row)
+                continue
+            earlier = updates.setdefault(table, {}).get(key)
+            if earlier is not None:
+                earlier.update(row)
+            else:
+                updates[table][key] = dict(row)
+    conn = s.connection()
+    for table in _ordered(inserts):
+        rows = inserts[table]
+        start = 0
+        for i in range(1, len(rows) + 1):  # executemany takes the columns of its first row
+            if i == len(rows) or rows[i].keys() != rows[start].keys():
+                conn.execute(insert(table), rows[start:i])
+                start = i
+    for table in _ordered(updates):
+        pk = _pk_column(table)
+        assert pk is not None, f"updates of {table.name} need a single-column primary key"
+        by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in updates[table].values():
+            params = {k: v for k, v in row.items() if k != pk}
+            params["_pk"] = row[pk]
+            by_keys.setdefault(tuple(sorted(params)), []).append(params)
+        stmt = update(table).where(table.c[pk] == bindparam("_pk"))
+        for rows in by_keys.values():
+            conn.execute(stmt, rows)
+
+
+def _pk_column(table: Table) -> str | None:
+    cols = list(table.primary_key.columns)
+    return cols[0].key if len(cols) == 1 else None
+
+
+def _ordered(by_table: dict[Table, Any]) -> list[Table]:
+    """The tables of ``by_table``, parents before children (foreign keys)."""
+    order = _table_order()
+    return sorted(by_table, key=lambda t: order.get(t, len(order)))
+
+
+@functools.cache
+def _table_order() -> dict[Table, int]:
+    return {t: i for i, t in enumerate(Base.metadata.sorted_tables)}

@@ -13,7 +13,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from llava_node.client import Chunk, engine_model, parse_response
+from llava_node.client import Chunk, engine_model, parse_infer_response
 from llava_node.protocol import CLIENT_ERROR_PREFIX
 
 __all__ = ["NodeStreamError", "TritonPool"]
@@ -46,6 +46,64 @@ def _node_message(text: str) -> tuple[str, bool]:
     if i >= 0:
         return text[i + len(CLIENT_ERROR_PREFIX) :], True
     return text, False
+
+
+class _Watchdog:
+    """Cancels a gRPC call whose node answers nothing for a timeout, like wrapping each
+    wait in ``asyncio.timeout`` but cheap to re-arm: a stream waits on the node once per
+    token, and a timer per wait (what ``asyncio.timeout`` makes) costs more than the rest
+    of what the control plane does with a token but parsing it. One timer per stream
+    instead: each wait moves a deadline, and the timer, when it fires, re-arms itself for
+    the deadline unless the deadline passed during a wait; then it cancels the call (the
+    wait raises ``CancelledError``) and sets :attr:`expired`.
+
+    ``arm(timeout)`` before each wait, ``disarm()`` after it, ``close()`` at the end.
+    """
+
+    __slots__ = ("_call", "_handle", "_loop", "_when", "deadline", "expired", "waiting")
+
+    def __init__(self, call: Any) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._call = call
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0  # when the timer fires
+        self.deadline = 0.0
+        self.waiting = False
+        self.expired = False
+
+    def arm(self, timeout_s: float) -> None:
+        """A wait starts; it may last ``timeout_s``."""
+        self.deadline = self._loop.time() + timeout_s
+        self.waiting = True
+        if self._handle is None or self.deadline < self._when:  # none, or too late (a shorter timeout)
+            self._schedule()
+
+    def disarm(self) -> None:
+        """The wait is over (the timer stays, to be re-armed cheaply)."""
+        self.waiting = False
+
+    def close(self) -> None:
+        """Stop the timer."""
+        self.waiting = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        if not self.waiting:
+            return  # between waits: the next arm() starts the timer again
+        if self._loop.time() >= self.deadline:
+            self.expired = True
+            self._call.cancel()
+        else:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._when = self.deadline
+        self._handle = self._loop.call_at(self.deadline, self._fire)
 
 
 class TritonPool:
@@ -103,16 +161,20 @@ class TritonPool:
         call = self.client(grpc_url).stream_infer(one_request())
         finished = False
         timeout = first_token_timeout_s
+        watchdog = _Watchdog(call)
         try:
             while True:
+                watchdog.arm(timeout)
                 try:
-                    async with asyncio.timeout(timeout):
-                        result, error = await call.__anext__()
+                    result, error = await call.__anext__()
                 except StopAsyncIteration:
                     raise NodeStreamError(
                         "the node closed the stream before its final response", unreachable=True
                     ) from None
-                except TimeoutError:
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if not watchdog.expired or (task is not None and task.cancelling()):
+                        raise  # the task is cancelled: the client went away
                     raise NodeStreamError(
                         f"the node sent nothing for {timeout:g} s", unreachable=True, stalled=True
                     ) from None
@@ -121,6 +183,8 @@ class TritonPool:
                         f"the node at {grpc_url} failed: {exc.code().name}: {exc.details()}",
                         unreachable=exc.code() in _UNREACHABLE,
                     ) from None
+                finally:
+                    watchdog.disarm()
                 if error is not None:
                     finished = True
                     message, client_error = _node_message(str(error.message()))
@@ -128,12 +192,13 @@ class TritonPool:
                 response = result.get_response()
                 final = response.parameters.get("triton_final_response")
                 if response.outputs:
-                    yield parse_response(result)
+                    yield parse_infer_response(response)
                 timeout = stall_timeout_s
                 if final is not None and final.bool_param:
                     finished = True
                     return
         finally:
+            watchdog.close()
             if not finished:
                 with contextlib.suppress(Exception):
                     call.cancel()

@@ -51,8 +51,9 @@ def stop_all(nodes: list[Any]) -> None:
 
 def run_stack(args: argparse.Namespace) -> int:
     """Run nodes and control plane in the foreground."""
+    from control_plane.cli import exit_on_sigterm, prepare_grpc, run_server, settings_from_args
 
-    from control_plane.cli import exit_on_sigterm, run_server, settings_from_args
+    prepare_grpc(settings_from_args(args))  # before anything imports gRPC
     from llava_node.launcher import NodeStartError, TritonNode, TritonNodeConfig, resolve_checkpoint
 
     exit_on_sigterm()

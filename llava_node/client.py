@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "build_inputs",
     "cancel",
     "engine_model",
+    "parse_infer_response",
     "parse_response",
     "stream_generate",
 ]
@@ -103,19 +105,92 @@ def build_inputs(
 
 def parse_response(result: Any) -> Chunk:
     """A tritonclient ``InferResult`` of ``llava`` as a :class:`Chunk`."""
-    text = result.as_numpy("text_output")
-    ids = result.as_numpy("token_ids")
-    reason = result.as_numpy("finish_reason")
-    prompt_tokens = result.as_numpy("prompt_tokens")
-    completion = result.as_numpy("completion_tokens")
-    reason_s = reason.reshape(-1)[0].decode() if reason is not None and reason.size else ""
-    return Chunk(
-        text=text.reshape(-1)[0].decode("utf-8") if text is not None and text.size else "",
-        token_ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
-        finish_reason=reason_s or None,
-        prompt_tokens=int(prompt_tokens.reshape(-1)[0]) if prompt_tokens is not None else 0,
-        completion_tokens=int(completion.reshape(-1)[0]) if completion is not None else 0,
-    )
+    return parse_infer_response(result.get_response())
+
+
+_INT_FORMATS = {"INT32": "i", "INT64": "q", "UINT32": "I", "UINT64": "Q", "INT16": "h", "INT8": "b"}
+
+
+def _first_bytes(raw: bytes) -> bytes:
+    """The first element of a serialized BYTES tensor (4-byte little-endian length, bytes)."""
+    return raw[4 : 4 + int.from_bytes(raw[:4], "little")] if len(raw) >= 4 else b""
+
+
+def _ints(datatype: str, raw: bytes) -> list[int]:
+    """The elements of a raw little-endian integer tensor."""
+    fmt = _INT_FORMATS.get(datatype)
+    if fmt is None:
+        raise ValueError(f"unexpected datatype {datatype} for an integer output")
+    return list(struct.unpack(f"<{len(raw) // struct.calcsize(fmt)}{fmt}", raw))
+
+
+def _first_int(datatype: str, raw: bytes) -> int:
+    """The first element of a raw integer tensor (0 for none)."""
+    if datatype in ("INT32", "INT64") and len(raw) in (4, 8):
+        return int.from_bytes(raw, "little", signed=True)  # a scalar: the usual case
+    ints = _ints(datatype, raw)
+    return ints[0] if ints else 0
+
+
+def _typed_contents(output: Any) -> tuple[list[bytes], list[int]]:
+    """An output sent in typed ``contents`` fields instead of raw bytes."""
+    c = output.contents
+    return list(c.bytes_contents), [*c.int64_contents, *c.int_contents, *c.uint64_contents, *c.uint_contents]
+
+
+def parse_infer_response(response: Any) -> Chunk:
+    """A ``ModelInferResponse`` protobuf of ``llava`` (``InferResult.get_response()``) as a
+    :class:`Chunk`.
+
+    Reads the raw output bytes directly: the same values as ``InferResult.as_numpy`` for
+    each of the five outputs, without building NumPy arrays (this runs once per streamed
+    response on the control plane's hot path; ``tests/node/test_client_parse.py`` checks
+    it against tritonclient's own parsing).
+    """
+    chunk = Chunk(text="", token_ids=[], finish_reason=None, prompt_tokens=0, completion_tokens=0)
+    outputs = response.outputs
+    raw_contents = response.raw_output_contents
+    if len(raw_contents) != len(outputs):
+        return _parse_typed(response, chunk)
+    for output, raw in zip(outputs, raw_contents, strict=True):
+        name = output.name
+        if name == "text_output":
+            chunk.text = _first_bytes(raw).decode("utf-8")
+        elif name == "token_ids":
+            chunk.token_ids = _ints(output.datatype, raw)
+        elif name == "finish_reason":
+            chunk.finish_reason = _first_bytes(raw).decode() or None
+        elif name == "prompt_tokens":
+            chunk.prompt_tokens = _first_int(output.datatype, raw)
+        elif name == "completion_tokens":
+            chunk.completion_tokens = _first_int(output.datatype, raw)
+    return chunk
+
+
+def _parse_typed(response: Any, chunk: Chunk) -> Chunk:
+    # Outputs without raw bytes come in typed contents (tritonclient pairs raw bytes with
+    # outputs by position, and reads the rest from ``contents``).
+    raw_contents = response.raw_output_contents
+    for i, output in enumerate(response.outputs):
+        if i < len(raw_contents):
+            raw = raw_contents[i]
+            is_bytes = output.datatype == "BYTES"
+            strings = [_first_bytes(raw)] if is_bytes else []
+            numbers = [] if is_bytes else _ints(output.datatype, raw)
+        else:
+            strings, numbers = _typed_contents(output)
+        name = output.name
+        if name == "text_output":
+            chunk.text = strings[0].decode("utf-8") if strings else ""
+        elif name == "token_ids":
+            chunk.token_ids = numbers
+        elif name == "finish_reason":
+            chunk.finish_reason = (strings[0].decode() if strings else "") or None
+        elif name == "prompt_tokens":
+            chunk.prompt_tokens = numbers[0] if numbers else 0
+        elif name == "completion_tokens":
+            chunk.completion_tokens = numbers[0] if numbers else 0
+    return chunk
 
 
 def stream_generate(

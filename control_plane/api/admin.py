@@ -23,6 +23,11 @@ from control_plane.sql import run_readonly
 __all__ = ["router"]
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+# Admin reads first wait for the writes queued before them (batched: up to the flush
+# interval), so that a query sees what this control plane has done; bounded, in case the
+# database is slow.
+READ_FLUSH_TIMEOUT_S = 5.0
 public = APIRouter(tags=["operations"])
 
 
@@ -79,6 +84,7 @@ async def show_worker(worker_id: int, cp: CPDep) -> dict[str, Any]:
     w = cp.store.get(worker_id)
     if w is None:
         raise NotFound(f"no worker with id {worker_id}")
+    await asyncio.to_thread(cp.writer.flush, READ_FLUSH_TIMEOUT_S)
     history = await asyncio.to_thread(_history, cp, worker_id)
     return {**w.to_dict(), **history}
 
@@ -181,7 +187,9 @@ async def control_plane_status(cp: CPDep) -> dict[str, Any]:
 
 @router.post("/sql")
 async def sql(body: SqlIn, cp: CPDep) -> dict[str, Any]:
-    """Run one read-only SQL query over the worker history (writes are refused)."""
+    """Run one read-only SQL query over the worker history (writes are refused). It sees
+    everything this control plane did before the query (queued writes are written first)."""
+    await asyncio.to_thread(cp.writer.flush, READ_FLUSH_TIMEOUT_S)
     result = await asyncio.to_thread(
         run_readonly, cp.settings.sqlalchemy_url, body.query, body.params, body.max_rows
     )

@@ -1,4 +1,8 @@
-"""Dependencies shared by the API modules."""
+"""Dependencies shared by the API modules.
+
+Every dependency is ``async def``: FastAPI runs a plain ``def`` dependency in a worker
+thread, a thread hop per request on the first-token path for work that needs no I/O.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from control_plane.errors import Unauthorized
 __all__ = ["AdminDep", "CPDep", "get_cp", "require_api_key", "require_api_key_for_llava"]
 
 
-def get_cp(request: Request) -> ControlPlane:
+async def get_cp(request: Request) -> ControlPlane:
     """The app's :class:`ControlPlane`."""
     cp: ControlPlane = request.app.state.cp
     return cp
@@ -31,7 +35,7 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-def require_admin(request: Request, cp: CPDep) -> None:
+async def require_admin(request: Request, cp: CPDep) -> None:
     """Admin endpoints need the admin token, when one is configured."""
     expected = cp.settings.admin_token
     if not expected:
@@ -46,7 +50,7 @@ def require_admin(request: Request, cp: CPDep) -> None:
 AdminDep = Depends(require_admin)
 
 
-def require_api_key(request: Request, cp: CPDep) -> None:
+async def require_api_key(request: Request, cp: CPDep) -> None:
     """Inference APIs need one of the configured API keys, when any are configured."""
     keys = cp.settings.api_keys
     if not keys:
@@ -58,7 +62,7 @@ def require_api_key(request: Request, cp: CPDep) -> None:
         raise Unauthorized("incorrect API key")
 
 
-def require_api_key_for_llava(request: Request, cp: CPDep) -> None:
+async def require_api_key_for_llava(request: Request, cp: CPDep) -> None:
     """LLaVA's protocol checks API keys only when ``llava_api_requires_key`` is set."""
     if cp.settings.llava_api_requires_key:
-        require_api_key(request, cp)
+        await require_api_key(request, cp)

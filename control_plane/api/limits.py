@@ -42,12 +42,16 @@ class BodySizeLimit:
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    too_large = int(value) > self.max_bytes
+                    length = int(value)
                 except ValueError:
-                    too_large = False
-                if too_large:
+                    break
+                if length > self.max_bytes:
                     await self._reject(scope)(scope, receive, send)
                     return
+                # The server reads exactly Content-Length bytes: nothing to count, and no
+                # wrapper on the response's send (a stream calls it once per token).
+                await self.app(scope, receive, send)
+                return
         seen = 0
         started = False
 

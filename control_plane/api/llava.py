@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from control_plane.api.deps import CPDep, require_api_key_for_llava
 from control_plane.api.errors import llava_frame
+from control_plane.api.streaming import TokenStreamResponse
 from control_plane.errors import BadRequest, NotFound, ServiceError
 from control_plane.service import GenerateRequest
 from control_plane.store import WorkerState
@@ -265,7 +266,7 @@ async def _stream_frames(req: GenerateRequest, cp: CPDep) -> Response:
         finally:
             await chunks.aclose()
 
-    return StreamingResponse(
+    return TokenStreamResponse(
         frames(), media_type="application/octet-stream", headers={"X-Request-Id": req.request_id}
     )
 

@@ -14,16 +14,17 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from control_plane.api.deps import CPDep, require_api_key
+from control_plane.api.streaming import TokenStreamResponse
 from control_plane.errors import BadRequest, ServiceError
 from control_plane.images import ImageFetcher
 from control_plane.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
 from control_plane.service import GenerateRequest
 from llava_node.client import Chunk
 
-__all__ = ["router"]
+__all__ = ["ChunkEvents", "router"]
 
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], dependencies=[Depends(require_api_key)])
@@ -116,6 +117,32 @@ def _sse(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+class ChunkEvents:
+    """SSE events of one streamed completion: ``chat.completion.chunk`` objects.
+
+    Everything but the delta and the finish reason is the same in every event of a
+    stream, so it is serialized once; each event then joins three pieces, byte for byte
+    what ``_sse`` makes of the whole object (one event per token).
+    """
+
+    __slots__ = ("_head",)
+
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
+        head = orjson.dumps(
+            {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        )
+        self._head = b"data: " + head[:-1] + b',"choices":[{"index":0,"delta":'
+
+    def __call__(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        """The event carrying ``delta`` (and ``finish``, the finish reason)."""
+        tail = (
+            b',"logprobs":null,"finish_reason":null}]}\n\n'
+            if finish is None
+            else (b',"logprobs":null,"finish_reason":' + orjson.dumps(finish) + b"}]}\n\n")
+        )
+        return self._head + orjson.dumps(delta) + tail
+
+
 @router.post("/chat/completions")
 async def chat_completions(
     body: ChatCompletionRequest, cp: CPDep, x_request_id: str | None = Header(None)
@@ -135,17 +162,7 @@ async def chat_completions(
         return await _complete(chunks, first, completion_id, created, body.model, headers)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _sse(
-            {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            }
-        )
+    event = ChunkEvents(completion_id, created, body.model)
 
     async def events() -> AsyncIterator[bytes]:
         prompt_tokens = completion_tokens = 0
@@ -191,7 +208,7 @@ async def chat_completions(
             await chunks.aclose()
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(
+    return TokenStreamResponse(
         events(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
     )
 

@@ -190,3 +190,27 @@ def test_metrics_parsing() -> None:
         'nv_inference_count{model="llava"} 7\n'
     )
     assert parse_load(text) == (3, 7)
+
+
+@pytest.mark.parametrize(
+    ("delta", "finish"),
+    [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": ' é "x"\n日本'}, None),
+        ({}, "stop"),
+        ({}, "length"),
+    ],
+)
+def test_chunk_events_are_the_whole_object_serialized(delta: dict[str, str], finish: str | None) -> None:
+    from control_plane.api.openai import ChunkEvents, _sse
+
+    whole = _sse(
+        {
+            "id": "chatcmpl-req-1",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": 'llava "7b"',
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+    )
+    assert ChunkEvents("chatcmpl-req-1", 1700000000, 'llava "7b"')(delta, finish) == whole
