@@ -53,7 +53,7 @@ def test_history_tables_fill_and_documented_queries_answer(control_plane: Contro
     assert sum(r["requests"] for r in per_hour) >= 4
     assert sum(r["errors"] for r in per_hour) >= 1  # the request for a missing model
     ok = [r for r in sql(control_plane, "SELECT * FROM requests WHERE status = 'ok'")]
-    assert all(r["ttft_ms"] > 0 and r["completion_tokens"] == 5 and r["worker_id"] for r in ok)
+    assert ok and all(r["ttft_ms"] > 0 and r["completion_tokens"] == 5 and r["worker_id"] for r in ok), ok
 
 
 def test_sql_command_prints_a_table_and_refuses_writes(control_plane: ControlPlaneProcess) -> None:
