@@ -183,6 +183,48 @@ async def run_load(
     }
 
 
+ENGINE_COUNTERS = (
+    "llava_engine_prefill_seconds_total",
+    "llava_engine_decode_wait_seconds_total",
+    "llava_engine_token_handling_seconds_total",
+    "llava_engine_decode_steps_total",
+    "llava_engine_generated_tokens_total",
+)
+
+
+def engine_counters(node: TritonNode) -> dict[str, float]:
+    """The engine's time-breakdown counters from the node's Prometheus metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(node.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = dict.fromkeys(ENGINE_COUNTERS, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def measured(node: TritonNode, fn: Any) -> dict[str, Any]:
+    """Run ``fn`` (a load); add where the engine's time went meanwhile (metrics are
+    published once a second, so wait that long before and after)."""
+    time.sleep(1.2)
+    before = engine_counters(node)
+    result: dict[str, Any] = fn()
+    time.sleep(1.2)
+    after = engine_counters(node)
+    delta = {
+        k.removeprefix("llava_engine_").removesuffix("_total"): round(after[k] - before[k], 3) for k in before
+    }
+    steps = delta.get("decode_steps") or 0
+    if steps:
+        for k in ("decode_wait_seconds", "token_handling_seconds"):
+            delta[k.replace("seconds", "ms_per_step")] = round(delta[k] * 1000 / steps, 2)
+    result["engine"] = delta
+    return result
+
+
 def bench_engine(
     engine: str, checkpoint: Path, args: argparse.Namespace, prompt: str, image: bytes
 ) -> dict[str, Any]:
@@ -201,8 +243,11 @@ def bench_engine(
         window = args.baseline_window_s if engine == "hf_generate" else 120.0
         asyncio.run(run_load(node.grpc_url, args, prompt, image, 1, 8, 60, f"{engine}-warm"))
         singles = [
-            asyncio.run(
-                run_load(node.grpc_url, args, prompt, image, 1, args.new_tokens, 120, f"{engine}-s{i}")
+            measured(
+                node,
+                lambda i=i: asyncio.run(
+                    run_load(node.grpc_url, args, prompt, image, 1, args.new_tokens, 120, f"{engine}-s{i}")
+                ),
             )
             for i in range(args.single_runs)
         ]
@@ -213,7 +258,7 @@ def bench_engine(
         }
         print(
             f"[{engine}] 1 stream: {out['single']['ttft_ms_p50']} ms TTFT, "
-            f"{out['single']['decode_tok_s']} tok/s",
+            f"{out['single']['decode_tok_s']} tok/s, engine {singles[-1]['engine']}",
             flush=True,
         )
         for streams in args.streams:
@@ -221,20 +266,27 @@ def bench_engine(
             # per request so that they end (its aggregate rate is its one-stream rate anyway).
             new_tokens = args.baseline_conc_tokens if engine == "hf_generate" else args.new_tokens
             out[f"c{streams}_new_tokens"] = new_tokens
-            r = asyncio.run(
-                run_load(
-                    node.grpc_url,
-                    args,
-                    prompt,
-                    image,
-                    streams,
-                    new_tokens,
-                    window,
-                    f"{engine}-c{streams}",
-                )
+            r = measured(
+                node,
+                lambda streams=streams, new_tokens=new_tokens: asyncio.run(
+                    run_load(
+                        node.grpc_url,
+                        args,
+                        prompt,
+                        image,
+                        streams,
+                        new_tokens,
+                        window,
+                        f"{engine}-c{streams}",
+                    )
+                ),
             )
             out[f"c{streams}"] = r
-            print(f"[{engine}] {streams} streams: {r['aggregate_tok_s']} tok/s aggregate", flush=True)
+            print(
+                f"[{engine}] {streams} streams: {r['aggregate_tok_s']} tok/s aggregate, "
+                f"TTFT p50 {r['ttft_ms_p50']} ms, engine {r['engine']}",
+                flush=True,
+            )
     except Exception:
         print(f"[{engine}] failed; node log:\n{node.log_tail(12000)}", flush=True)
         raise
@@ -383,6 +435,68 @@ def micro_decode(checkpoint: Path, batch_sizes: list[int], context: int = 616) -
     return out
 
 
+def micro_prefill(checkpoint: Path, prompt: str, image: bytes, reps: int = 10) -> dict[str, Any]:
+    """One prompt's first token, piece by piece (no Triton): the vision tower eager and
+    from its CUDA graph, the language model's prefill with torch ops and with the fused
+    kernels, and the whole of ``prefill``; plus the profile's heaviest kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from llava_node.engine.loading import load_llava
+    from llava_node.engine.runner import LlavaRunner, RunnerConfig
+
+    arrays = engine_inputs(checkpoint, prompt, image)
+    ids = torch.from_numpy(arrays["input_ids"])
+    pixels = torch.from_numpy(arrays["pixel_values"])
+    loaded = load_llava(checkpoint, torch.device("cuda"), torch.bfloat16)
+    runner = LlavaRunner(loaded, RunnerConfig(max_batch=8, max_seq_len=2048))
+    runner.warmup()
+    pages = list(range(1, 1 + runner.cache.pages_for(int(ids.shape[0]) + 8)))
+    runner.assign(0, pages, 0.0, 1.0, 0)
+    fused = runner.fused
+
+    def timed(fn: Any) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1000)
+        return round(statistics.median(times), 2)
+
+    def lm_only(use_fused: bool) -> Any:
+        runner.fused = fused if use_fused else None
+        try:
+            return runner.prefill_logits(0, ids, pixels)
+        finally:
+            runner.fused = fused
+
+    out: dict[str, Any] = {
+        "prompt_tokens": int(ids.shape[0]),
+        "vision_graph": (runner.vision_graph.error or "captured") if runner.vision_graph else "none",
+        "ms": {
+            "vision_eager": timed(lambda: runner.image_features_eager(pixels)),
+            "vision": timed(lambda: runner.image_features(pixels)),
+            "prefill_torch_ops": timed(lambda: lm_only(False)),
+            "prefill_fused": timed(lambda: lm_only(True)) if fused is not None else None,
+            "prefill_and_first_token": timed(lambda: runner.prefill(0, ids, pixels)),
+        },
+    }
+    a, b = lm_only(False).float(), lm_only(True).float()
+    out["fused_vs_torch_logits_rel_err"] = float((a - b).norm() / a.norm())
+    out["fused_vs_torch_argmax_equal"] = bool(a.argmax() == b.argmax())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.prefill(0, ids, pixels)
+        torch.cuda.synchronize()
+    out["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    print(f"[prefill] {json.dumps({k: v for k, v in out.items() if k != 'profile'})}", flush=True)
+    print(out["profile"], flush=True)
+    return out  # a phase runs in its own process: its memory goes when it exits
+
+
 def main() -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -414,12 +528,15 @@ def main() -> int:
     )
     parser.add_argument("--check", action="store_true", help="compare with transformers on the GPU")
     parser.add_argument("--micro", action="store_true", help="time the bare decode step")
-    parser.add_argument("--phase", choices=["check", "micro"], help=argparse.SUPPRESS)
+    parser.add_argument("--prefill", action="store_true", help="time a prompt's prefill, piece by piece")
+    parser.add_argument("--phase", choices=["check", "micro", "prefill"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase is not None:  # a phase in its own process, so its GPU memory is freed
         prompt, _ = prompt_for(args.checkpoint)
         if args.phase == "check":
             out = check_against_transformers(args.checkpoint, prompt, bench_image())
+        elif args.phase == "prefill":
+            out = micro_prefill(args.checkpoint, prompt, bench_image())
         else:
             out = micro_decode(args.checkpoint, [1, 8, 32])
         args.out.write_text(json.dumps(out, default=str))
@@ -479,6 +596,9 @@ def main() -> int:
         save()
     if args.micro:
         result["micro"] = phase("micro")
+        save()
+    if args.prefill:
+        result["prefill"] = phase("prefill")
         save()
     for engine in [e for e in args.engines.split(",") if e]:
         result[engine] = bench_engine(engine, args.checkpoint, args, prompt, image)

@@ -69,12 +69,18 @@ class EngineStats:
     tokens_generated: int = 0
     tokens_after_cancel: int = 0  # tokens computed for a request after it was cancelled
     decode_steps: int = 0
+    # Where the engine thread's time goes (seconds, cumulative): prompts (vision tower and
+    # prefill), waiting for a decode step's tokens from the device, and handling tokens
+    # on the host (detokenizing, stop strings, sending responses).
+    prefill_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0
+    token_handling_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, float]:
         """A copy of the counters."""
         with self.lock:
-            return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
+            return {k: v for k, v in self.__dict__.items() if isinstance(v, (int, float))}
 
 
 class Engine(abc.ABC):

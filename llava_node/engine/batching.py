@@ -186,6 +186,7 @@ class BatchingEngine(Engine):
         self._running[slot] = run
         with self.stats.lock:
             self.stats.requests_started += 1
+        started = time.perf_counter()
         try:
             self.runner.assign(slot, pages, req.temperature, req.top_p, req.seed)
             token = self.runner.prefill(slot, req.input_ids, req.pixel_values)
@@ -195,6 +196,9 @@ class BatchingEngine(Engine):
         except torch.cuda.OutOfMemoryError:
             self._finish(run, error="the node ran out of GPU memory during the prompt; try a shorter one")
             return
+        finally:
+            with self.stats.lock:
+                self.stats.prefill_seconds += time.perf_counter() - started
         run.first_token_at = time.monotonic()
         self._emit(run, token)
 
@@ -211,9 +215,15 @@ class BatchingEngine(Engine):
             self.stats.requests_cancelled += 1
 
     def _collect(self, runs: list[_Running], pending: PendingTokens) -> None:
-        for run, token in zip(runs, pending.tokens(), strict=True):
+        t0 = time.perf_counter()
+        tokens = pending.tokens()
+        t1 = time.perf_counter()
+        for run, token in zip(runs, tokens, strict=True):
             if self._running.get(run.slot) is run:  # still running, and not a new occupant
                 self._emit(run, token)
+        with self.stats.lock:
+            self.stats.decode_wait_seconds += t1 - t0
+            self.stats.token_handling_seconds += time.perf_counter() - t1
 
     def _emit(self, run: _Running, token: int) -> None:
         text = run.text.add(token)

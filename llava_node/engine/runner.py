@@ -57,6 +57,7 @@ class RunnerConfig:
     num_pages: int = 0  # 0: sized from memory (GPU) or max_batch full sequences (CPU)
     kv_cache_fraction: float = 0.9  # share of free GPU memory for the KV cache
     cuda_graphs: bool = True
+    fused_kernels: bool | None = None  # None: on CUDA when Triton is importable
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -148,12 +149,14 @@ class LlavaRunner:
         self.seed_lo = torch.zeros(s, dtype=torch.int64, device=dev)
         self.seed_hi = torch.zeros(s, dtype=torch.int64, device=dev)
         self.attention = _make_attention(self)
-        self.fused: Any = _fused_kernels(self.device)
+        self.fused: Any = _fused_kernels(self.device, config.fused_kernels)
         self.graphs: Any = None
+        self.vision_graph: Any = None
         if dev.type == "cuda" and config.cuda_graphs:
-            from llava_node.engine.cuda_graphs import DecodeGraphs
+            from llava_node.engine.cuda_graphs import DecodeGraphs, ImageFeatureGraph
 
             self.graphs = DecodeGraphs(self, [b for b in config.graph_batch_sizes if b <= self.max_batch])
+            self.vision_graph = ImageFeatureGraph(self)
 
     # -- set-up ----------------------------------------------------------------------
     def _fuse(self, layer: Any) -> LayerWeights:
@@ -200,6 +203,8 @@ class LlavaRunner:
         """Run the first steps (and capture CUDA graphs) before serving."""
         if self.graphs is not None:
             self.graphs.capture()
+        if self.vision_graph is not None:
+            self.vision_graph.capture()
 
     # -- per-slot state --------------------------------------------------------------
     def assign(self, slot: int, pages: Sequence[int], temperature: float, top_p: float, seed: int) -> None:
@@ -214,7 +219,16 @@ class LlavaRunner:
 
     # -- model pieces ----------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector: [images, 3, H, W] -> [image tokens, D]."""
+        """Vision tower + projector: [images, 3, H, W] -> [image tokens, D] (replayed from
+        a CUDA graph when one was captured for this shape)."""
+        if self.vision_graph is not None:
+            feats = self.vision_graph.run(pixel_values)
+            if feats is not None:
+                return feats
+        return self.image_features_eager(pixel_values)
+
+    def image_features_eager(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """:meth:`image_features` through the checkpoint's own modules, op by op."""
         hf = self.loaded.model
         out = hf.model.get_image_features(
             pixel_values=pixel_values.to(self.device, self.dtype),
@@ -241,9 +255,6 @@ class LlavaRunner:
         h = _rms_norm(x, w.ln2, self.eps)
         gate, up = F.linear(h, w.wgu).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w.wdown)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_rms_norm(x, self.norm, self.eps), self.lm_head).float()
 
     # -- prefill ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -287,20 +298,58 @@ class LlavaRunner:
             x = x.masked_scatter(image_mask[:, None], feats)
         flat = self.cache.flat_positions(slot, n)
         cos, sin = self.cos[:n], self.sin[:n]
+        if self.fused is not None:
+            h = self._prefill_layers_fused(x, cos, sin, flat)
+        else:
+            h = self._prefill_layers_torch(x, cos, sin, flat)
+        return F.linear(h[-1:], self.lm_head).float()[0]
+
+    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention of one prompt: q [n, H, hd], k/v [n, KVH, hd] -> [n, H * hd]."""
+        a = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            is_causal=True,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return a[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+    def _prefill_layers_torch(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
         for i, w in enumerate(self.layers):
             q, k, v = self._qkv(x, w)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.cache.write(i, flat, k, v)
-            a = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                is_causal=True,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )
-            x = x + F.linear(a[0].transpose(0, 1).reshape(n, -1), w.wo)
+            self.cache.write(i, rows, k, v)
+            x = x + F.linear(self._causal_attention(q, k, v), w.wo)
             x = x + self._mlp(x, w)
-        return self._logits(x[-1:])[0]
+        return _rms_norm(x, self.norm, self.eps)
+
+    def _prefill_layers_fused(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        # The decode step's fused kernels work row by row, so they serve a prompt's rows
+        # too: a third of the launches and of the elementwise memory traffic of the torch
+        # path. Attention is SDPA (flash on the GPU) over the prompt's own keys.
+        k = self.fused
+        n = x.shape[0]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        residual = x
+        h = k.rms_norm(x, self.layers[0].ln1, self.eps)
+        for i, w in enumerate(self.layers):
+            qkv = F.linear(h, w.wqkv, w.bqkv)
+            q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            kc, vc = self.cache.layer(i)
+            q = k.rope_store(
+                q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v.reshape(n, nkv, hd), cos, sin, kc, vc, rows
+            )
+            a = self._causal_attention(q, kc[rows], v.reshape(n, nkv, hd))
+            h, residual = k.add_rms_norm(F.linear(a, w.wo), residual, w.ln2, self.eps)
+            down = F.linear(k.silu_mul(F.linear(h, w.wgu)), w.wdown)
+            weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
+            h, residual = k.add_rms_norm(down, residual, weight, self.eps)
+        return h
 
     # -- decode ----------------------------------------------------------------------
     def decode_step(self, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
@@ -421,9 +470,10 @@ class PendingTokens:
         return [int(t) for t in self._host.tolist()]
 
 
-def _fused_kernels(device: torch.device) -> Any:
-    """The Triton kernels module on a GPU (None on the CPU or without Triton)."""
-    if device.type != "cuda":
+def _fused_kernels(device: torch.device, wanted: bool | None) -> Any:
+    """The Triton kernels module, or None: by default on a GPU only (on the CPU they run
+    only under Triton's interpreter, which the tests use to check the fused path)."""
+    if wanted is False or (wanted is None and device.type != "cuda"):
         return None
     try:
         from llava_node.engine import kernels

@@ -171,6 +171,22 @@ class TritonPythonModel:
                 "Tokens computed for requests after they were cancelled",
                 counter,
             ),
+            "decode_steps": ("llava_engine_decode_steps_total", "Batched decode steps run", counter),
+            "prefill_seconds": (
+                "llava_engine_prefill_seconds_total",
+                "Engine time spent on prompts (vision tower and prefill)",
+                counter,
+            ),
+            "decode_wait_seconds": (
+                "llava_engine_decode_wait_seconds_total",
+                "Engine time spent waiting for a decode step's tokens from the device",
+                counter,
+            ),
+            "token_handling_seconds": (
+                "llava_engine_token_handling_seconds_total",
+                "Engine time spent handling tokens on the host (detokenizing, sending)",
+                counter,
+            ),
             "active": ("llava_engine_active_requests", "Requests generating now", gauge),
             "queue": ("llava_engine_queued_requests", "Requests waiting to start", gauge),
         }
@@ -180,7 +196,7 @@ class TritonPythonModel:
             for key, (name, desc, kind) in fams.items()
         }
         self._metrics = {key: fam.Metric(labels=labels) for key, fam in self._families.items()}
-        self._last: dict[str, int] = {}
+        self._last: dict[str, float] = {}
         self._metrics_thread = threading.Thread(target=self._publish_metrics, daemon=True)
         self._metrics_thread.start()
 

@@ -1,0 +1,49 @@
+"""The runner's fused path (Triton kernels for prefill and decode) against its torch path.
+
+On the GPU the fused path is the default; here it runs under Triton's CPU interpreter
+(``TRITON_INTERPRET=1``, set by the test suite's conftest), in float32 on the tiny
+checkpoint, so CI checks the same code the GPU runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from llava_node.engine.loading import load_llava
+from llava_node.engine.runner import LlavaRunner, RunnerConfig
+
+pytest.importorskip("triton")
+
+
+def runner(checkpoint: Path, fused: bool) -> LlavaRunner:
+    loaded = load_llava(checkpoint, torch.device("cpu"), torch.float32)
+    r = LlavaRunner(loaded, RunnerConfig(max_batch=2, fused_kernels=fused))
+    assert (r.fused is not None) == fused
+    return r
+
+
+def test_fused_prefill_and_decode_match_the_torch_path(tiny_checkpoint: Path) -> None:
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    img = Image.new("RGB", (320, 240), (40, 180, 90))
+    enc = processor(images=[img], text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
+    ids, pixels = enc["input_ids"][0], enc["pixel_values"]
+    tokens: dict[bool, list[int]] = {}
+    first: dict[bool, torch.Tensor] = {}
+    for fused in (False, True):
+        r = runner(tiny_checkpoint, fused)
+        pages = list(range(1, 1 + r.cache.pages_for(int(ids.shape[0]) + 8)))
+        r.assign(0, pages, 0.0, 1.0, 0)
+        first[fused] = r.prefill_logits(0, ids, pixels)
+        r.assign(0, pages, 0.0, 1.0, 0)
+        out = [r.prefill(0, ids, pixels)]
+        for _ in range(7):
+            out += r.decode_launch([0], True).tokens()
+        tokens[fused] = out
+    rel = float((first[True] - first[False]).norm() / first[False].norm())
+    assert rel < 1e-4, rel
+    assert tokens[True] == tokens[False]
