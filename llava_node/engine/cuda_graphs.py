@@ -141,6 +141,7 @@ class ImageFeatureGraph:
         self.capture_s = time.monotonic() - started
         log.info("captured the vision tower for %s images in %.1f s", self.shape, self.capture_s)
 
+    @torch.inference_mode()
     def run(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
         """Image features from the graph (a fresh tensor), or None if this shape was not captured."""
         if self.graph is None or tuple(pixel_values.shape) != self.shape:
