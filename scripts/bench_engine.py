@@ -146,6 +146,7 @@ async def run_load(
     from llava_node.client import engine_model
 
     client = grpcclient.InferenceServerClient(grpc_url)
+    await client.is_server_ready()  # connect first: TTFT is the request's, not the TCP handshake's
     deadline = time.perf_counter() + window_s
     t0 = time.perf_counter()
     model, inputs = request_inputs(grpcclient, args, prompt, image, max_tokens)

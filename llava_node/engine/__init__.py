@@ -39,6 +39,7 @@ class EngineOptions:
     page_size: int = 16
     cuda_graphs: bool = True
     hf_workers: int = 1
+    stream_interval: int = 0  # 0: auto (see BatchingEngine); n: a response every n tokens
 
 
 def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
@@ -73,4 +74,6 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
         ),
     )
     runner.warmup()
-    return BatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids)
+    return BatchingEngine(
+        runner, loaded.tokenizer, loaded.eos_token_ids, stream_interval=options.stream_interval
+    )

@@ -5,6 +5,14 @@ prompt plus its ``max_tokens`` are free (so a running request can never run out 
 memory), is prefilled on its own, then decodes together with every other running
 request, one token per step. Finished and cancelled requests leave between steps
 and give their pages back.
+
+Each response through Triton's Python backend is a round trip between its processes
+(~0.1-0.3 ms of the engine thread's time), so with many requests running the host,
+not the device, would set the pace. Up to ``AUTO_STREAM_BATCH`` running requests each
+token is its own response; above that a request's tokens go out in groups (two
+tokens at 17-32 running requests, three at 33-48, ...), keeping the host's share of a
+step under the device's. A request's first token, its last, and anything a stop
+string or cancellation ends, go out at once.
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ from llava_node.engine.runner import LlavaRunner, PendingTokens
 from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
 from llava_node.textstream import SequenceText
 
-__all__ = ["BatchingEngine"]
+__all__ = ["AUTO_STREAM_BATCH", "MAX_STREAM_INTERVAL", "BatchingEngine"]
 
 log = logging.getLogger(__name__)
+
+AUTO_STREAM_BATCH = 16  # running requests up to which every token is its own response
+MAX_STREAM_INTERVAL = 8  # the most tokens the automatic rule puts in one response
 
 
 @dataclass
@@ -35,6 +46,7 @@ class _Running:
     text: SequenceText
     prompt_tokens: int
     pending_ids: list[int] = field(default_factory=list)
+    pending_text: str = ""
     first_token_at: float = 0.0
 
 
@@ -48,12 +60,14 @@ class BatchingEngine(Engine):
         eos_token_ids: list[int],
         *,
         cancel_check_every: int = 1,
+        stream_interval: int = 0,
     ) -> None:
         super().__init__()
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.cancel_check_every = max(1, cancel_check_every)
+        self.stream_interval = max(0, stream_interval)  # 0: automatic
         self._cond = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
         self._running: dict[int, _Running] = {}
@@ -86,7 +100,16 @@ class BatchingEngine(Engine):
             "page_size": r.cache.page_size,
             "kv_tokens": r.cache.allocator.capacity * r.cache.page_size,
             "cuda_graphs": r.graphs is not None,
+            "vision_graph": (r.vision_graph.error or "captured") if r.vision_graph is not None else None,
+            "fused_kernels": r.fused is not None,
+            "stream_interval": self.stream_interval or f"auto (1 up to {AUTO_STREAM_BATCH} requests)",
         }
+
+    def tokens_per_response(self, running: int) -> int:
+        """How many tokens a response carries when ``running`` requests decode together."""
+        if self.stream_interval:
+            return self.stream_interval
+        return min(MAX_STREAM_INTERVAL, max(1, -(-running // AUTO_STREAM_BATCH)))
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request; it fails at once if it could never fit the KV cache."""
@@ -218,20 +241,22 @@ class BatchingEngine(Engine):
         t0 = time.perf_counter()
         tokens = pending.tokens()
         t1 = time.perf_counter()
+        every = self.tokens_per_response(len(runs))
         for run, token in zip(runs, tokens, strict=True):
             if self._running.get(run.slot) is run:  # still running, and not a new occupant
-                self._emit(run, token)
+                self._emit(run, token, every)
         with self.stats.lock:
             self.stats.decode_wait_seconds += t1 - t0
             self.stats.token_handling_seconds += time.perf_counter() - t1
 
-    def _emit(self, run: _Running, token: int) -> None:
-        text = run.text.add(token)
+    def _emit(self, run: _Running, token: int, every: int = 1) -> None:
+        run.pending_text += run.text.add(token)
         run.pending_ids.append(token)
         with self.stats.lock:
             self.stats.tokens_generated += 1
         finished = run.text.finish_reason is not None
-        if text or finished:
+        if finished or (run.pending_text and len(run.pending_ids) >= every):
+            text, run.pending_text = run.pending_text, ""
             ids, run.pending_ids = run.pending_ids, []
             try:
                 run.request.sink.send(text, ids, run.text.finish_reason, run.prompt_tokens, run.text.count)
@@ -261,6 +286,8 @@ class BatchingEngine(Engine):
                 run.request.sink.fail(error)
             else:
                 reason = run.text.finish_reason or FinishReason.CANCELLED
-                run.request.sink.send("", run.pending_ids, reason, run.prompt_tokens, run.text.count)
+                run.request.sink.send(
+                    run.pending_text, run.pending_ids, reason, run.prompt_tokens, run.text.count
+                )
         except Exception:  # the client is gone; nothing more to tell it
             log.debug("final response for %s not delivered", run.request.request_id)

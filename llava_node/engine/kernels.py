@@ -638,15 +638,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 @triton.jit  # type: ignore[misc,untyped-decorator]
 def _rope_tile(x_ptr, n_heads, stride_h, stride_d, c1, c2, s1, s2, BLOCK_H: tl.constexpr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
-    # Rotated halves (float32) of a [n_heads, 2 * HALF] tile: x * cos + rotate_half(x) * sin.
+    # Rotated halves of a [n_heads, 2 * HALF] tile: x * cos + rotate_half(x) * sin, with
+    # torch's roundings in x's dtype (each product rounded, then the sum), so the result
+    # is bit for bit what transformers' apply_rotary_pos_emb computes.
+    dt = x_ptr.dtype.element_ty
     hh = tl.arange(0, BLOCK_H)
     j = tl.arange(0, HALF)
     mask = (hh < n_heads)[:, None]
     base = x_ptr + hh[:, None] * stride_h + j[None, :] * stride_d
     x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * c1[None, :] - x2 * s1[None, :]
-    o2 = x2 * c2[None, :] + x1 * s2[None, :]
+    o1 = (x1 * c1[None, :]).to(dt).to(tl.float32) - (x2 * s1[None, :]).to(dt).to(tl.float32)
+    o2 = (x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)
     return o1, o2
 
 
@@ -736,8 +739,9 @@ def rope_store(
         rows: ``[B]`` int64 cache rows.
 
     Returns:
-        ``q`` (rotated): ``x * cos + rotate_half(x) * sin`` computed in float32 and rounded
-        once, with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``.
+        ``q`` (rotated): ``x * cos + rotate_half(x) * sin`` with
+        ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``, rounded as torch rounds it
+        in ``q``'s dtype (each product, then the sum): transformers' numbers exactly.
     """
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]

@@ -29,6 +29,7 @@ class CollectingSink:
         self.reason: FinishReason | None = None
         self.error: str | None = None
         self.responses = 0
+        self.sizes: list[int] = []
         self.done = threading.Event()
         self.cancel_after = cancel_after
 
@@ -42,6 +43,7 @@ class CollectingSink:
     ) -> None:
         assert not self.done.is_set(), "response after the final one"
         self.ids += list(token_ids)
+        self.sizes.append(len(token_ids))
         self.text += text
         self.responses += 1
         assert completion_tokens == len(self.ids)
@@ -175,6 +177,41 @@ def test_stop_string_ends_generation_early(engine, processor, reference) -> None
     assert sink.reason is FinishReason.STOP
     assert stop not in sink.text
     assert full.text.startswith(sink.text) and len(sink.ids) < 40
+
+
+def test_tokens_per_response_rule() -> None:
+    from llava_node.engine.batching import AUTO_STREAM_BATCH, MAX_STREAM_INTERVAL
+
+    auto = BatchingEngine.tokens_per_response
+    fake = type("E", (), {"stream_interval": 0})()
+    assert [auto(fake, n) for n in (1, AUTO_STREAM_BATCH)] == [1, 1]  # type: ignore[arg-type]
+    assert auto(fake, AUTO_STREAM_BATCH + 1) == 2  # type: ignore[arg-type]
+    assert auto(fake, 2 * AUTO_STREAM_BATCH + 1) == 3  # type: ignore[arg-type]
+    assert auto(fake, 10_000) == MAX_STREAM_INTERVAL  # type: ignore[arg-type]
+    fake.stream_interval = 5
+    assert auto(fake, 1) == 5  # type: ignore[arg-type]
+
+
+def test_grouped_responses_carry_the_same_tokens(tiny_checkpoint: Path, processor, reference) -> None:
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    eng = BatchingEngine(
+        LlavaRunner(loaded, RunnerConfig(max_batch=4)),
+        loaded.tokenizer,
+        loaded.eos_token_ids,
+        stream_interval=3,
+    )
+    try:
+        x = make_inputs(processor, 2)
+        sink = CollectingSink()
+        eng.submit(request(x, sink, max_tokens=20))
+        sink.wait()
+    finally:
+        eng.shutdown()
+    assert sink.ids == hf_greedy(reference, x, 20)
+    assert sink.text == loaded.tokenizer.decode(sink.ids, skip_special_tokens=True)
+    # the first token alone (time to first token), then groups of up to three
+    assert sink.sizes[0] == 1 and max(sink.sizes) == 3 and sum(sink.sizes) == 20
+    assert sink.responses <= 1 + -(-19 // 3) + 1
 
 
 def test_request_larger_than_the_cache_fails_clearly(tiny_checkpoint: Path, processor) -> None:

@@ -70,9 +70,9 @@ def ref_rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def ref_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Float32 arithmetic, so that the kernel's single rounding is what is compared.
-    x32, c, s = x.float(), cos.float()[:, None, :], sin.float()[:, None, :]
-    return x32 * c + ref_rotate_half(x32) * s
+    # Torch's arithmetic in x's dtype (transformers' apply_rotary_pos_emb), on the CPU.
+    x, c, s = x.cpu(), cos.cpu()[:, None, :], sin.cpu()[:, None, :]
+    return x * c + ref_rotate_half(x) * s
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -337,16 +337,13 @@ def test_rope_store(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.d
     out = kernels.rope_store(q, k, v, cos, sin, k_cache, v_cache, rows)
 
     assert out.data_ptr() == q.data_ptr()
-    tol = 1e-5 if dtype == torch.float32 else 8e-3
-    torch.testing.assert_close(out.float(), ref_rope(q0, cos, sin).to(dtype).float(), rtol=tol, atol=tol)
-    torch.testing.assert_close(
-        k_cache[rows].float(), ref_rope(k0, cos, sin).to(dtype).float(), rtol=tol, atol=tol
-    )
+    # bf16: exact on a GPU; the interpreter rounds float32 -> bf16 toward zero (an ulp off)
+    tol = 1e-5 if dtype == torch.float32 else (1.6e-2 if INTERPRETED else 0.0)
+    torch.testing.assert_close(out.cpu(), ref_rope(q0, cos, sin), rtol=tol, atol=tol)
+    torch.testing.assert_close(k_cache[rows].cpu(), ref_rope(k0, cos, sin), rtol=tol, atol=tol)
     assert torch.equal(v_cache[rows], v0)
     assert torch.equal(k, k0) and torch.equal(v, v0)
     untouched = torch.ones(cache_rows, dtype=torch.bool)
     untouched[rows.cpu()] = False
     assert (k_cache[untouched.to(DEVICE)] == 7).all() and (v_cache[untouched.to(DEVICE)] == 7).all()
-    if dtype == torch.bfloat16:  # within bf16 tolerance of the engine's torch RoPE
-        ref_torch = q0 * cos[:, None, :] + ref_rotate_half(q0) * sin[:, None, :]
-        torch.testing.assert_close(out, ref_torch, rtol=1.6e-2, atol=2e-2)
+

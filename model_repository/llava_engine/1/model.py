@@ -46,6 +46,16 @@ def _numeric_input(request: Any, name: str) -> torch.Tensor:
     return from_dlpack(tensor.to_dlpack())
 
 
+def _stream_interval(value: str) -> int:
+    """``auto`` (0) or a number of tokens per response."""
+    if value.strip().lower() == "auto":
+        return 0
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"stream_interval must be 'auto' or a positive number of tokens, not {value!r}")
+    return n
+
+
 def _numeric(name: str, value: torch.Tensor) -> Any:
     return pb_utils.Tensor.from_dlpack(name, to_dlpack(value))
 
@@ -150,6 +160,7 @@ class TritonPythonModel:
             max_seq_len=int(opt("max_seq_len", "LLAVA_MAX_SEQ_LEN", "0")),
             kv_cache_fraction=float(opt("kv_cache_fraction", "LLAVA_KV_CACHE_FRACTION", "0.9")),
             cuda_graphs=opt("cuda_graphs", "LLAVA_CUDA_GRAPHS", "true").lower() in ("1", "true", "yes"),
+            stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
         )
         self.engine = build_engine(checkpoint, options)
         self.log.info("llava_engine ready: %s, checkpoint %s", self.engine.describe(), checkpoint)
