@@ -346,4 +346,3 @@ def test_rope_store(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.d
     untouched = torch.ones(cache_rows, dtype=torch.bool)
     untouched[rows.cpu()] = False
     assert (k_cache[untouched.to(DEVICE)] == 7).all() and (v_cache[untouched.to(DEVICE)] == 7).all()
-
