@@ -222,8 +222,10 @@ class BatchingEngine(Engine):
         finally:
             with self.stats.lock:
                 self.stats.prefill_seconds += time.perf_counter() - started
-        run.first_token_at = time.monotonic()
         self._emit(run, token)
+        run.first_token_at = time.monotonic()
+        with self.stats.lock:
+            self.stats.first_token_seconds += run.first_token_at - req.arrival
 
     def _reap_cancelled(self) -> None:
         for run in list(self._running.values()):

@@ -183,6 +183,12 @@ class TritonPythonModel:
                 counter,
             ),
             "decode_steps": ("llava_engine_decode_steps_total", "Batched decode steps run", counter),
+            "requests_started": ("llava_engine_requests_started_total", "Requests started", counter),
+            "first_token_seconds": (
+                "llava_engine_time_to_first_token_seconds_total",
+                "Time from a request's arrival at the engine to its first token sent, summed",
+                counter,
+            ),
             "prefill_seconds": (
                 "llava_engine_prefill_seconds_total",
                 "Engine time spent on prompts (vision tower and prefill)",
