@@ -40,6 +40,7 @@ class EngineOptions:
     cuda_graphs: bool = True
     hf_workers: int = 1
     stream_interval: int = 0  # 0: auto (see BatchingEngine); n: a response every n tokens
+    fused_kernels: bool | None = None  # None: on a GPU (Triton kernels for prefill and decode)
 
 
 def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
@@ -71,6 +72,7 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
             page_size=options.page_size,
             kv_cache_fraction=options.kv_cache_fraction,
             cuda_graphs=options.cuda_graphs,
+            fused_kernels=options.fused_kernels,
         ),
     )
     runner.warmup()

@@ -73,6 +73,7 @@ class EngineStats:
     # prefill), waiting for a decode step's tokens from the device, and handling tokens
     # on the host (detokenizing, stop strings, sending responses).
     first_token_seconds: float = 0.0  # arrival to first token sent, summed over requests
+    queue_seconds: float = 0.0  # arrival to the start of the prefill, summed over requests
     prefill_seconds: float = 0.0
     decode_wait_seconds: float = 0.0
     token_handling_seconds: float = 0.0

@@ -210,6 +210,8 @@ class BatchingEngine(Engine):
         with self.stats.lock:
             self.stats.requests_started += 1
         started = time.perf_counter()
+        with self.stats.lock:
+            self.stats.queue_seconds += time.monotonic() - req.arrival
         try:
             self.runner.assign(slot, pages, req.temperature, req.top_p, req.seed)
             token = self.runner.prefill(slot, req.input_ids, req.pixel_values)

@@ -46,6 +46,16 @@ def _numeric_input(request: Any, name: str) -> torch.Tensor:
     return from_dlpack(tensor.to_dlpack())
 
 
+def _tristate(value: str) -> bool | None:
+    """``auto`` (None), or a boolean."""
+    v = value.strip().lower()
+    if v == "auto":
+        return None
+    if v in ("1", "true", "yes", "0", "false", "no"):
+        return v in ("1", "true", "yes")
+    raise ValueError(f"expected auto, true or false, not {value!r}")
+
+
 def _stream_interval(value: str) -> int:
     """``auto`` (0) or a number of tokens per response."""
     if value.strip().lower() == "auto":
@@ -97,7 +107,9 @@ class TritonSink:
         self.sender = request.get_response_sender()
         self.registry = registry
         self.cancelled = False
-        self._next_check = 0.0
+        # The first check waits one poll period: a request that has just arrived is rarely
+        # cancelled already, and the round trip would sit in front of its prefill.
+        self._next_check = time.monotonic() + CANCEL_POLL_S
         registry.add(self)
 
     def send(
@@ -161,6 +173,7 @@ class TritonPythonModel:
             kv_cache_fraction=float(opt("kv_cache_fraction", "LLAVA_KV_CACHE_FRACTION", "0.9")),
             cuda_graphs=opt("cuda_graphs", "LLAVA_CUDA_GRAPHS", "true").lower() in ("1", "true", "yes"),
             stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
+            fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),
         )
         self.engine = build_engine(checkpoint, options)
         self.log.info("llava_engine ready: %s, checkpoint %s", self.engine.describe(), checkpoint)
@@ -187,6 +200,11 @@ class TritonPythonModel:
             "first_token_seconds": (
                 "llava_engine_time_to_first_token_seconds_total",
                 "Time from a request's arrival at the engine to its first token sent, summed",
+                counter,
+            ),
+            "queue_seconds": (
+                "llava_engine_queue_seconds_total",
+                "Time from a request's arrival at the engine to the start of its prefill, summed",
                 counter,
             ),
             "prefill_seconds": (
