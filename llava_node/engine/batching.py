@@ -165,8 +165,11 @@ class BatchingEngine(Engine):
                     launched = (runs, self.runner.decode_launch([r.slot for r in runs], greedy))
                     with self.stats.lock:
                         self.stats.decode_steps += 1
-                if inflight is not None:
+                if inflight is not None and any(self._running.get(r.slot) is r for r in inflight[0]):
                     self._collect(*inflight)
+                # else every request of the step in flight has finished: its tokens are not
+                # needed, and not waiting for them lets a request that has just arrived
+                # start its prefill now (the device runs the two in order anyway).
                 inflight = launched
                 step += 1
             except Exception as exc:  # a bug or a device error: fail the batch, keep serving
