@@ -426,6 +426,28 @@ def check_against_transformers(
     }
 
 
+def step_kernels(runner: Any, slots: list[int]) -> dict[str, Any]:
+    """One eager decode step under the profiler: device time per kernel kind, summed."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    idx = torch.tensor(slots, device=runner.device)
+    with torch.inference_mode():
+        runner.decode_step(idx, True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.decode_step(idx, True)
+            torch.cuda.synchronize()
+    rows = [(e.key, e.count, e.device_time_total) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[2])
+    total_us = sum(r[2] for r in rows)
+    return {
+        "count": sum(r[1] for r in rows),
+        "device_ms": round(total_us / 1000, 3),
+        "top": [{"kernel": k[:90], "n": n, "ms": round(t / 1000, 3)} for k, n, t in rows[:12]],
+    }
+
+
 def micro_decode(checkpoint: Path, batch_sizes: list[int], context: int = 616) -> dict[str, Any]:
     """The bare decode step (no Triton): ms per step at several batch sizes, CUDA graphs."""
     import torch
@@ -462,7 +484,10 @@ def micro_decode(checkpoint: Path, batch_sizes: list[int], context: int = 616) -
             "ms_per_step": round(ms, 2),
             "tok_s_per_stream": round(1000 / ms, 1),
             "tok_s_total": round(b * 1000 / ms, 1),
+            # the step's kernels, run eagerly once: their device time against the graph's
+            "kernels": step_kernels(runner, slots),
         }
+        runner.seq_lens[:b] = context
         print(f"[micro] batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s", flush=True)
     del runner, loaded
     torch.cuda.empty_cache()
