@@ -639,8 +639,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit  # type: ignore[misc,untyped-decorator]
 def _rope_tile(x_ptr, n_heads, stride_h, stride_d, c1, c2, s1, s2, BLOCK_H: tl.constexpr, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
     # Rotated halves of a [n_heads, 2 * HALF] tile: x * cos + rotate_half(x) * sin, with
-    # torch's roundings in x's dtype (each product rounded, then the sum), so the result
-    # is bit for bit what transformers' apply_rotary_pos_emb computes.
+    # torch's roundings in x's dtype (each product rounded, then the sum), as transformers'
+    # apply_rotary_pos_emb rounds.
     dt = x_ptr.dtype.element_ty
     hh = tl.arange(0, BLOCK_H)
     j = tl.arange(0, HALF)
@@ -741,7 +741,7 @@ def rope_store(
     Returns:
         ``q`` (rotated): ``x * cos + rotate_half(x) * sin`` with
         ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``, rounded as torch rounds it
-        in ``q``'s dtype (each product, then the sum): transformers' numbers exactly.
+        in ``q``'s dtype (each product, then the sum), as transformers does.
     """
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
