@@ -17,11 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from control_plane.api.deps import CPDep, require_api_key_for_llava
 from control_plane.api.errors import llava_frame
-from control_plane.api.streaming import TokenStreamResponse
+from control_plane.api.streaming import TokenStreamResponse, start_stream
 from control_plane.errors import BadRequest, NotFound, ServiceError
 from control_plane.service import GenerateRequest
 from control_plane.store import WorkerState
-from llava_node.client import Chunk
 
 __all__ = ["router"]
 
@@ -233,25 +232,13 @@ def _to_request(
 async def _stream_frames(req: GenerateRequest, cp: CPDep) -> Response:
     """Start the stream (errors before the first token get their own HTTP status), then
     stream NUL-delimited frames whose text is the prompt followed by everything so far."""
-    chunks = cp.service.stream(req)
-    try:
-        first: Chunk | None = await anext(chunks)
-    except StopAsyncIteration:
-        first = None
+    stream = await start_stream(cp.service.stream(req))
     prompt = req.prompt or ""
 
     async def frames() -> AsyncIterator[bytes]:
         text = prompt
         try:
-            pending = [first] if first is not None else []
-            while True:
-                if pending:
-                    chunk = pending.pop()
-                else:
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        return
+            async for chunk in stream:
                 text += chunk.text
                 frame: dict[str, Any] = {"text": text, "error_code": 0}
                 if chunk.finish_reason:
@@ -264,7 +251,7 @@ async def _stream_frames(req: GenerateRequest, cp: CPDep) -> Response:
         except ServiceError as exc:
             yield llava_frame({"text": exc.message, "error_code": exc.llava_code})
         finally:
-            await chunks.aclose()
+            await stream.aclose()
 
     return TokenStreamResponse(
         frames(), media_type="application/octet-stream", headers={"X-Request-Id": req.request_id}

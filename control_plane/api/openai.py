@@ -17,12 +17,11 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, Response
 
 from control_plane.api.deps import CPDep, require_api_key
-from control_plane.api.streaming import TokenStreamResponse
+from control_plane.api.streaming import StartedStream, TokenStreamResponse, start_stream
 from control_plane.errors import BadRequest, ServiceError
 from control_plane.images import ImageFetcher
 from control_plane.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
 from control_plane.service import GenerateRequest
-from llava_node.client import Chunk
 
 __all__ = ["ChunkEvents", "router"]
 
@@ -149,17 +148,12 @@ async def chat_completions(
 ) -> Response:
     """Chat with images: streaming (SSE) or not; the response carries usage and a request id."""
     req = await to_generate_request(body, cp, x_request_id)
-    chunks = cp.service.stream(req)
-    # The first chunk before the response starts: errors until then get their own status.
-    try:
-        first: Chunk | None = await anext(chunks)
-    except StopAsyncIteration:
-        first = None
+    stream = await start_stream(cp.service.stream(req))
     completion_id = f"chatcmpl-{req.request_id}"
     created = int(time.time())
     headers = {"X-Request-Id": req.request_id}
     if not body.stream:
-        return await _complete(chunks, first, completion_id, created, body.model, headers)
+        return await _complete(stream, completion_id, created, body.model, headers)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     event = ChunkEvents(completion_id, created, body.model)
@@ -168,15 +162,7 @@ async def chat_completions(
         prompt_tokens = completion_tokens = 0
         try:
             yield event({"role": "assistant", "content": ""})
-            pending = [first] if first is not None else []
-            while True:
-                if pending:
-                    chunk = pending.pop()
-                else:
-                    try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        break
+            async for chunk in stream:
                 prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
                 if chunk.text:
                     yield event({"content": chunk.text})
@@ -205,7 +191,7 @@ async def chat_completions(
                 }
             )
         finally:
-            await chunks.aclose()
+            await stream.aclose()
         yield b"data: [DONE]\n\n"
 
     return TokenStreamResponse(
@@ -214,18 +200,16 @@ async def chat_completions(
 
 
 async def _complete(
-    chunks: Any, first: Chunk | None, completion_id: str, created: int, model: str, headers: dict[str, str]
+    stream: StartedStream, completion_id: str, created: int, model: str, headers: dict[str, str]
 ) -> Response:
     text, finish, prompt_tokens, completion_tokens = "", None, 0, 0
     try:
-        chunk = first
-        while chunk is not None:
+        async for chunk in stream:
             text += chunk.text
             finish = chunk.finish_reason or finish
             prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-            chunk = await anext(chunks, None)
     finally:
-        await chunks.aclose()
+        await stream.aclose()
     body = {
         "id": completion_id,
         "object": "chat.completion",

@@ -1,14 +1,50 @@
-"""The streaming response both APIs send tokens with."""
+"""What both APIs stream tokens with: the generation once started, and the response."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["TokenStreamResponse"]
+from llava_node.client import Chunk
+
+__all__ = ["StartedStream", "TokenStreamResponse", "start_stream"]
+
+
+class StartedStream:
+    """A generation whose first chunk has arrived; iterating it gives every chunk, the
+    first included. Close it (``aclose``) when done: that ends the generation."""
+
+    def __init__(self, chunks: AsyncGenerator[Chunk, None], first: Chunk | None) -> None:
+        self._chunks = chunks
+        self._first = first
+
+    def __aiter__(self) -> StartedStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._first is not None:
+            chunk, self._first = self._first, None
+            return chunk
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        """Close the generation (cancels it on the node if it is still running)."""
+        await self._chunks.aclose()
+
+
+async def start_stream(chunks: AsyncGenerator[Chunk, None]) -> StartedStream:
+    """Wait for the first chunk of ``chunks``, before any response starts: errors until
+    then (no worker, bad input, a node that fails) raise here and get their own HTTP
+    status; later ones can only be reported inside the stream."""
+    try:
+        first: Chunk | None = await anext(chunks)
+    except StopAsyncIteration:
+        first = None
+    return StartedStream(chunks, first)
 
 
 class TokenStreamResponse(StreamingResponse):
