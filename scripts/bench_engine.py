@@ -489,6 +489,21 @@ def micro_decode(checkpoint: Path, batch_sizes: list[int], context: int = 616) -
         }
         runner.seq_lens[:b] = context
         print(f"[micro] batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s", flush=True)
+    if runner.gemv is not None:  # batch 1 again with cuBLAS instead of the Triton GEMV
+        runner.gemv = None
+        runner.graphs.capture()
+        runner.seq_lens[:1] = context
+        for _ in range(3):
+            runner.decode_launch([0], True).tokens()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(30):
+            runner.graphs.launch([0], True)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t) / 30 * 1000
+        runner.seq_lens[:1] = context
+        out["b1_cublas"] = {"ms_per_step": round(ms, 2), "tok_s_per_stream": round(1000 / ms, 1)}
+        print(f"[micro] batch 1 with cuBLAS: {ms:.2f} ms/step", flush=True)
     del runner, loaded
     torch.cuda.empty_cache()
     return out
@@ -556,6 +571,72 @@ def micro_prefill(checkpoint: Path, prompt: str, image: bytes, reps: int = 10) -
     return out  # a phase runs in its own process: its memory goes when it exits
 
 
+def micro_gemv(layers: int = 32) -> dict[str, Any]:
+    """Batch-1 linear layers of the 7B shape (each layer's own weights, so they stream
+    from memory as in a decode step): cuBLAS (``F.linear``) against ``kernels.gemv``
+    configurations, all four projections of ``layers`` layers per replay, CUDA graphs."""
+    import torch
+    import torch.nn.functional as F
+
+    from llava_node.engine.kernels import GemvConfig, gemv
+
+    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+    dev = torch.device("cuda")
+    weights = {
+        name: [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+        for name, (n, k) in shapes.items()
+    }
+    xs = {name: torch.randn(1, k, device=dev, dtype=torch.bfloat16) for name, (_n, k) in shapes.items()}
+    total_bytes = sum(w.numel() * 2 for ws in weights.values() for w in ws)
+
+    def timed(fn: Any) -> float:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / 20 * 1000
+
+    out: dict[str, Any] = {"weights_gb": round(total_bytes / 1e9, 2)}
+
+    def run_all(linear: Any) -> Any:
+        def fn() -> None:
+            for name, ws in weights.items():
+                for w in ws:
+                    linear(xs[name], w)
+
+        return fn
+
+    ms = timed(run_all(F.linear))
+    out["cublas"] = {"ms": round(ms, 3), "tb_s": round(total_bytes / ms / 1e9, 2)}
+    configs = [
+        GemvConfig(),
+        GemvConfig(block_k=256),
+        GemvConfig(block_k=1024, num_warps=8),
+        GemvConfig(block_k=512, num_warps=8),
+        GemvConfig(block_k=512, num_stages=4),
+        GemvConfig(block_n=8),
+        GemvConfig(block_n=16, block_k=256, num_warps=8),
+        GemvConfig(block_n=4, block_k=1024),
+    ]
+    for cfg in configs:
+        ms = timed(run_all(lambda x, w, cfg=cfg: gemv(x, w, cfg)))
+        out[str(cfg)] = {"ms": round(ms, 3), "tb_s": round(total_bytes / ms / 1e9, 2)}
+    for name in shapes:
+        ref = F.linear(xs[name], weights[name][0]).float()
+        got = gemv(xs[name], weights[name][0]).float()
+        out[f"rel_err_{name}"] = round(float((got - ref).norm() / ref.norm()), 5)
+    print("[gemv]", json.dumps(out, indent=1), flush=True)
+    return out
+
+
 def main() -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -588,14 +669,17 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="compare with transformers on the GPU")
     parser.add_argument("--micro", action="store_true", help="time the bare decode step")
     parser.add_argument("--prefill", action="store_true", help="time a prompt's prefill, piece by piece")
-    parser.add_argument("--phase", choices=["check", "micro", "prefill"], help=argparse.SUPPRESS)
+    parser.add_argument("--gemv", action="store_true", help="time batch-1 linear layers: cuBLAS vs Triton")
+    parser.add_argument("--phase", choices=["check", "micro", "prefill", "gemv"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase is not None:  # a phase in its own process, so its GPU memory is freed
-        prompt, _ = prompt_for(args.checkpoint)
+        prompt = prompt_for(args.checkpoint)[0] if args.phase in ("check", "prefill") else ""
         if args.phase == "check":
             out = check_against_transformers(args.checkpoint, prompt, bench_image())
         elif args.phase == "prefill":
             out = micro_prefill(args.checkpoint, prompt, bench_image())
+        elif args.phase == "gemv":
+            out = micro_gemv()
         else:
             out = micro_decode(args.checkpoint, [1, 8, 32])
         args.out.write_text(json.dumps(out, default=str))
@@ -658,6 +742,9 @@ def main() -> int:
         save()
     if args.prefill:
         result["prefill"] = phase("prefill")
+        save()
+    if args.gemv:
+        result["gemv"] = phase("gemv")
         save()
     for engine in [e for e in args.engines.split(",") if e]:
         result[engine] = bench_engine(engine, args.checkpoint, args, prompt, image)

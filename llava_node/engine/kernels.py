@@ -26,6 +26,7 @@ import triton.language as tl
 __all__ = [
     "add_rms_norm",
     "decode_num_splits",
+    "gemv",
     "paged_decode_attention",
     "rms_norm",
     "rope_store",
@@ -779,3 +780,79 @@ def rope_store(
         num_warps=4,
     )
     return q
+
+
+# --------------------------------------------------------------------------------------
+# Batch-1 linear layer (GEMV): y = x @ w.T for x [1, K], w [N, K]
+# --------------------------------------------------------------------------------------
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _gemv_kernel(  # type: ignore[no-untyped-def]
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # One program per BLOCK_N output rows, streaming their weights along K once.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        acc += w.to(tl.float32) * x[None, :]
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of the batch-1 linear kernel."""
+
+    block_n: int = 0  # 0: from the shape (enough programs to fill the device)
+    block_k: int = 512
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ w.T`` for one row: ``x`` ``[1, K]`` (or ``[K]``), ``w`` ``[N, K]`` with unit
+    column stride; returns ``[1, N]`` in ``x``'s dtype, accumulated in float32.
+
+    Batch-1 decode is a stream of weights through the device: this reads each weight
+    once, coalesced along K, with enough programs to occupy every multiprocessor.
+    """
+    cfg = config or GemvConfig()
+    n, k = w.shape
+    if w.stride(1) != 1:
+        raise ValueError("w must have unit column stride")
+    xv = x.reshape(-1)
+    if xv.shape[0] != k:
+        raise ValueError(f"x has {xv.shape[0]} values; w expects {k}")
+    xv = xv.contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n = cfg.block_n
+    if not block_n:
+        per_program = max(1, n // (4 * _num_sms(x.device)))
+        block_n = min(16, 1 << (per_program.bit_length() - 1))
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        xv,
+        w,
+        y,
+        n,
+        k,
+        w.stride(0),
+        BLOCK_N=block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y

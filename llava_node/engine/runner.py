@@ -62,6 +62,7 @@ class RunnerConfig:
     kv_cache_fraction: float = 0.9  # share of free GPU memory for the KV cache
     cuda_graphs: bool = True
     fused_kernels: bool | None = None  # None: on CUDA when Triton is importable
+    batch1_gemv: bool = True  # with the fused kernels: batch-1 decode GEMMs as a Triton GEMV
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -162,6 +163,7 @@ class LlavaRunner:
         self.seed_hi = torch.zeros(s, dtype=torch.int64, device=dev)
         self.attention = _make_attention(self)
         self.fused: Any = _fused_kernels(self.device, config.fused_kernels)
+        self.gemv: Any = self.fused.gemv if self.fused is not None and config.batch1_gemv else None
         self.graphs: Any = None
         self.vision_graph: Any = None
         if dev.type == "cuda" and config.cuda_graphs:
@@ -401,7 +403,15 @@ class LlavaRunner:
     def _vocab_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of final hidden states [N, D] (the padding rows of the
         LM head, if any, dropped)."""
-        return F.linear(h, self.lm_head)[:, : self.vocab].float()
+        return self._linear(h, self.lm_head)[:, : self.vocab].float()
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear``; for one row, the Triton GEMV when enabled (it streams the weights
+        faster than cuBLAS's batch-1 kernels)."""
+        if self.gemv is not None and self.fused is not None and x.shape[0] == 1 and x.dim() == 2:
+            y = self.gemv(x, w)
+            return y if bias is None else y + bias
+        return F.linear(x, w, bias)
 
     def _decode_layers_torch(
         self,
@@ -441,16 +451,16 @@ class LlavaRunner:
         residual = x
         h = k.rms_norm(x, self.layers[0].ln1, self.eps)
         for i, w in enumerate(self.layers):
-            qkv = F.linear(h, w.wqkv, w.bqkv)
+            qkv = self._linear(h, w.wqkv, w.bqkv)
             q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             kc, vc = self.cache.layer(i)
             q = k.rope_store(
                 q.reshape(b, nh, hd), kk.reshape(b, nkv, hd), v.reshape(b, nkv, hd), cos, sin, kc, vc, rows
             )
             a = k.paged_decode_attention(q, kc, vc, tables, lens, scale, self.cache.page_size)
-            o = F.linear(a.reshape(b, nh * hd), w.wo)
+            o = self._linear(a.reshape(b, nh * hd), w.wo)
             h, residual = k.add_rms_norm(o, residual, w.ln2, self.eps)
-            down = F.linear(k.silu_mul(F.linear(h, w.wgu)), w.wdown)
+            down = self._linear(k.silu_mul(self._linear(h, w.wgu)), w.wdown)
             weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             h, residual = k.add_rms_norm(down, residual, weight, self.eps)
         return h

@@ -347,3 +347,15 @@ def test_rope_store(n_heads: int, n_kv_heads: int, head_dim: int, dtype: torch.d
     untouched = torch.ones(cache_rows, dtype=torch.bool)
     untouched[rows.cpu()] = False
     assert (k_cache[untouched.to(DEVICE)] == 7).all() and (v_cache[untouched.to(DEVICE)] == 7).all()
+
+
+@pytest.mark.parametrize("n,k", [(48, 96), (33, 200), (8, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv(n: int, k: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    x = torch.randn(1, k, generator=gen).to(DEVICE, dtype)
+    out = kernels.gemv(x, w, kernels.GemvConfig(block_k=64))
+    ref = x.double().cpu() @ w.double().cpu().T
+    assert out.shape == (1, n) and out.dtype == dtype
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
