@@ -618,6 +618,7 @@ def micro_gemv(layers: int = 32) -> dict[str, Any]:
     out["cublas"] = {"ms": round(ms, 3), "tb_s": round(total_bytes / ms / 1e9, 2)}
     configs = [
         GemvConfig(),
+        GemvConfig(block_n=0, block_k=512),
         GemvConfig(block_k=256),
         GemvConfig(block_k=1024, num_warps=8),
         GemvConfig(block_k=512, num_warps=8),
