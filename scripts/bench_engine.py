@@ -541,12 +541,15 @@ def micro_prefill(checkpoint: Path, prompt: str, image: bytes, reps: int = 10) -
             times.append((time.perf_counter() - t) * 1000)
         return round(statistics.median(times), 2)
 
-    def lm_only(use_fused: bool) -> Any:
+    graphs = runner.prefill_graphs
+
+    def lm_only(use_fused: bool, captured: bool = True) -> Any:
         runner.fused = fused if use_fused else None
+        runner.prefill_graphs = graphs if captured else None
         try:
             return runner.prefill_logits(0, ids, pixels)
         finally:
-            runner.fused = fused
+            runner.fused, runner.prefill_graphs = fused, graphs
 
     out: dict[str, Any] = {
         "prompt_tokens": int(ids.shape[0]),
@@ -555,10 +558,12 @@ def micro_prefill(checkpoint: Path, prompt: str, image: bytes, reps: int = 10) -
             "vision_eager": timed(lambda: runner.image_features_eager(pixels)),
             "vision": timed(lambda: runner.image_features(pixels)),
             "prefill_torch_ops": timed(lambda: lm_only(False)),
+            "prefill_fused_eager": timed(lambda: lm_only(True, False)) if fused is not None else None,
             "prefill_fused": timed(lambda: lm_only(True)) if fused is not None else None,
             "prefill_and_first_token": timed(lambda: runner.prefill(0, ids, pixels)),
         },
     }
+    out["prefill_graphs"] = (graphs.error or sorted(graphs.graphs)) if graphs is not None else "none"
     a, b = lm_only(False).float(), lm_only(True).float()
     out["fused_vs_torch_logits_rel_err"] = float((a - b).norm() / a.norm())
     out["fused_vs_torch_argmax_equal"] = bool(a.argmax() == b.argmax())

@@ -102,6 +102,8 @@ class BatchingEngine(Engine):
             "cuda_graphs": r.graphs is not None,
             "vision_graph": (r.vision_graph.error or "captured") if r.vision_graph is not None else None,
             "fused_kernels": r.fused is not None,
+            "prefill_graphs": r.prefill_graphs is not None,
+            "batch1_gemv": r.gemv is not None,
             "stream_interval": self.stream_interval or f"auto (1 up to {AUTO_STREAM_BATCH} requests)",
         }
 

@@ -7,7 +7,10 @@ replayed: the slots to decode are written into the bucket's static index buffer
 memory pool, captured from the largest bucket down.
 
 The vision tower and projector of one image (a fixed shape) are captured too: a few
-hundred more launches that would otherwise sit in front of every prompt's prefill.
+hundred more launches that would otherwise sit in front of every prompt's prefill. So
+is the language model's prefill, per padded prompt length (a multiple of 64 tokens),
+when a length is first seen: on a host with a slow CPU the ~400 launches of an eager
+prefill, not the GPU, would set its pace.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from llava_node.engine.runner import LlavaRunner
 
-__all__ = ["DecodeGraphs", "ImageFeatureGraph"]
+__all__ = ["DecodeGraphs", "ImageFeatureGraph", "PrefillGraphs"]
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +153,80 @@ class ImageFeatureGraph:
         self.input.copy_(pixel_values, non_blocking=True)
         self.graph.replay()
         return self.output.clone()
+
+
+class PrefillGraphs:
+    """The fused prefill captured per padded prompt length (GPU only).
+
+    A prompt of ``n`` tokens runs in the graph of ``ceil(n / multiple) * multiple``
+    tokens, captured the first time that length is needed (a few hundred milliseconds,
+    once) and replayed after. All share one memory pool; outputs are copied out at once.
+    If a capture fails, the node logs why and prefills eagerly from then on.
+    """
+
+    def __init__(self, runner: LlavaRunner, multiple: int = 64) -> None:
+        self.runner = runner
+        self.multiple = max(1, multiple)
+        self.graphs: dict[
+            int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
+        self.pool: Any = None
+        self.error: str | None = None
+        self.capture_s = 0.0
+
+    def padded_length(self, n: int) -> int:
+        """The captured length that holds ``n`` tokens."""
+        return -(-n // self.multiple) * self.multiple
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits [vocab] of the prompt's last token (its KV cache filled at
+        ``rows``), or None when this length cannot be captured (the caller runs eagerly)."""
+        n = x.shape[0]
+        p = self.padded_length(n)
+        if self.error is not None or p > self.runner.max_seq_len:
+            return None
+        entry = self.graphs.get(p) or self._capture(p)
+        if entry is None:
+            return None
+        graph, x_in, rows_in, last_in, out = entry
+        x_in[:n].copy_(x)
+        x_in[n:].zero_()
+        rows_in[:n].copy_(rows)
+        rows_in[n:].zero_()  # the padding's keys and values go to the reserved page 0
+        last_in.fill_(n - 1)
+        graph.replay()
+        return out[0].clone()
+
+    def _capture(
+        self, p: int
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        r = self.runner
+        started = time.monotonic()
+        try:
+            x_in = torch.zeros(p, r.hidden, device=r.device, dtype=r.dtype)
+            rows_in = torch.zeros(p, device=r.device, dtype=torch.int64)
+            last_in = torch.zeros(1, device=r.device, dtype=torch.int64)
+            stream = torch.cuda.Stream(device=r.device)
+            stream.wait_stream(torch.cuda.current_stream(r.device))
+            with torch.cuda.stream(stream):  # warm-up: cuBLAS and attention for this shape
+                r.padded_prefill_logits(x_in, rows_in, last_in)
+            torch.cuda.current_stream(r.device).wait_stream(stream)
+            torch.cuda.synchronize(r.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = r.padded_prefill_logits(x_in, rows_in, last_in)
+            if self.pool is None:
+                self.pool = graph.pool()
+            torch.cuda.synchronize(r.device)
+        except Exception as exc:  # pragma: no cover - GPU hosts only
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.warning("prefill not captured (%s); prompts are prefilled eagerly", self.error)
+            torch.cuda.synchronize(r.device)
+            return None
+        spent = time.monotonic() - started
+        self.capture_s += spent
+        log.info("captured the prefill of %d tokens in %.2f s", p, spent)
+        entry = (graph, x_in, rows_in, last_in, out)
+        self.graphs[p] = entry
+        return entry

@@ -63,6 +63,8 @@ class RunnerConfig:
     cuda_graphs: bool = True
     fused_kernels: bool | None = None  # None: on CUDA when Triton is importable
     batch1_gemv: bool = True  # with the fused kernels: batch-1 decode GEMMs as a Triton GEMV
+    prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
+    prefill_bucket: int = 64  # captured prefills pad the prompt to a multiple of this
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -166,11 +168,14 @@ class LlavaRunner:
         self.gemv: Any = self.fused.gemv if self.fused is not None and config.batch1_gemv else None
         self.graphs: Any = None
         self.vision_graph: Any = None
+        self.prefill_graphs: Any = None
         if dev.type == "cuda" and config.cuda_graphs:
-            from llava_node.engine.cuda_graphs import DecodeGraphs, ImageFeatureGraph
+            from llava_node.engine.cuda_graphs import DecodeGraphs, ImageFeatureGraph, PrefillGraphs
 
             self.graphs = DecodeGraphs(self, [b for b in config.graph_batch_sizes if b <= self.max_batch])
             self.vision_graph = ImageFeatureGraph(self)
+            if config.prefill_graphs and self.fused is not None:
+                self.prefill_graphs = PrefillGraphs(self, config.prefill_bucket)
 
     # -- set-up ----------------------------------------------------------------------
     def _fuse(self, layer: Any) -> LayerWeights:
@@ -296,8 +301,25 @@ class LlavaRunner:
     ) -> torch.Tensor:
         """Run the prompt through the model, filling ``slot``'s KV cache; the logits
         (float32, [vocab]) of its last position."""
+        x = self.prompt_embeddings(input_ids, pixel_values)
+        n = x.shape[0]
+        flat = self.cache.flat_positions(slot, n)
+        if self.prefill_graphs is not None and self.fused is not None:
+            logits = self.prefill_graphs.run(x, flat)
+            if logits is not None:
+                return logits
+        cos, sin = self.cos[:n], self.sin[:n]
+        if self.fused is not None:
+            h = self._prefill_layers_fused(x, cos, sin, flat)
+        else:
+            h = self._prefill_layers_torch(x, cos, sin, flat)
+        return self._vocab_logits(h[-1:])[0]
+
+    @torch.inference_mode()
+    def prompt_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """The prompt's input embeddings [n, D]: token embeddings, with the image features
+        in place of the image tokens."""
         ids = input_ids.to(self.device)
-        n = int(ids.shape[0])
         x = F.embedding(ids, self.embed)
         image_mask = ids == self.image_token_id
         n_image = int(image_mask.sum())
@@ -310,13 +332,21 @@ class LlavaRunner:
                     f"the prompt has {n_image} image tokens but the images give {feats.shape[0]} features"
                 )
             x = x.masked_scatter(image_mask[:, None], feats)
-        flat = self.cache.flat_positions(slot, n)
-        cos, sin = self.cos[:n], self.sin[:n]
-        if self.fused is not None:
-            h = self._prefill_layers_fused(x, cos, sin, flat)
-        else:
-            h = self._prefill_layers_torch(x, cos, sin, flat)
-        return self._vocab_logits(h[-1:])[0]
+        return x
+
+    def padded_prefill_logits(self, x: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The fused prefill of a prompt padded at its end: ``x`` [P, D] embeddings, ``rows``
+        [P] cache rows (padding rows point into the reserved page 0), ``last`` [1] the
+        index of the prompt's last real token; returns float32 logits [1, vocab] there.
+
+        Causal attention keeps the real tokens blind to the padding after them, so they
+        compute what the unpadded prompt computes; the padding's keys and values land in
+        page 0, which no request owns. A fixed shape per padded length: what
+        :class:`~llava_node.engine.cuda_graphs.PrefillGraphs` captures.
+        """
+        p = x.shape[0]
+        h = self._prefill_layers_fused(x, self.cos[:p], self.sin[:p], rows)
+        return self._vocab_logits(h.index_select(0, last))
 
     def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal self-attention of one prompt: q [n, H, hd], k/v [n, KVH, hd] -> [n, H * hd]."""

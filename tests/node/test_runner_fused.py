@@ -47,3 +47,34 @@ def test_fused_prefill_and_decode_match_the_torch_path(tiny_checkpoint: Path) ->
     rel = float((first[True] - first[False]).norm() / first[False].norm())
     assert rel < 1e-4, rel
     assert tokens[True] == tokens[False]
+
+
+def test_padded_prefill_computes_what_the_prompt_alone_computes(tiny_checkpoint: Path) -> None:
+    # What a captured prefill (GPU) runs: the prompt padded to a fixed length at its end,
+    # the padding's keys and values sent to the reserved page 0.
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    img = Image.new("RGB", (300, 260), (200, 40, 90))
+    enc = processor(images=[img], text="USER: <image>\nAnd this one? ASSISTANT:", return_tensors="pt")
+    ids, pixels = enc["input_ids"][0], enc["pixel_values"]
+    r = runner(tiny_checkpoint, fused=True)
+    n = int(ids.shape[0])
+    pages = list(range(1, 1 + r.cache.pages_for(n + 8)))
+    r.assign(0, pages, 0.0, 1.0, 0)
+    plain = r.prefill_logits(0, ids, pixels)
+    flat = r.cache.flat_positions(0, n)
+    k0, v0 = (t.clone() for t in r.cache.layer(0))
+    r.cache.k.zero_()
+    r.cache.v.zero_()
+    padded = n + 37
+    x = torch.zeros(padded, r.hidden)
+    x[:n] = r.prompt_embeddings(ids, pixels)
+    rows = torch.zeros(padded, dtype=torch.int64)
+    rows[:n] = flat
+    logits = r.padded_prefill_logits(x, rows, torch.tensor([n - 1]))[0]
+    assert float((logits - plain).norm() / plain.norm()) < 1e-5
+    k1, v1 = r.cache.layer(0)
+    assert torch.allclose(k1[flat], k0[flat], atol=1e-5) and torch.allclose(v1[flat], v0[flat], atol=1e-5)
+    owned = torch.ones(k1.shape[0], dtype=torch.bool)
+    owned[: r.cache.page_size] = False  # the reserved page
+    owned[flat] = False
+    assert (k1[owned] == 0).all() and (v1[owned] == 0).all()  # nothing else was written
