@@ -8,7 +8,7 @@ memory pool, captured from the largest bucket down.
 
 The vision tower and projector of one image (a fixed shape) are captured too: a few
 hundred more launches that would otherwise sit in front of every prompt's prefill. So
-is the language model's prefill, per padded prompt length (a multiple of 64 tokens),
+is the language model's prefill, per padded prompt length (a multiple of 16 tokens),
 when a length is first seen: on a host with a slow CPU the ~400 launches of an eager
 prefill, not the GPU, would set its pace.
 """
@@ -164,7 +164,7 @@ class PrefillGraphs:
     If a capture fails, the node logs why and prefills eagerly from then on.
     """
 
-    def __init__(self, runner: LlavaRunner, multiple: int = 64) -> None:
+    def __init__(self, runner: LlavaRunner, multiple: int = 16) -> None:
         self.runner = runner
         self.multiple = max(1, multiple)
         self.graphs: dict[

@@ -64,7 +64,7 @@ class RunnerConfig:
     fused_kernels: bool | None = None  # None: on CUDA when Triton is importable
     batch1_gemv: bool = True  # with the fused kernels: batch-1 decode GEMMs as a Triton GEMV
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
-    prefill_bucket: int = 64  # captured prefills pad the prompt to a multiple of this
+    prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
