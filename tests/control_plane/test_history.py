@@ -31,7 +31,13 @@ def test_history_tables_fill_and_documented_queries_answer(control_plane: Contro
     for i in range(3):
         llava_stream(
             f"{control_plane.url}/worker_generate_stream",
-            {"model": "llava", "prompt": f"USER: count {i} ASSISTANT:", "max_new_tokens": 5},
+            # greedy: sampling (LLaVA's default temperature is 1) may end a stream early
+            {
+                "model": "llava",
+                "prompt": f"USER: count {i} ASSISTANT:",
+                "max_new_tokens": 5,
+                "temperature": 0,
+            },
         )
     llava_stream(f"{control_plane.url}/worker_generate_stream", {"model": "nope", "prompt": "x"})
     time.sleep(1.5)  # a few polls, and the batched writes
