@@ -376,24 +376,10 @@ class LlavaRunner:
         # The decode step's fused kernels work row by row, so they serve a prompt's rows
         # too: a third of the launches and of the elementwise memory traffic of the torch
         # path. Attention is SDPA (flash on the GPU) over the prompt's own keys.
-        k = self.fused
-        n = x.shape[0]
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
-        residual = x
-        h = k.rms_norm(x, self.layers[0].ln1, self.eps)
-        for i, w in enumerate(self.layers):
-            qkv = F.linear(h, w.wqkv, w.bqkv)
-            q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            kc, vc = self.cache.layer(i)
-            q = k.rope_store(
-                q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v.reshape(n, nkv, hd), cos, sin, kc, vc, rows
-            )
-            a = self._causal_attention(q, kc[rows], v.reshape(n, nkv, hd))
-            h, residual = k.add_rms_norm(F.linear(a, w.wo), residual, w.ln2, self.eps)
-            down = F.linear(k.silu_mul(F.linear(h, w.wgu)), w.wdown)
-            weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
-            h, residual = k.add_rms_norm(down, residual, weight, self.eps)
-        return h
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._causal_attention(q, kc[rows], v)
+
+        return self._fused_layers(x, cos, sin, rows, attend, F.linear)
 
     # -- decode ----------------------------------------------------------------------
     def decode_step(self, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
@@ -473,24 +459,41 @@ class LlavaRunner:
         # Same arithmetic as the torch path, in fewer kernels: residual add + RMSNorm,
         # RoPE + KV-cache write, paged attention over the filled positions only, SiLU*up.
         k = self.fused
-        assert k is not None
-        b = x.shape[0]
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         tables = self.cache.block_tables[slots]
-        scale = 1.0 / math.sqrt(hd)
+        scale = 1.0 / math.sqrt(self.head_dim)
+
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            a = k.paged_decode_attention(q, kc, vc, tables, lens, scale, self.cache.page_size)
+            return a.reshape(q.shape[0], -1)
+
+        return self._fused_layers(x, cos, sin, rows, attend, self._linear)
+
+    def _fused_layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: torch.Tensor,
+        attend: Any,
+        linear: Any,
+    ) -> torch.Tensor:
+        """The decoder layers on the fused kernels, for rows ``x`` [N, D] at cache ``rows``;
+        ``attend(q, k_cache, v_cache, v)`` gives the attention output [N, H * hd] of the
+        rotated queries (keys and values already stored). Returns the final-normed states."""
+        k = self.fused
+        assert k is not None
+        n = x.shape[0]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         residual = x
         h = k.rms_norm(x, self.layers[0].ln1, self.eps)
         for i, w in enumerate(self.layers):
-            qkv = self._linear(h, w.wqkv, w.bqkv)
+            qkv = linear(h, w.wqkv, w.bqkv)
             q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             kc, vc = self.cache.layer(i)
-            q = k.rope_store(
-                q.reshape(b, nh, hd), kk.reshape(b, nkv, hd), v.reshape(b, nkv, hd), cos, sin, kc, vc, rows
-            )
-            a = k.paged_decode_attention(q, kc, vc, tables, lens, scale, self.cache.page_size)
-            o = self._linear(a.reshape(b, nh * hd), w.wo)
-            h, residual = k.add_rms_norm(o, residual, w.ln2, self.eps)
-            down = self._linear(k.silu_mul(self._linear(h, w.wgu)), w.wdown)
+            v = v.reshape(n, nkv, hd)
+            q = k.rope_store(q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v, cos, sin, kc, vc, rows)
+            h, residual = k.add_rms_norm(linear(attend(q, kc, vc, v), w.wo), residual, w.ln2, self.eps)
+            down = linear(k.silu_mul(linear(h, w.wgu)), w.wdown)
             weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             h, residual = k.add_rms_norm(down, residual, weight, self.eps)
         return h
