@@ -205,14 +205,20 @@ class ControlPlaneProc:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 20 s."""
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        if proc is not None:
+            terminate(proc, 20.0)
+
+
+def terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    """End a child by its PID: SIGTERM, then SIGKILL if it is still there after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -821,13 +827,7 @@ def poller_phase(args: argparse.Namespace, work: Path, metrics_text: str | None)
                 cp.stop()
         return {"nodes": count, "poll_interval_s": args.poll_interval, "runs": runs}
     finally:
-        if sim.poll() is None:
-            os.kill(sim.pid, signal.SIGTERM)
-            try:
-                sim.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(sim.pid, signal.SIGKILL)
-                sim.wait(5)
+        terminate(sim, 10.0)
 
 
 def _poller_env(args: argparse.Namespace) -> dict[str, str]:
