@@ -16,12 +16,12 @@ removal are idempotent in the database, so they agree without coordination.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from control_plane.background import BackgroundLoop
 from control_plane.fleet import Fleet
 from control_plane.store import WorkerState
 
@@ -50,8 +50,10 @@ async def resolve_ipv4(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-class DnsDiscovery:
+class DnsDiscovery(BackgroundLoop):
     """Keeps the ``dns`` workers equal to the addresses a name resolves to."""
+
+    task_name = "dns-discovery"
 
     def __init__(
         self,
@@ -66,7 +68,6 @@ class DnsDiscovery:
         self.interval_s = interval_s
         self.resolver = resolver
         self.scheme = scheme
-        self._task: asyncio.Task[None] | None = None
         self.rounds = 0
         self.last_addresses: list[str] = []
         self.last_error = ""
@@ -75,18 +76,6 @@ class DnsDiscovery:
         """A worker URL for one resolved address."""
         host = f"[{address}]" if ":" in address else address
         return f"{self.scheme}://{host}:{self.port}"
-
-    def start(self) -> None:
-        """Resolve on an interval in the background (the first round runs at once)."""
-        self._task = asyncio.create_task(self._run(), name="dns-discovery")
-
-    async def stop(self) -> None:
-        """Stop resolving."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from control_plane.admission import CircuitBreaker
+from control_plane.background import BackgroundLoop
 from control_plane.config import Settings
 from control_plane.leases import LeaseManager
 from control_plane.store import ModelStatus, WorkerInfo, WorkerState, WorkerStore
@@ -95,8 +96,10 @@ async def discover_endpoints(
     return f"{grpc_host}:{port + 1}", metrics_url
 
 
-class HealthPoller:
+class HealthPoller(BackgroundLoop):
     """Polls every worker on an interval and moves workers between states."""
+
+    task_name = "health-poller"
 
     def __init__(
         self,
@@ -111,23 +114,10 @@ class HealthPoller:
         self.session = session
         self.leases = leases
         self.on_removed = on_removed
-        self._task: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(256)
         self.breaker: CircuitBreaker | None = None  # set by the app: polls may not close an open circuit
         self.rounds = 0
         self.last_round_s = 0.0
-
-    def start(self) -> None:
-        """Start polling in the background."""
-        self._task = asyncio.create_task(self._run(), name="health-poller")
-
-    async def stop(self) -> None:
-        """Stop polling."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         interval = self.settings.poll_interval_s
