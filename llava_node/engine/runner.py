@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,15 @@ from llava_node.engine.kv_cache import PagedKVCache
 from llava_node.engine.loading import LoadedModel
 from llava_node.engine.sampling import sample_tokens, split_seed
 
-__all__ = ["LayerWeights", "LlavaRunner", "PendingTokens", "RunnerConfig", "UnsupportedModel", "supports"]
+__all__ = [
+    "LayerWeights",
+    "LlavaRunner",
+    "PendingTokens",
+    "PromptChunk",
+    "RunnerConfig",
+    "UnsupportedModel",
+    "supports",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,11 @@ SUPPORTED_TEXT_MODELS = ("llama", "mistral")
 # common: 32000 + <image>) each output row is misaligned and cuBLAS falls back to a slow
 # GEMM kernel for batches above one (a third of a millisecond per decode step on an H200).
 LM_HEAD_ROW_MULTIPLE = 64
+
+
+# attend(q, k_cache, v_cache, v): the attention output [N, H * hd] of rotated queries
+# q [N, H, hd] whose keys and values are already in the layer's caches (v: their values).
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class UnsupportedModel(ValueError):
@@ -66,6 +79,21 @@ class RunnerConfig:
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
     prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+@dataclass
+class PromptChunk:
+    """Rows ``start:end`` of the prompt of the request in ``slot``, for a mixed step."""
+
+    slot: int
+    embeds: torch.Tensor  # [n, D] the whole prompt's input embeddings, on the device
+    start: int
+    end: int
+
+    @property
+    def last(self) -> bool:
+        """Whether this chunk ends the prompt (its step samples the first token)."""
+        return self.end == self.embeds.shape[0]
 
 
 @dataclass
@@ -163,8 +191,8 @@ class LlavaRunner:
         self.top_p = torch.ones(s, dtype=torch.float32, device=dev)
         self.seed_lo = torch.zeros(s, dtype=torch.int64, device=dev)
         self.seed_hi = torch.zeros(s, dtype=torch.int64, device=dev)
-        self.attention = _make_attention(self)
         self.fused: Any = _fused_kernels(self.device, config.fused_kernels)
+        self.paged_attention: Any = _paged_attention(self.device, self.fused)
         self.gemv: Any = self.fused.gemv if self.fused is not None and config.batch1_gemv else None
         self.graphs: Any = None
         self.vision_graph: Any = None
@@ -280,19 +308,8 @@ class LlavaRunner:
     def prefill(self, slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> int:
         """Run the prompt of the request in ``slot``, fill its KV cache, return its first token."""
         logits = self.prefill_logits(slot, input_ids, pixel_values)
-        s = torch.tensor([slot], device=self.device)
-        token = sample_tokens(
-            logits[None],
-            self.temperature[s],
-            self.top_p[s],
-            self.seed_lo[s],
-            self.seed_hi[s],
-            self.steps[s],
-            all_greedy=False,
-        )
-        self.last_tokens[slot] = token[0]
+        token = self._sample(logits[None], self._index([slot]), all_greedy=False)
         self.seq_lens[slot] = int(input_ids.shape[0])
-        self.steps[slot] = 1
         return int(token[0])
 
     @torch.inference_mode()
@@ -308,21 +325,18 @@ class LlavaRunner:
             logits = self.prefill_graphs.run(x, flat)
             if logits is not None:
                 return logits
-        cos, sin = self.cos[:n], self.sin[:n]
-        if self.fused is not None:
-            h = self._prefill_layers_fused(x, cos, sin, flat)
-        else:
-            h = self._prefill_layers_torch(x, cos, sin, flat)
+        h = self._layers(x, self.cos[:n], self.sin[:n], flat, self._prompt_attend(flat))
         return self._vocab_logits(h[-1:])[0]
 
     @torch.inference_mode()
     def prompt_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """The prompt's input embeddings [n, D]: token embeddings, with the image features
-        in place of the image tokens."""
-        ids = input_ids.to(self.device)
-        x = F.embedding(ids, self.embed)
-        image_mask = ids == self.image_token_id
-        n_image = int(image_mask.sum())
+        in place of the image tokens. Nothing waits for the device: the image tokens are
+        found in the host's copy of the ids, so a step already launched keeps running."""
+        ids = input_ids.cpu()
+        x = F.embedding(ids.to(self.device, non_blocking=True), self.embed)
+        where = (ids == self.image_token_id).nonzero().squeeze(1)
+        n_image = int(where.shape[0])
         if n_image:
             if pixel_values is None or pixel_values.shape[0] == 0:
                 raise ValueError(f"the prompt has {n_image} image tokens but no image was given")
@@ -331,7 +345,7 @@ class LlavaRunner:
                 raise ValueError(
                     f"the prompt has {n_image} image tokens but the images give {feats.shape[0]} features"
                 )
-            x = x.masked_scatter(image_mask[:, None], feats)
+            x = x.index_copy(0, where.to(self.device, non_blocking=True), feats.to(x.dtype))
         return x
 
     def padded_prefill_logits(self, x: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -345,41 +359,31 @@ class LlavaRunner:
         :class:`~llava_node.engine.cuda_graphs.PrefillGraphs` captures.
         """
         p = x.shape[0]
-        h = self._prefill_layers_fused(x, self.cos[:p], self.sin[:p], rows)
+        h = self._layers(x, self.cos[:p], self.sin[:p], rows, self._prompt_attend(rows))
         return self._vocab_logits(h.index_select(0, last))
 
-    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention of one prompt: q [n, H, hd], k/v [n, KVH, hd] -> [n, H * hd]."""
+    def _prompt_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of a prompt's rows q [n, H, hd] over keys/values [L, KVH, hd] of that
+        prompt: causal when ``mask`` is None (L == n), else ``mask`` [n, L] (True: seen)."""
         a = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
             k.transpose(0, 1)[None],
             v.transpose(0, 1)[None],
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return a[0].transpose(0, 1).reshape(q.shape[0], -1)
 
-    def _prefill_layers_torch(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
-        for i, w in enumerate(self.layers):
-            q, k, v = self._qkv(x, w)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            self.cache.write(i, rows, k, v)
-            x = x + F.linear(self._causal_attention(q, k, v), w.wo)
-            x = x + self._mlp(x, w)
-        return _rms_norm(x, self.norm, self.eps)
+    def _prompt_attend(self, rows: torch.Tensor) -> Attend:
+        """Causal attention of a whole prompt stored at cache ``rows`` (SDPA: flash on the GPU)."""
 
-    def _prefill_layers_fused(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
-        # The decode step's fused kernels work row by row, so they serve a prompt's rows
-        # too: a third of the launches and of the elementwise memory traffic of the torch
-        # path. Attention is SDPA (flash on the GPU) over the prompt's own keys.
         def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return self._causal_attention(q, kc[rows], v)
+            return self._prompt_attention(q, kc[rows], v)
 
-        return self._fused_layers(x, cos, sin, rows, attend, F.linear)
+        return attend
 
     # -- decode ----------------------------------------------------------------------
     def decode_step(self, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
@@ -388,7 +392,13 @@ class LlavaRunner:
         Padding rows name ``dummy_slot``. Graph-capturable: no host synchronisation.
         """
         pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
-        logits = self.step_logits(slots, pos)
+        nxt = self._sample(self.step_logits(slots, pos), slots, all_greedy)
+        self.seq_lens[slots] = pos + 1
+        self.seq_lens[self.dummy_slot :].zero_()  # a kernel, not a host copy: graph-safe
+        return nxt
+
+    def _sample(self, logits: torch.Tensor, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
+        """Each slot's next token from its logits row; it becomes the slot's last token."""
         nxt = sample_tokens(
             logits,
             self.temperature[slots],
@@ -399,23 +409,104 @@ class LlavaRunner:
             all_greedy=all_greedy,
         )
         self.last_tokens[slots] = nxt
-        self.seq_lens[slots] = pos + 1
         self.steps[slots] += 1
-        self.seq_lens[self.dummy_slot :].zero_()  # a kernel, not a host copy: graph-safe
         return nxt
 
     def step_logits(self, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (float32, [B, vocab]) of each slot's last token at position ``pos``;
         writes that token's keys and values into the cache."""
         x = F.embedding(self.last_tokens[slots], self.embed)  # [B, D]
-        cos, sin = self.cos[pos], self.sin[pos]
         rows = self.cache.flat_slot_positions(slots, pos)
-        if self.fused is not None:
-            h = self._decode_layers_fused(x, cos, sin, rows, slots, pos + 1)
-        else:
-            h = self._decode_layers_torch(x, cos, sin, rows, slots, pos + 1)
+        h = self._layers(x, self.cos[pos], self.sin[pos], rows, self._decode_attend(slots, pos + 1))
         return self._vocab_logits(h)
 
+    def _decode_attend(self, slots: torch.Tensor, lens: torch.Tensor) -> Attend:
+        """Attention of one new row per slot over that slot's first ``lens`` positions."""
+        cache = self.cache
+        if self.paged_attention is not None:
+            tables = cache.block_tables[slots]
+            scale = 1.0 / math.sqrt(self.head_dim)
+            paged = self.paged_attention
+
+            def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return paged(q, kc, vc, tables, lens, scale, cache.page_size).reshape(q.shape[0], -1)
+
+            return attend
+        # torch: gather each slot's keys (to the longest length; all of max_seq_len on a
+        # GPU, where reading the length back would stop graph capture) and mask the rest.
+        length = self.max_seq_len if self.device.type == "cuda" else int(lens.max())
+        pos = torch.arange(length, device=self.device)
+        rows = cache.block_tables[slots][:, pos // cache.page_size] * cache.page_size + pos % cache.page_size
+        mask = (pos[None, :] < lens[:, None])[:, None, None, :]
+        gqa = self.n_kv_heads != self.n_heads
+
+        def attend_torch(
+            q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor
+        ) -> torch.Tensor:
+            k, vv = kc[rows].transpose(1, 2), vc[rows].transpose(1, 2)  # [B, KVH, L, hd]
+            out = F.scaled_dot_product_attention(q[:, :, None, :], k, vv, attn_mask=mask, enable_gqa=gqa)
+            return out[:, :, 0, :].reshape(q.shape[0], -1)
+
+        return attend_torch
+
+    # -- mixed steps: decode rows and a chunk of a prompt in one pass ------------------
+    @torch.inference_mode()
+    def mixed_step(self, slots: torch.Tensor, chunk: PromptChunk, all_greedy: bool) -> torch.Tensor:
+        """One decode token for each slot in ``slots`` and rows ``chunk.start:chunk.end``
+        of a prompt, through the layers together: the weights are read once for both, so
+        the prompt's rows ride on a step that the decode rows alone leave memory-bound.
+
+        Returns the decode tokens, then (if the chunk ends its prompt) the prompt's first
+        token. No host synchronisation: the tokens are read when the step is collected.
+        """
+        b = int(slots.shape[0])
+        c0, c1 = chunk.start, chunk.end
+        pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
+        x = torch.cat([F.embedding(self.last_tokens[slots], self.embed), chunk.embeds[c0:c1]])
+        cos = torch.cat([self.cos[pos], self.cos[c0:c1]])
+        sin = torch.cat([self.sin[pos], self.sin[c0:c1]])
+        seen = self.cache.flat_positions(chunk.slot, c1)  # the prompt's rows so far
+        rows = torch.cat([self.cache.flat_slot_positions(slots, pos), seen[c0:]])
+        at = torch.arange(c1, device=self.device)
+        mask = at[None, :] <= at[c0:, None]  # chunk row i (position c0 + i) sees 0..c0 + i
+        decode = self._decode_attend(slots, pos + 1) if b else None
+
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            prompt = self._prompt_attention(q[b:], kc[seen], vc[seen], mask)
+            if decode is None:
+                return prompt
+            return torch.cat([decode(q[:b], kc, vc, v[:b]), prompt])
+
+        h = self._layers(x, cos, sin, rows, attend)
+        sample = slots
+        if chunk.last:
+            sample = torch.cat([slots, torch.full((1,), chunk.slot, dtype=slots.dtype, device=self.device)])
+            h = torch.cat([h[:b], h[-1:]])
+        else:
+            h = h[:b]
+        nxt = (
+            self._sample(self._vocab_logits(h), sample, all_greedy)
+            if sample.numel()
+            else h.new_zeros(0, dtype=torch.int64)
+        )
+        self.seq_lens[slots] = pos + 1
+        if chunk.last:
+            self.seq_lens[chunk.slot] = c1
+        return nxt
+
+    @torch.inference_mode()
+    def mixed_launch(self, slots: Sequence[int], chunk: PromptChunk, all_greedy: bool) -> PendingTokens:
+        """Start a :meth:`mixed_step` (run eagerly: its shape changes from step to step)."""
+        return PendingTokens(self.mixed_step(self._index(slots), chunk, all_greedy))
+
+    def _index(self, values: Sequence[int]) -> torch.Tensor:
+        """An int64 device tensor of ``values``, copied without waiting for the device."""
+        host = torch.tensor(list(values), dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    # -- the layers ------------------------------------------------------------------
     def _vocab_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of final hidden states [N, D] (the padding rows of the
         LM head, if any, dropped)."""
@@ -429,44 +520,28 @@ class LlavaRunner:
             return y if bias is None else y + bias
         return F.linear(x, w, bias)
 
-    def _decode_layers_torch(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        rows: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
+    def _layers(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, attend: Attend
     ) -> torch.Tensor:
+        """The decoder layers for rows ``x`` [N, D] whose keys and values go to cache
+        ``rows``, rotated at ``cos``/``sin`` [N, hd]: on the fused kernels when loaded,
+        else torch ops. Returns the final-normed hidden states [N, D]."""
+        if self.fused is not None:
+            return self._fused_layers(x, cos, sin, rows, attend, self._linear)
+        return self._torch_layers(x, cos, sin, rows, attend)
+
+    def _torch_layers(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        """:meth:`_layers` in torch ops, as transformers computes them."""
         for i, w in enumerate(self.layers):
             q, k, v = self._qkv(x, w)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             self.cache.write(i, rows, k, v)
-            a = self.attention(i, q, slots, lens)
-            x = x + F.linear(a.reshape(x.shape[0], -1), w.wo)
+            kc, vc = self.cache.layer(i)
+            x = x + F.linear(attend(q, kc, vc, v), w.wo)
             x = x + self._mlp(x, w)
         return _rms_norm(x, self.norm, self.eps)
-
-    def _decode_layers_fused(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        rows: torch.Tensor,
-        slots: torch.Tensor,
-        lens: torch.Tensor,
-    ) -> torch.Tensor:
-        # Same arithmetic as the torch path, in fewer kernels: residual add + RMSNorm,
-        # RoPE + KV-cache write, paged attention over the filled positions only, SiLU*up.
-        k = self.fused
-        tables = self.cache.block_tables[slots]
-        scale = 1.0 / math.sqrt(self.head_dim)
-
-        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            a = k.paged_decode_attention(q, kc, vc, tables, lens, scale, self.cache.page_size)
-            return a.reshape(q.shape[0], -1)
-
-        return self._fused_layers(x, cos, sin, rows, attend, self._linear)
 
     def _fused_layers(
         self,
@@ -474,12 +549,11 @@ class LlavaRunner:
         cos: torch.Tensor,
         sin: torch.Tensor,
         rows: torch.Tensor,
-        attend: Any,
+        attend: Attend,
         linear: Any,
     ) -> torch.Tensor:
-        """The decoder layers on the fused kernels, for rows ``x`` [N, D] at cache ``rows``;
-        ``attend(q, k_cache, v_cache, v)`` gives the attention output [N, H * hd] of the
-        rotated queries (keys and values already stored). Returns the final-normed states."""
+        """:meth:`_layers` on the fused kernels (residual add + RMSNorm, RoPE + KV-cache
+        write, SiLU*up): the same arithmetic in fewer launches."""
         k = self.fused
         assert k is not None
         n = x.shape[0]
@@ -505,8 +579,7 @@ class LlavaRunner:
         if self.graphs is not None:
             out = self.graphs.launch(slots, all_greedy)
         else:
-            idx = torch.tensor(list(slots), dtype=torch.int64, device=self.device)
-            out = self.decode_step(idx, all_greedy)
+            out = self.decode_step(self._index(slots), all_greedy)
         return PendingTokens(out)
 
 
@@ -543,41 +616,16 @@ def _fused_kernels(device: torch.device, wanted: bool | None) -> Any:
     return kernels
 
 
-def _make_attention(runner: LlavaRunner) -> Any:
-    """The decode attention to use: a Triton kernel on CUDA when available, else torch."""
-    if runner.device.type == "cuda":
-        try:
-            from llava_node.engine.kernels import paged_decode_attention
-        except ImportError as exc:  # pragma: no cover - GPU hosts only
-            log.warning("Triton decode kernel unavailable (%s); using torch attention", exc)
-        else:
-            cache = runner.cache
-            scale = 1.0 / math.sqrt(runner.head_dim)
-
-            def triton_attention(
-                layer: int, q: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor
-            ) -> torch.Tensor:
-                k, v = cache.layer(layer)
-                return paged_decode_attention(
-                    q, k, v, cache.block_tables[slots], lens, scale, cache.page_size
-                )
-
-            return triton_attention
-    return _torch_attention(runner)
-
-
-def _torch_attention(runner: LlavaRunner) -> Any:
-    cache = runner.cache
-    gqa = runner.n_kv_heads != runner.n_heads
-    static_len = runner.device.type == "cuda"  # no host sync: graph-capturable
-
-    def attention(layer: int, q: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        length = runner.max_seq_len if static_len else int(lens.max())
-        k, v = cache.gather(layer, slots, length)  # [B, KVH, L, hd]
-        mask = torch.arange(length, device=q.device)[None, :] < lens[:, None]
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], enable_gqa=gqa
-        )
-        return out[:, :, 0, :]
-
-    return attention
+def _paged_attention(device: torch.device, fused: Any) -> Any:
+    """The paged decode-attention kernel (Triton), or None for torch attention: with the
+    fused kernels, and on CUDA whenever Triton imports."""
+    if fused is not None:
+        return fused.paged_decode_attention
+    if device.type != "cuda":
+        return None
+    try:
+        from llava_node.engine.kernels import paged_decode_attention
+    except ImportError as exc:  # pragma: no cover - GPU hosts only
+        log.warning("Triton decode kernel unavailable (%s); using torch attention", exc)
+        return None
+    return paged_decode_attention
