@@ -41,6 +41,7 @@ class EngineOptions:
     hf_workers: int = 1
     stream_interval: int = 0  # 0: auto (see BatchingEngine); n: a response every n tokens
     fused_kernels: bool | None = None  # None: on a GPU (Triton kernels for prefill and decode)
+    prefill_chunk: int = 256  # prompt tokens per mixed step while others decode; 0: whole prompts
 
 
 def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
@@ -77,5 +78,9 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
     )
     runner.warmup()
     return BatchingEngine(
-        runner, loaded.tokenizer, loaded.eos_token_ids, stream_interval=options.stream_interval
+        runner,
+        loaded.tokenizer,
+        loaded.eos_token_ids,
+        stream_interval=options.stream_interval,
+        prefill_chunk=options.prefill_chunk,
     )

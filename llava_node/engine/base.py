@@ -69,6 +69,7 @@ class EngineStats:
     tokens_generated: int = 0
     tokens_after_cancel: int = 0  # tokens computed for a request after it was cancelled
     decode_steps: int = 0
+    mixed_steps: int = 0  # decode steps that also carried a chunk of a prompt
     # Where the engine thread's time goes (seconds, cumulative): prompts (vision tower and
     # prefill), waiting for a decode step's tokens from the device, and handling tokens
     # on the host (detokenizing, stop strings, sending responses).

@@ -2,9 +2,16 @@
 
 Requests join between decode steps: each waits until a slot and the KV pages for its
 prompt plus its ``max_tokens`` are free (so a running request can never run out of
-memory), is prefilled on its own, then decodes together with every other running
-request, one token per step. Finished and cancelled requests leave between steps
-and give their pages back.
+memory), is prefilled, then decodes together with every other running request, one
+token per step. Finished and cancelled requests leave between steps and give their
+pages back.
+
+A prompt that arrives while nothing else runs is prefilled whole (from a captured
+graph on a GPU): the shortest time to its first token. One that arrives while others
+decode is prefilled in chunks of ``prefill_chunk`` tokens, each carried by a decode
+step ("mixed step"): a decode step of a 7B model is bound by reading the weights, so
+the prompt's rows ride on that read nearly for free, and the running requests keep
+getting a token per step instead of waiting out a whole prefill.
 
 Each response through Triton's Python backend is a round trip between its processes
 (~0.1-0.3 ms of the engine thread's time), so with many requests running the host,
@@ -26,16 +33,17 @@ from dataclasses import dataclass, field
 import torch
 
 from llava_node.engine.base import Engine, GenerationRequest
-from llava_node.engine.runner import LlavaRunner, PendingTokens
+from llava_node.engine.runner import LlavaRunner, PendingTokens, PromptChunk
 from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
 from llava_node.textstream import SequenceText
 
-__all__ = ["AUTO_STREAM_BATCH", "MAX_STREAM_INTERVAL", "BatchingEngine"]
+__all__ = ["AUTO_STREAM_BATCH", "DEFAULT_PREFILL_CHUNK", "MAX_STREAM_INTERVAL", "BatchingEngine"]
 
 log = logging.getLogger(__name__)
 
 AUTO_STREAM_BATCH = 16  # running requests up to which every token is its own response
 MAX_STREAM_INTERVAL = 8  # the most tokens the automatic rule puts in one response
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a mixed step carries
 
 
 @dataclass
@@ -48,6 +56,22 @@ class _Running:
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
     first_token_at: float = 0.0
+    embeds: torch.Tensor | None = None  # while its prompt is prefilled in chunks
+    prefilled: int = 0  # prompt rows launched so far
+
+    @property
+    def decoding(self) -> bool:
+        """Whether its prompt has been launched whole (it can join decode steps)."""
+        return self.embeds is None
+
+
+@dataclass
+class _Step:
+    """A launched step: its decode rows, the prompt chunk it carries, its tokens."""
+
+    runs: list[_Running]
+    chunk: tuple[_Running, PromptChunk] | None
+    pending: PendingTokens
 
 
 class BatchingEngine(Engine):
@@ -61,6 +85,7 @@ class BatchingEngine(Engine):
         *,
         cancel_check_every: int = 1,
         stream_interval: int = 0,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         super().__init__()
         self.runner = runner
@@ -68,6 +93,7 @@ class BatchingEngine(Engine):
         self.eos_token_ids = eos_token_ids
         self.cancel_check_every = max(1, cancel_check_every)
         self.stream_interval = max(0, stream_interval)  # 0: automatic
+        self.prefill_chunk = max(0, prefill_chunk)  # 0: prompts are prefilled whole, between steps
         self._cond = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
         self._running: dict[int, _Running] = {}
@@ -105,6 +131,7 @@ class BatchingEngine(Engine):
             "prefill_graphs": r.prefill_graphs is not None,
             "batch1_gemv": r.gemv is not None,
             "stream_interval": self.stream_interval or f"auto (1 up to {AUTO_STREAM_BATCH} requests)",
+            "prefill_chunk": self.prefill_chunk or "off",
         }
 
     def tokens_per_response(self, running: int) -> int:
@@ -148,7 +175,7 @@ class BatchingEngine(Engine):
         # Pipelined: step N+1 is launched before the tokens of step N are handled, so the
         # device computes while the host detokenizes and sends. A request that finished
         # at step N has one extra token computed at N+1, which is dropped.
-        inflight: tuple[list[_Running], PendingTokens] | None = None
+        inflight: _Step | None = None
         step = 0
         while True:
             with self._cond:
@@ -160,15 +187,9 @@ class BatchingEngine(Engine):
                 self._admit()
                 if step % self.cancel_check_every == 0:
                     self._reap_cancelled()
-                launched = None
-                if self._running:
-                    runs = list(self._running.values())
-                    greedy = all(r.request.greedy for r in runs)
-                    launched = (runs, self.runner.decode_launch([r.slot for r in runs], greedy))
-                    with self.stats.lock:
-                        self.stats.decode_steps += 1
-                if inflight is not None and any(self._running.get(r.slot) is r for r in inflight[0]):
-                    self._collect(*inflight)
+                launched = self._launch()
+                if inflight is not None and self._still_needed(inflight):
+                    self._collect(inflight)
                 # else every request of the step in flight has finished: its tokens are not
                 # needed, and not waiting for them lets a request that has just arrived
                 # start its prefill now (the device runs the two in order anyway).
@@ -179,6 +200,37 @@ class BatchingEngine(Engine):
                 inflight = None
                 for run in list(self._running.values()):
                     self._finish(run, error=f"generation failed on the node: {exc}")
+
+    def _launch(self) -> _Step | None:
+        """Launch the next step: the decoding requests, with the next chunk of the oldest
+        prompt still being prefilled, if any."""
+        runs = [r for r in self._running.values() if r.decoding]
+        prefilling = next((r for r in self._running.values() if not r.decoding), None)
+        if not runs and prefilling is None:
+            return None
+        greedy = all(r.request.greedy for r in runs)
+        with self.stats.lock:
+            self.stats.decode_steps += 1
+        if prefilling is None:
+            return _Step(runs, None, self.runner.decode_launch([r.slot for r in runs], greedy))
+        assert prefilling.embeds is not None
+        start = prefilling.prefilled
+        end = min(start + self.prefill_chunk, prefilling.prompt_tokens)
+        chunk = PromptChunk(prefilling.slot, prefilling.embeds, start, end)
+        pending = self.runner.mixed_launch(
+            [r.slot for r in runs], chunk, greedy and prefilling.request.greedy
+        )
+        prefilling.prefilled = end
+        if chunk.last:
+            prefilling.embeds = None  # decodes from the next step on
+        with self.stats.lock:
+            self.stats.mixed_steps += 1
+        return _Step(runs, (prefilling, chunk), pending)
+
+    def _still_needed(self, step: _Step) -> bool:
+        """Whether any request of ``step`` is still running (its tokens are wanted)."""
+        members = step.runs if step.chunk is None else [*step.runs, step.chunk[0]]
+        return any(self._running.get(r.slot) is r for r in members)
 
     def _admit(self) -> None:
         cache = self.runner.cache
@@ -211,14 +263,18 @@ class BatchingEngine(Engine):
             text=SequenceText(self.tokenizer, req.stop, self.eos_token_ids, req.max_tokens),
             prompt_tokens=n,
         )
+        chunked = bool(self.prefill_chunk) and bool(self._running)  # others are running
         self._running[slot] = run
         with self.stats.lock:
             self.stats.requests_started += 1
-        started = time.perf_counter()
-        with self.stats.lock:
             self.stats.queue_seconds += time.monotonic() - req.arrival
+        started = time.perf_counter()
         try:
             self.runner.assign(slot, pages, req.temperature, req.top_p, req.seed)
+            if chunked:
+                # The vision tower and the embeddings now; the layers in the next steps.
+                run.embeds = self.runner.prompt_embeddings(req.input_ids, req.pixel_values)
+                return
             token = self.runner.prefill(slot, req.input_ids, req.pixel_values)
         except ValueError as exc:
             self._finish(run, error=str(exc))
@@ -229,10 +285,13 @@ class BatchingEngine(Engine):
         finally:
             with self.stats.lock:
                 self.stats.prefill_seconds += time.perf_counter() - started
+        self._first_token(run, token)
+
+    def _first_token(self, run: _Running, token: int) -> None:
         self._emit(run, token)
         run.first_token_at = time.monotonic()
         with self.stats.lock:
-            self.stats.first_token_seconds += run.first_token_at - req.arrival
+            self.stats.first_token_seconds += run.first_token_at - run.request.arrival
 
     def _reap_cancelled(self) -> None:
         for run in list(self._running.values()):
@@ -246,14 +305,18 @@ class BatchingEngine(Engine):
         with self.stats.lock:
             self.stats.requests_cancelled += 1
 
-    def _collect(self, runs: list[_Running], pending: PendingTokens) -> None:
+    def _collect(self, step: _Step) -> None:
         t0 = time.perf_counter()
-        tokens = pending.tokens()
+        tokens = step.pending.tokens()
         t1 = time.perf_counter()
-        every = self.tokens_per_response(len(runs))
-        for run, token in zip(runs, tokens, strict=True):
+        every = self.tokens_per_response(len(step.runs))
+        for run, token in zip(step.runs, tokens[: len(step.runs)], strict=True):
             if self._running.get(run.slot) is run:  # still running, and not a new occupant
                 self._emit(run, token, every)
+        if step.chunk is not None and step.chunk[1].last:
+            run = step.chunk[0]
+            if self._running.get(run.slot) is run:
+                self._first_token(run, tokens[len(step.runs)])
         with self.stats.lock:
             self.stats.decode_wait_seconds += t1 - t0
             self.stats.token_handling_seconds += time.perf_counter() - t1

@@ -108,7 +108,8 @@ def hf_greedy(reference: LoadedModel, inputs, n: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def test_eight_staggered_requests_match_transformers_token_for_token(engine, processor, reference) -> None:
+def check_staggered(engine: BatchingEngine, processor, reference) -> None:
+    """Eight requests joining the batch at different steps each get transformers' tokens."""
     inputs = [make_inputs(processor, i) for i in range(8)]
     expected = [hf_greedy(reference, x, 64) for x in inputs]
     sinks = [CollectingSink() for _ in inputs]
@@ -121,6 +122,34 @@ def test_eight_staggered_requests_match_transformers_token_for_token(engine, pro
         assert sink.reason is FinishReason.LENGTH
         assert sink.ids == exp
     assert len({tuple(s.ids) for s in sinks}) > 4  # different prompts, different outputs
+
+
+def test_eight_staggered_requests_match_transformers_token_for_token(engine, processor, reference) -> None:
+    before = engine.stats.snapshot()["mixed_steps"]
+    check_staggered(engine, processor, reference)
+    # the later prompts were prefilled in chunks carried by the running requests' steps
+    assert engine.stats.snapshot()["mixed_steps"] > before
+
+
+@pytest.mark.parametrize("chunk", [0, 37])
+def test_staggered_requests_with_whole_or_small_prompt_chunks(
+    tiny_checkpoint: Path, processor, reference, chunk: int
+) -> None:
+    # 0: every prompt prefilled whole between steps; 37: chunk edges fall anywhere,
+    # inside the image's rows too.
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    eng = BatchingEngine(
+        LlavaRunner(loaded, RunnerConfig(max_batch=8)),
+        loaded.tokenizer,
+        loaded.eos_token_ids,
+        prefill_chunk=chunk,
+    )
+    try:
+        check_staggered(eng, processor, reference)
+        mixed = eng.stats.snapshot()["mixed_steps"]
+        assert (mixed == 0) if chunk == 0 else (mixed > 590 // chunk)
+    finally:
+        eng.shutdown()
 
 
 def test_cancelling_one_request_leaves_the_others_unchanged(engine, processor, reference) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from llava_node.engine.loading import load_llava
-from llava_node.engine.runner import LlavaRunner, RunnerConfig
+from llava_node.engine.runner import LlavaRunner, PromptChunk, RunnerConfig
 
 pytest.importorskip("triton")
 
@@ -78,3 +78,68 @@ def test_padded_prefill_computes_what_the_prompt_alone_computes(tiny_checkpoint:
     owned[: r.cache.page_size] = False  # the reserved page
     owned[flat] = False
     assert (k1[owned] == 0).all() and (v1[owned] == 0).all()  # nothing else was written
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_prompt_in_chunks_beside_a_decoding_request_matches_both_alone(
+    tiny_checkpoint: Path, fused: bool
+) -> None:
+    # The mixed step: request A decodes while request B's prompt goes through in chunks
+    # riding on A's steps. Both get the tokens they get alone, and the chunks leave the
+    # keys a whole prefill leaves.
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    prompts = [
+        processor(images=[Image.new("RGB", (320, 240), c)], text=t, return_tensors="pt")
+        for c, t in (
+            ((40, 180, 90), "USER: <image>\nWhat is it? ASSISTANT:"),
+            ((9, 9, 200), "USER: <image>\nAnd now? ASSISTANT:"),
+        )
+    ]
+    r = runner(tiny_checkpoint, fused)
+    pages = [
+        list(range(1 + 50 * i, 1 + 50 * i + r.cache.pages_for(int(p["input_ids"].shape[1]) + 12)))
+        for i, p in enumerate(prompts)
+    ]
+
+    def alone(i: int) -> list[int]:
+        r.assign(i, pages[i], 0.0, 1.0, 0)
+        out = [r.prefill(i, prompts[i]["input_ids"][0], prompts[i]["pixel_values"])]
+        for _ in range(8):
+            out += r.decode_launch([i], True).tokens()
+        return out
+
+    expected = [alone(0), alone(1)]
+
+    r.cache.k.zero_()
+    r.cache.v.zero_()
+    r.assign(0, pages[0], 0.0, 1.0, 0)
+    a = [r.prefill(0, prompts[0]["input_ids"][0], prompts[0]["pixel_values"])]
+    r.assign(1, pages[1], 0.0, 1.0, 0)
+    embeds = r.prompt_embeddings(prompts[1]["input_ids"][0], prompts[1]["pixel_values"])
+    n = embeds.shape[0]
+    b: list[int] = []
+    for start in range(0, n, 100):  # chunk edges inside the image rows and at odd offsets
+        chunk = PromptChunk(1, embeds, start, min(start + 100, n))
+        tokens = r.mixed_launch([0], chunk, True).tokens()
+        a.append(tokens[0])
+        if chunk.last:
+            b.append(tokens[1])
+    assert len(b) == 1
+    while len(b) < 9:
+        t0, t1 = r.decode_launch([0, 1], True).tokens()
+        if len(a) < 9:
+            a.append(t0)
+        b.append(t1)
+    assert a[:9] == expected[0]
+    assert b == expected[1]
+
+    # the last chunk's logits: what the whole prompt's prefill gives
+    r.assign(1, pages[1], 0.0, 1.0, 0)
+    last = PromptChunk(1, embeds, n - 7, n)
+    for c in (PromptChunk(1, embeds, 0, n - 7), last):
+        x = r.mixed_step(torch.zeros(0, dtype=torch.int64), c, True)
+    assert x.shape == (1,) and int(x[0]) == expected[1][0]
+    rows = r.cache.flat_positions(1, n)
+    k_chunked = r.cache.layer(r.n_layers - 1)[0][rows].clone()
+    r.prefill_logits(1, prompts[1]["input_ids"][0], prompts[1]["pixel_values"])
+    assert torch.allclose(r.cache.layer(r.n_layers - 1)[0][rows], k_chunked, atol=1e-5)

@@ -56,6 +56,16 @@ def _tristate(value: str) -> bool | None:
     raise ValueError(f"expected auto, true or false, not {value!r}")
 
 
+def _prefill_chunk(value: str) -> int:
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = -1
+    if tokens < 0:
+        raise ValueError(f"prefill_chunk must be a number of tokens (0: off), not {value!r}")
+    return tokens
+
+
 def _stream_interval(value: str) -> int:
     """``auto`` (0) or a number of tokens per response."""
     if value.strip().lower() == "auto":
@@ -174,6 +184,7 @@ class TritonPythonModel:
             cuda_graphs=opt("cuda_graphs", "LLAVA_CUDA_GRAPHS", "true").lower() in ("1", "true", "yes"),
             stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
             fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),
+            prefill_chunk=_prefill_chunk(opt("prefill_chunk", "LLAVA_PREFILL_CHUNK", "256")),
         )
         self.engine = build_engine(checkpoint, options)
         self.log.info("llava_engine ready: %s, checkpoint %s", self.engine.describe(), checkpoint)
