@@ -100,8 +100,16 @@ def request_inputs(
     return "llava_engine", inputs
 
 
-async def one_stream(client: Any, model: str, inputs: list[Any], rid: str, deadline: float) -> dict[str, Any]:
-    """Stream one request; times of the first and last responses; tokens received."""
+async def one_stream(
+    client: Any,
+    model: str,
+    inputs: list[Any],
+    rid: str,
+    deadline: float,
+    events: list[tuple[float, int]] | None = None,
+) -> dict[str, Any]:
+    """Stream one request; times of the first and last responses; tokens received (and,
+    into ``events``, each response's time and its number of new tokens)."""
 
     async def req() -> Any:
         yield {"model_name": model, "inputs": inputs, "request_id": rid, "enable_empty_final_response": True}
@@ -121,7 +129,10 @@ async def one_stream(client: Any, model: str, inputs: list[Any], rid: str, deadl
                 if ids is not None and ids.size:
                     first = first or now
                     last = now
-                    tokens = int(result.as_numpy("completion_tokens").reshape(-1)[0])
+                    count = int(result.as_numpy("completion_tokens").reshape(-1)[0])
+                    if events is not None:
+                        events.append((now, count - tokens))
+                    tokens = count
             final = resp.parameters.get("triton_final_response")
             if (final is not None and final.bool_param) or now > deadline:
                 break
@@ -184,6 +195,55 @@ async def run_load(
     }
 
 
+async def run_sustained(
+    grpc_url: str,
+    args: argparse.Namespace,
+    prompt: str,
+    image: bytes,
+    streams: int,
+    max_tokens: int,
+    tag: str,
+) -> dict[str, Any]:
+    """``streams`` clients, each sending its next request as soon as its last one ends,
+    for ``args.sustained_s`` seconds: the steady state a serving benchmark with a fixed
+    concurrency measures (vLLM's ``--max-concurrency``). Tokens are counted as they
+    arrive, after a warm-up of ``args.sustained_warmup_s`` (the first requests all start
+    together), up to the end of the window."""
+    import tritonclient.grpc.aio as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    await client.is_server_ready()
+    model, inputs = request_inputs(grpcclient, args, prompt, image, max_tokens)
+    t0 = time.perf_counter()
+    counted_from = t0 + args.sustained_warmup_s
+    end = t0 + args.sustained_s
+    events: list[tuple[float, int]] = []
+    results: list[dict[str, Any]] = []
+
+    async def client_loop(i: int) -> None:
+        n = 0
+        while time.perf_counter() < end:
+            results.append(await one_stream(client, model, inputs, f"{tag}-{i}-{n}", end, events))
+            n += 1
+
+    await asyncio.gather(*(client_loop(i) for i in range(streams)))
+    await client.close()
+    window = end - counted_from
+    counted = sum(k for t, k in events if counted_from <= t <= end)
+    steady = [r for r in results if r["start"] >= counted_from and r["first"]]
+    ttfts = [(r["first"] - r["start"]) * 1000 for r in steady]
+    return {
+        "streams": streams,
+        "window_s": round(window, 1),
+        "tokens_in_window": counted,
+        "aggregate_tok_s": round(counted / window, 1),
+        "requests_started": len(results),
+        "requests_completed": sum(1 for r in results if r["tokens"] >= max_tokens),
+        "ttft_ms_p50": round(statistics.median(ttfts), 1) if ttfts else None,
+        "ttft_ms_p90": round(sorted(ttfts)[int(0.9 * (len(ttfts) - 1))], 1) if ttfts else None,
+    }
+
+
 ENGINE_COUNTERS = (
     "llava_engine_requests_started_total",
     "llava_engine_time_to_first_token_seconds_total",
@@ -192,17 +252,18 @@ ENGINE_COUNTERS = (
     "llava_engine_decode_wait_seconds_total",
     "llava_engine_token_handling_seconds_total",
     "llava_engine_decode_steps_total",
+    "llava_engine_mixed_steps_total",
     "llava_engine_generated_tokens_total",
 )
 
 
-def engine_counters(node: TritonNode) -> dict[str, float]:
-    """The engine's time-breakdown counters from the node's Prometheus metrics."""
+def engine_counters(node: TritonNode, names: tuple[str, ...] = ENGINE_COUNTERS) -> dict[str, float]:
+    """The engine's time-breakdown counters (or other ``names``) from the node's metrics."""
     import urllib.request
 
     with urllib.request.urlopen(node.metrics_url, timeout=10) as r:
         text = r.read().decode()
-    out = dict.fromkeys(ENGINE_COUNTERS, 0.0)
+    out = dict.fromkeys(names, 0.0)
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in out:
@@ -210,10 +271,21 @@ def engine_counters(node: TritonNode) -> dict[str, float]:
     return out
 
 
+def wait_idle(node: TritonNode, timeout_s: float = 120.0) -> None:
+    """Wait until the node's engine has nothing running or queued (requests a window cut
+    short, and not cancelled, run on), as its once-a-second gauges show twice in a row."""
+    gauges = ("llava_engine_active_requests", "llava_engine_queued_requests")
+    deadline = time.monotonic() + timeout_s
+    idle = 0
+    while idle < 2 and time.monotonic() < deadline:
+        time.sleep(1.2)
+        idle = idle + 1 if not sum(engine_counters(node, gauges).values()) else 0
+
+
 def measured(node: TritonNode, fn: Any) -> dict[str, Any]:
     """Run ``fn`` (a load); add where the engine's time went meanwhile (metrics are
     published once a second, so wait that long before and after)."""
-    time.sleep(1.2)
+    wait_idle(node)
     before = engine_counters(node)
     result: dict[str, Any] = fn()
     time.sleep(1.2)
@@ -235,19 +307,22 @@ def measured(node: TritonNode, fn: Any) -> dict[str, Any]:
 
 
 def bench_engine(
-    engine: str, checkpoint: Path, args: argparse.Namespace, prompt: str, image: bytes
+    spec: str, checkpoint: Path, args: argparse.Namespace, prompt: str, image: bytes
 ) -> dict[str, Any]:
-    """Start a node with ``engine`` and measure it."""
+    """Start a node with the engine ``spec`` names (``batching``, or a variant such as
+    ``batching@LLAVA_PREFILL_CHUNK=0``: settings after ``@``, joined by ``+``) and measure it."""
+    engine, _, variant = spec.partition("@")
     env = {
         "LLAVA_ENGINE": engine,
         "LLAVA_MAX_SEQ_LEN": "2048",
         **dict(kv.split("=", 1) for kv in args.engine_env),
+        **dict(kv.split("=", 1) for kv in variant.split("+") if kv),
     }
     node = TritonNode(TritonNodeConfig(checkpoint=checkpoint, env=env, startup_timeout_s=600))
     t0 = time.monotonic()
     node.start()
-    out: dict[str, Any] = {"engine": engine, "startup_s": round(time.monotonic() - t0, 1)}
-    print(f"[{engine}] ready in {out['startup_s']} s", flush=True)
+    out: dict[str, Any] = {"engine": spec, "env": env, "startup_s": round(time.monotonic() - t0, 1)}
+    print(f"[{spec}] ready in {out['startup_s']} s", flush=True)
     try:
         window = args.baseline_window_s if engine == "hf_generate" else 120.0
         asyncio.run(run_load(node.grpc_url, args, prompt, image, 1, 8, 60, f"{engine}-warm"))
@@ -273,7 +348,7 @@ def bench_engine(
             **singles,
         }
         print(
-            f"[{engine}] 1 stream: {out['single']['ttft_ms_p50']} ms TTFT, "
+            f"[{spec}] 1 stream: {out['single']['ttft_ms_p50']} ms TTFT, "
             f"{out['single']['decode_tok_s']} tok/s, engine {singles['engine']}",
             flush=True,
         )
@@ -299,12 +374,27 @@ def bench_engine(
             )
             out[f"c{streams}"] = r
             print(
-                f"[{engine}] {streams} streams: {r['aggregate_tok_s']} tok/s aggregate, "
+                f"[{spec}] {streams} streams: {r['aggregate_tok_s']} tok/s aggregate, "
                 f"TTFT p50 {r['ttft_ms_p50']} ms, engine {r['engine']}",
                 flush=True,
             )
+            if args.sustained_s:
+                r = measured(
+                    node,
+                    lambda streams=streams, new_tokens=new_tokens: asyncio.run(
+                        run_sustained(
+                            node.grpc_url, args, prompt, image, streams, new_tokens, f"{engine}-s{streams}"
+                        )
+                    ),
+                )
+                out[f"sustained{streams}"] = r
+                print(
+                    f"[{spec}] {streams} streams sustained: {r['aggregate_tok_s']} tok/s, "
+                    f"TTFT p50 {r['ttft_ms_p50']} ms, engine {r['engine']}",
+                    flush=True,
+                )
     except Exception:
-        print(f"[{engine}] failed; node log:\n{node.log_tail(12000)}", flush=True)
+        print(f"[{spec}] failed; node log:\n{node.log_tail(12000)}", flush=True)
         raise
     finally:
         log = node.log_tail(3000)
@@ -576,6 +666,137 @@ def micro_prefill(checkpoint: Path, prompt: str, image: bytes, reps: int = 10) -
     return out  # a phase runs in its own process: its memory goes when it exits
 
 
+def micro_mixed(
+    checkpoint: Path, prompt: str, image: bytes, batch: int = 32, context: int = 680, reps: int = 10
+) -> dict[str, Any]:
+    """Mixed steps (no Triton): ``batch`` requests decoding at ``context`` tokens while a
+    prompt's rows ride along in chunks of several sizes, against the decode step alone
+    (its CUDA graph) and the prompt's prefill alone; plus the host's time to launch
+    each (a mixed step runs eagerly). From these, the steady-state rate at a fixed
+    concurrency: each request costs its chunks and its decode steps."""
+    import torch
+
+    from llava_node.engine.loading import load_llava
+    from llava_node.engine.runner import LlavaRunner, PromptChunk, RunnerConfig
+
+    arrays = engine_inputs(checkpoint, prompt, image)
+    ids = torch.from_numpy(arrays["input_ids"])
+    pixels = torch.from_numpy(arrays["pixel_values"])
+    cuda = torch.cuda.is_available()  # on a CPU: a smoke test of this phase, on the tiny model
+    loaded = load_llava(
+        checkpoint, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    )
+    runner = LlavaRunner(
+        loaded, RunnerConfig(max_batch=batch + 1, max_seq_len=2048, graph_batch_sizes=(batch,))
+    )
+    runner.warmup()
+    per_slot = runner.cache.pages_for(min(2048, runner.max_seq_len))
+    for slot in range(batch + 1):
+        runner.assign(slot, list(range(1 + slot * per_slot, 1 + (slot + 1) * per_slot)), 0.0, 1.0, 0)
+    slots = list(range(batch))
+    index = torch.tensor(slots, device=runner.device)
+    embeds = runner.prompt_embeddings(ids, pixels)
+    n = int(embeds.shape[0])
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn: Any) -> tuple[float, float]:
+        """(ms per step back to back, ms of host time to launch one)."""
+        runner.seq_lens[:batch] = context
+        for _ in range(3):
+            fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        step = (time.perf_counter() - t) / reps * 1000
+        t = time.perf_counter()
+        fn()
+        host = (time.perf_counter() - t) * 1000
+        sync()
+        runner.seq_lens[:batch] = context
+        return round(step, 2), round(host, 2)
+
+    decode_ms, decode_host = timed(lambda: runner.decode_launch(slots, True))
+    prefill_ms, _ = timed(lambda: runner.prefill_logits(batch, ids, pixels))
+    out: dict[str, Any] = {
+        "batch": batch,
+        "context": context,
+        "prompt_tokens": n,
+        "decode_ms": decode_ms,
+        "decode_host_ms": decode_host,
+        "prefill_ms": prefill_ms,
+        "chunks": {},
+    }
+    new_tokens = 128
+    # Without chunks: per request, its prefill stalls everyone, then 128 decode steps.
+    whole = batch * new_tokens / (batch * prefill_ms + new_tokens * decode_ms) * 1000
+    out["steady_tok_s_whole_prefills"] = round(whole, 1)
+    for c in (64, 128, 256, 384, 512, n):
+        chunk = PromptChunk(batch, embeds, 0, min(c, n))
+        ms, host = timed(lambda chunk=chunk: runner.mixed_step(index, [chunk], True))
+        steps = -(-n // c)  # mixed steps per prompt
+        # Steady state: each request's timeline is its `steps` chunk steps and its 128
+        # decode steps; one chunk per step, so the `batch` prompts of a cycle need
+        # batch * steps mixed steps, and a cycle lasts the longer of the two.
+        cycle = max(new_tokens + steps, batch * steps)
+        per_cycle_ms = batch * steps * ms + (cycle - batch * steps) * decode_ms
+        out["chunks"][str(c)] = {
+            "ms": ms,
+            "host_ms": host,
+            "extra_ms_over_decode": round(ms - decode_ms, 2),
+            "prompt_rows_per_extra_ms": round(min(c, n) / max(ms - decode_ms, 1e-3), 1),
+            "steady_tok_s_model": round(batch * new_tokens / per_cycle_ms * 1000, 1),
+        }
+    out["check"] = mixed_check(runner, index, batch, ids, pixels, embeds, context)
+    print(f"[mixed] {json.dumps(out)}", flush=True)
+    return out
+
+
+def mixed_check(
+    runner: Any, index: Any, batch: int, ids: Any, pixels: Any, embeds: Any, context: int, chunk: int = 256
+) -> dict[str, Any]:
+    """The prompt prefilled in chunks riding on ``batch`` decode rows against the same
+    prompt prefilled whole: its first token and its keys; and the decode rows' tokens
+    against a decode step alone from the same state."""
+
+    from llava_node.engine.runner import PromptChunk
+
+    n = int(embeds.shape[0])
+    slot = batch
+    rows = runner.cache.flat_positions(slot, n)
+    runner.steps[slot] = 0
+    whole = runner.prefill(slot, ids, pixels)
+    keys = runner.cache.layer(runner.n_layers - 1)[0][rows].float().clone()
+    runner.cache.layer(runner.n_layers - 1)[0][rows] = 0
+    runner.seq_lens[:batch] = context
+    state = [t.clone() for t in (runner.seq_lens, runner.last_tokens, runner.steps)]
+    alone = runner.decode_step(index, True).tolist()
+    for t, saved in zip((runner.seq_lens, runner.last_tokens, runner.steps), state, strict=True):
+        t.copy_(saved)
+    runner.steps[slot] = 0
+    first = None
+    for start in range(0, n, chunk):
+        c = PromptChunk(slot, embeds, start, min(start + chunk, n))
+        tokens = runner.mixed_step(index, [c], True).tolist()
+        if start == 0:
+            riding = tokens[:batch]
+        if c.last:
+            first = tokens[-1]
+    chunked = runner.cache.layer(runner.n_layers - 1)[0][rows].float()
+    runner.seq_lens[:batch] = context
+    return {
+        "first_token_whole": whole,
+        "first_token_chunked": first,
+        "last_layer_keys_rel_err": round(float((chunked - keys).norm() / keys.norm()), 5),
+        "decode_rows_same_token_as_decode_alone": sum(a == b for a, b in zip(alone, riding, strict=True)),
+        "decode_rows": batch,
+    }
+
+
 def micro_gemv(layers: int = 32) -> dict[str, Any]:
     """Batch-1 linear layers of the 7B shape (each layer's own weights, so they stream
     from memory as in a decode step): cuBLAS (``F.linear``) against ``kernels.gemv``
@@ -676,16 +897,31 @@ def main() -> int:
     parser.add_argument("--micro", action="store_true", help="time the bare decode step")
     parser.add_argument("--prefill", action="store_true", help="time a prompt's prefill, piece by piece")
     parser.add_argument("--gemv", action="store_true", help="time batch-1 linear layers: cuBLAS vs Triton")
-    parser.add_argument("--phase", choices=["check", "micro", "prefill", "gemv"], help=argparse.SUPPRESS)
+    parser.add_argument("--mixed", action="store_true", help="time mixed steps (decode + prompt chunks)")
+    parser.add_argument(
+        "--sustained-s",
+        type=float,
+        default=0.0,
+        help="also run each concurrency as a sustained load for this many seconds",
+    )
+    parser.add_argument("--sustained-warmup-s", type=float, default=5.0)
+    parser.add_argument(
+        "--phase", choices=["check", "micro", "prefill", "gemv", "mixed"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.phase is not None:  # a phase in its own process, so its GPU memory is freed
-        prompt = prompt_for(args.checkpoint)[0] if args.phase in ("check", "prefill") else ""
+        prompt = prompt_for(args.checkpoint)[0] if args.phase in ("check", "prefill", "mixed") else ""
         if args.phase == "check":
             out = check_against_transformers(args.checkpoint, prompt, bench_image())
         elif args.phase == "prefill":
             out = micro_prefill(args.checkpoint, prompt, bench_image())
         elif args.phase == "gemv":
             out = micro_gemv()
+        elif args.phase == "mixed":
+            import torch
+
+            with torch.inference_mode():
+                out = micro_mixed(args.checkpoint, prompt, bench_image())
         else:
             out = micro_decode(args.checkpoint, [1, 8, 32])
         args.out.write_text(json.dumps(out, default=str))
@@ -752,6 +988,9 @@ def main() -> int:
     if args.gemv:
         result["gemv"] = phase("gemv")
         save()
+    if args.mixed:
+        result["mixed"] = phase("mixed")
+        save()
     for engine in [e for e in args.engines.split(",") if e]:
         result[engine] = bench_engine(engine, args.checkpoint, args, prompt, image)
         save()
@@ -765,6 +1004,15 @@ def main() -> int:
             (f"{s} streams, aggregate (tok/s)", h[f"c{s}"]["aggregate_tok_s"], b[f"c{s}"]["aggregate_tok_s"])
             for s in args.streams
         ]
+        if args.sustained_s:
+            rows += [
+                (
+                    f"{s} streams, sustained (tok/s)",
+                    h[f"sustained{s}"]["aggregate_tok_s"],
+                    b[f"sustained{s}"]["aggregate_tok_s"],
+                )
+                for s in args.streams
+            ]
         result["table"] = [
             {"metric": m, "baseline": x, "batching": y, "ratio": round(y / x, 2) if x and y else None}
             for m, x, y in rows

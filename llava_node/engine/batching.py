@@ -67,10 +67,10 @@ class _Running:
 
 @dataclass
 class _Step:
-    """A launched step: its decode rows, the prompt chunk it carries, its tokens."""
+    """A launched step: its decode rows, the prompt chunks it carries, its tokens."""
 
     runs: list[_Running]
-    chunk: tuple[_Running, PromptChunk] | None
+    chunks: list[tuple[_Running, PromptChunk]]
     pending: PendingTokens
 
 
@@ -202,35 +202,37 @@ class BatchingEngine(Engine):
                     self._finish(run, error=f"generation failed on the node: {exc}")
 
     def _launch(self) -> _Step | None:
-        """Launch the next step: the decoding requests, with the next chunk of the oldest
-        prompt still being prefilled, if any."""
+        """Launch the next step: the decoding requests, with up to ``prefill_chunk`` rows
+        of the prompts still being prefilled, oldest first."""
         runs = [r for r in self._running.values() if r.decoding]
-        prefilling = next((r for r in self._running.values() if not r.decoding), None)
-        if not runs and prefilling is None:
+        chunks: list[tuple[_Running, PromptChunk]] = []
+        budget = self.prefill_chunk
+        for r in self._running.values():  # admission order
+            if r.decoding or budget <= 0:
+                continue
+            assert r.embeds is not None
+            end = min(r.prefilled + budget, r.prompt_tokens)
+            chunks.append((r, PromptChunk(r.slot, r.embeds, r.prefilled, end)))
+            budget -= end - r.prefilled
+        if not runs and not chunks:
             return None
         greedy = all(r.request.greedy for r in runs)
         with self.stats.lock:
             self.stats.decode_steps += 1
-        if prefilling is None:
-            return _Step(runs, None, self.runner.decode_launch([r.slot for r in runs], greedy))
-        assert prefilling.embeds is not None
-        start = prefilling.prefilled
-        end = min(start + self.prefill_chunk, prefilling.prompt_tokens)
-        chunk = PromptChunk(prefilling.slot, prefilling.embeds, start, end)
-        pending = self.runner.mixed_launch(
-            [r.slot for r in runs], chunk, greedy and prefilling.request.greedy
-        )
-        prefilling.prefilled = end
-        if chunk.last:
-            prefilling.embeds = None  # decodes from the next step on
-        with self.stats.lock:
-            self.stats.mixed_steps += 1
-        return _Step(runs, (prefilling, chunk), pending)
+            self.stats.mixed_steps += bool(chunks)
+        if not chunks:
+            return _Step(runs, [], self.runner.decode_launch([r.slot for r in runs], greedy))
+        greedy = greedy and all(r.request.greedy for r, _ in chunks)
+        pending = self.runner.mixed_launch([r.slot for r in runs], [c for _, c in chunks], greedy)
+        for r, c in chunks:
+            r.prefilled = c.end
+            if c.last:
+                r.embeds = None  # decodes from the next step on
+        return _Step(runs, chunks, pending)
 
     def _still_needed(self, step: _Step) -> bool:
         """Whether any request of ``step`` is still running (its tokens are wanted)."""
-        members = step.runs if step.chunk is None else [*step.runs, step.chunk[0]]
-        return any(self._running.get(r.slot) is r for r in members)
+        return any(self._running.get(r.slot) is r for r in [*step.runs, *(r for r, _ in step.chunks)])
 
     def _admit(self) -> None:
         cache = self.runner.cache
@@ -313,10 +315,10 @@ class BatchingEngine(Engine):
         for run, token in zip(step.runs, tokens[: len(step.runs)], strict=True):
             if self._running.get(run.slot) is run:  # still running, and not a new occupant
                 self._emit(run, token, every)
-        if step.chunk is not None and step.chunk[1].last:
-            run = step.chunk[0]
+        ended = [r for r, c in step.chunks if c.last]
+        for run, token in zip(ended, tokens[len(step.runs) :], strict=True):
             if self._running.get(run.slot) is run:
-                self._first_token(run, tokens[len(step.runs)])
+                self._first_token(run, token)
         with self.stats.lock:
             self.stats.decode_wait_seconds += t1 - t0
             self.stats.token_handling_seconds += time.perf_counter() - t1

@@ -451,53 +451,65 @@ class LlavaRunner:
 
     # -- mixed steps: decode rows and a chunk of a prompt in one pass ------------------
     @torch.inference_mode()
-    def mixed_step(self, slots: torch.Tensor, chunk: PromptChunk, all_greedy: bool) -> torch.Tensor:
-        """One decode token for each slot in ``slots`` and rows ``chunk.start:chunk.end``
-        of a prompt, through the layers together: the weights are read once for both, so
-        the prompt's rows ride on a step that the decode rows alone leave memory-bound.
+    def mixed_step(
+        self, slots: torch.Tensor, chunks: Sequence[PromptChunk], all_greedy: bool
+    ) -> torch.Tensor:
+        """One decode token for each slot in ``slots``, and rows ``start:end`` of each
+        chunk's prompt, through the layers together: the weights are read once for all
+        of them, so the prompts' rows ride on a step that the decode rows alone leave
+        memory-bound.
 
-        Returns the decode tokens, then (if the chunk ends its prompt) the prompt's first
-        token. No host synchronisation: the tokens are read when the step is collected.
+        Returns the decode tokens, then the first token of each prompt that a chunk
+        ends, in ``chunks``' order. No host synchronisation: the tokens are read when
+        the step is collected.
         """
         b = int(slots.shape[0])
-        c0, c1 = chunk.start, chunk.end
         pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
-        x = torch.cat([F.embedding(self.last_tokens[slots], self.embed), chunk.embeds[c0:c1]])
-        cos = torch.cat([self.cos[pos], self.cos[c0:c1]])
-        sin = torch.cat([self.sin[pos], self.sin[c0:c1]])
-        seen = self.cache.flat_positions(chunk.slot, c1)  # the prompt's rows so far
-        rows = torch.cat([self.cache.flat_slot_positions(slots, pos), seen[c0:]])
-        at = torch.arange(c1, device=self.device)
-        mask = at[None, :] <= at[c0:, None]  # chunk row i (position c0 + i) sees 0..c0 + i
+        xs, coss, sins = [F.embedding(self.last_tokens[slots], self.embed)], [self.cos[pos]], [self.sin[pos]]
+        rows = [self.cache.flat_slot_positions(slots, pos)]
+        prompts: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (first row, rows, seen, mask)
+        picks, ends = list(range(b)), []  # rows to sample: decode rows, last row of ended prompts
+        offset = b
+        for c in chunks:
+            xs.append(c.embeds[c.start : c.end])
+            coss.append(self.cos[c.start : c.end])
+            sins.append(self.sin[c.start : c.end])
+            seen = self.cache.flat_positions(c.slot, c.end)  # the prompt's rows so far
+            rows.append(seen[c.start :])
+            at = torch.arange(c.end, device=self.device)
+            # chunk row i (position start + i) sees positions 0..start + i
+            prompts.append((offset, c.end - c.start, seen, at[None, :] <= at[c.start :, None]))
+            offset += c.end - c.start
+            if c.last:
+                picks.append(offset - 1)
+                ends.append(c)
         decode = self._decode_attend(slots, pos + 1) if b else None
 
         def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            prompt = self._prompt_attention(q[b:], kc[seen], vc[seen], mask)
-            if decode is None:
-                return prompt
-            return torch.cat([decode(q[:b], kc, vc, v[:b]), prompt])
+            parts = [] if decode is None else [decode(q[:b], kc, vc, v[:b])]
+            for first, n, seen, mask in prompts:
+                parts.append(self._prompt_attention(q[first : first + n], kc[seen], vc[seen], mask))
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-        h = self._layers(x, cos, sin, rows, attend)
-        sample = slots
-        if chunk.last:
-            sample = torch.cat([slots, torch.full((1,), chunk.slot, dtype=slots.dtype, device=self.device)])
-            h = torch.cat([h[:b], h[-1:]])
-        else:
-            h = h[:b]
-        nxt = (
-            self._sample(self._vocab_logits(h), sample, all_greedy)
-            if sample.numel()
-            else h.new_zeros(0, dtype=torch.int64)
-        )
+        h = self._layers(torch.cat(xs), torch.cat(coss), torch.cat(sins), torch.cat(rows), attend)
+        nxt = h.new_zeros(0, dtype=torch.int64)
+        if picks:
+            sample = slots
+            if ends:
+                h = h.index_select(0, self._index(picks))
+                sample = torch.cat([slots, self._index([c.slot for c in ends])])
+            nxt = self._sample(self._vocab_logits(h[: len(picks)]), sample, all_greedy)
         self.seq_lens[slots] = pos + 1
-        if chunk.last:
-            self.seq_lens[chunk.slot] = c1
+        for c in ends:
+            self.seq_lens[c.slot] = c.end
         return nxt
 
     @torch.inference_mode()
-    def mixed_launch(self, slots: Sequence[int], chunk: PromptChunk, all_greedy: bool) -> PendingTokens:
+    def mixed_launch(
+        self, slots: Sequence[int], chunks: Sequence[PromptChunk], all_greedy: bool
+    ) -> PendingTokens:
         """Start a :meth:`mixed_step` (run eagerly: its shape changes from step to step)."""
-        return PendingTokens(self.mixed_step(self._index(slots), chunk, all_greedy))
+        return PendingTokens(self.mixed_step(self._index(slots), chunks, all_greedy))
 
     def _index(self, values: Sequence[int]) -> torch.Tensor:
         """An int64 device tensor of ``values``, copied without waiting for the device."""

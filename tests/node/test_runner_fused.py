@@ -20,9 +20,9 @@ from llava_node.engine.runner import LlavaRunner, PromptChunk, RunnerConfig
 pytest.importorskip("triton")
 
 
-def runner(checkpoint: Path, fused: bool) -> LlavaRunner:
+def runner(checkpoint: Path, fused: bool, max_batch: int = 2) -> LlavaRunner:
     loaded = load_llava(checkpoint, torch.device("cpu"), torch.float32)
-    r = LlavaRunner(loaded, RunnerConfig(max_batch=2, fused_kernels=fused))
+    r = LlavaRunner(loaded, RunnerConfig(max_batch=max_batch, fused_kernels=fused))
     assert (r.fused is not None) == fused
     return r
 
@@ -81,65 +81,71 @@ def test_padded_prefill_computes_what_the_prompt_alone_computes(tiny_checkpoint:
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_prompt_in_chunks_beside_a_decoding_request_matches_both_alone(
+def test_prompts_in_chunks_beside_a_decoding_request_match_each_alone(
     tiny_checkpoint: Path, fused: bool
 ) -> None:
-    # The mixed step: request A decodes while request B's prompt goes through in chunks
-    # riding on A's steps. Both get the tokens they get alone, and the chunks leave the
-    # keys a whole prefill leaves.
+    # Mixed steps as the engine packs them: request 0 decodes while the prompts of 1 and 2
+    # go through in chunks of at most 150 rows a step, the end of one prompt and the start
+    # of the next in the same step. Each request gets the tokens it gets alone, and the
+    # chunks leave the keys a whole prefill leaves.
     processor = AutoProcessor.from_pretrained(tiny_checkpoint)
     prompts = [
         processor(images=[Image.new("RGB", (320, 240), c)], text=t, return_tensors="pt")
         for c, t in (
             ((40, 180, 90), "USER: <image>\nWhat is it? ASSISTANT:"),
             ((9, 9, 200), "USER: <image>\nAnd now? ASSISTANT:"),
+            ((200, 9, 9), "USER: <image>\nOne more, with a longer question this time? ASSISTANT:"),
         )
     ]
-    r = runner(tiny_checkpoint, fused)
+    r = runner(tiny_checkpoint, fused, max_batch=3)
     pages = [
         list(range(1 + 50 * i, 1 + 50 * i + r.cache.pages_for(int(p["input_ids"].shape[1]) + 12)))
         for i, p in enumerate(prompts)
     ]
 
+    def args(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return prompts[i]["input_ids"][0], prompts[i]["pixel_values"]
+
     def alone(i: int) -> list[int]:
         r.assign(i, pages[i], 0.0, 1.0, 0)
-        out = [r.prefill(i, prompts[i]["input_ids"][0], prompts[i]["pixel_values"])]
+        out = [r.prefill(i, *args(i))]
         for _ in range(8):
             out += r.decode_launch([i], True).tokens()
         return out
 
-    expected = [alone(0), alone(1)]
+    expected = [alone(i) for i in range(3)]
+    keys = [
+        r.cache.layer(r.n_layers - 1)[0][r.cache.flat_positions(i, len(args(i)[0]))].clone() for i in (1, 2)
+    ]
 
     r.cache.k.zero_()
     r.cache.v.zero_()
-    r.assign(0, pages[0], 0.0, 1.0, 0)
-    a = [r.prefill(0, prompts[0]["input_ids"][0], prompts[0]["pixel_values"])]
-    r.assign(1, pages[1], 0.0, 1.0, 0)
-    embeds = r.prompt_embeddings(prompts[1]["input_ids"][0], prompts[1]["pixel_values"])
-    n = embeds.shape[0]
-    b: list[int] = []
-    for start in range(0, n, 100):  # chunk edges inside the image rows and at odd offsets
-        chunk = PromptChunk(1, embeds, start, min(start + 100, n))
-        tokens = r.mixed_launch([0], chunk, True).tokens()
-        a.append(tokens[0])
-        if chunk.last:
-            b.append(tokens[1])
-    assert len(b) == 1
-    while len(b) < 9:
-        t0, t1 = r.decode_launch([0, 1], True).tokens()
-        if len(a) < 9:
-            a.append(t0)
-        b.append(t1)
-    assert a[:9] == expected[0]
-    assert b == expected[1]
-
-    # the last chunk's logits: what the whole prompt's prefill gives
-    r.assign(1, pages[1], 0.0, 1.0, 0)
-    last = PromptChunk(1, embeds, n - 7, n)
-    for c in (PromptChunk(1, embeds, 0, n - 7), last):
-        x = r.mixed_step(torch.zeros(0, dtype=torch.int64), c, True)
-    assert x.shape == (1,) and int(x[0]) == expected[1][0]
-    rows = r.cache.flat_positions(1, n)
-    k_chunked = r.cache.layer(r.n_layers - 1)[0][rows].clone()
-    r.prefill_logits(1, prompts[1]["input_ids"][0], prompts[1]["pixel_values"])
-    assert torch.allclose(r.cache.layer(r.n_layers - 1)[0][rows], k_chunked, atol=1e-5)
+    got: list[list[int]] = [[], [], []]
+    for i in range(3):
+        r.assign(i, pages[i], 0.0, 1.0, 0)
+    got[0].append(r.prefill(0, *args(0)))
+    embeds = {i: r.prompt_embeddings(*args(i)) for i in (1, 2)}
+    done = {1: 0, 2: 0}
+    steps = 0
+    while any(done[i] < embeds[i].shape[0] for i in (1, 2)):
+        budget, chunks = 150, []
+        for i in (1, 2):
+            end = min(done[i] + budget, embeds[i].shape[0])
+            if end > done[i] and budget > 0:
+                chunks.append(PromptChunk(i, embeds[i], done[i], end))
+                budget -= end - done[i]
+                done[i] = end
+        tokens = r.mixed_launch([0], chunks, True).tokens()
+        assert len(tokens) == 1 + sum(c.last for c in chunks)
+        got[0].append(tokens[0])
+        for c, t in zip([c for c in chunks if c.last], tokens[1:], strict=True):
+            got[c.slot].append(t)
+        steps += 1
+    assert steps == -(-sum(e.shape[0] for e in embeds.values()) // 150)  # every step full but the last
+    while min(len(g) for g in got) < 9:
+        for i, t in enumerate(r.decode_launch([0, 1, 2], True).tokens()):
+            got[i].append(t)
+    assert [g[:9] for g in got] == expected
+    for i, k in zip((1, 2), keys, strict=True):
+        rows = r.cache.flat_positions(i, len(args(i)[0]))
+        assert torch.allclose(r.cache.layer(r.n_layers - 1)[0][rows], k, atol=1e-5)

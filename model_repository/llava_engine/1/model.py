@@ -207,6 +207,11 @@ class TritonPythonModel:
                 counter,
             ),
             "decode_steps": ("llava_engine_decode_steps_total", "Batched decode steps run", counter),
+            "mixed_steps": (
+                "llava_engine_mixed_steps_total",
+                "Decode steps that also carried a chunk of a prompt",
+                counter,
+            ),
             "requests_started": ("llava_engine_requests_started_total", "Requests started", counter),
             "first_token_seconds": (
                 "llava_engine_time_to_first_token_seconds_total",
