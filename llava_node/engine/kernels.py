@@ -28,6 +28,7 @@ __all__ = [
     "decode_num_splits",
     "gemv",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "rms_norm",
     "rope_store",
     "silu_mul",
@@ -461,6 +462,162 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             num_warps=4,
         )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Prompt attention over a paged KV cache (a chunk of one or more prompts, flash-style)
+# --------------------------------------------------------------------------------------
+# Query rows per program of the prompt attention (a prompt's rows are padded to it).
+PREFILL_BLOCK_M = 64
+PREFILL_CONFIG = DecodeConfig(block_n=64, num_warps=4, num_stages=2)
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _prefill_attention_kernel(  # type: ignore[no-untyped-def]
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    block_slot_ptr,
+    pos_ptr,
+    out_ptr,
+    qk_scale,
+    GROUP,
+    stride_qm,
+    stride_qh,
+    stride_qd,
+    stride_kr,
+    stride_kh,
+    stride_kd,
+    stride_vr,
+    stride_vh,
+    stride_vd,
+    stride_btb,
+    stride_om,
+    stride_oh,
+    stride_od,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program per (block of BLOCK_M query rows, query head). Every row of a block
+    # belongs to the same sequence (its slot: block_slot[block]); row m sits at position
+    # pos[m] and sees positions 0..pos[m] of that sequence, whose keys and values (its
+    # own included) are already in the cache. Rows with pos < 0 are padding: zeros out.
+    blk = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    kvh = h // GROUP
+    m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    lane = tl.arange(0, BLOCK_N)
+    pos = tl.load(pos_ptr + m)
+    real = pos >= 0
+    q = tl.load(q_ptr + m[:, None] * stride_qm + h * stride_qh + d[None, :] * stride_qd).to(
+        k_ptr.dtype.element_ty
+    )
+    slot = tl.load(block_slot_ptr + blk)
+    bt_row = bt_ptr + slot * stride_btb
+    k_base = k_ptr + kvh * stride_kh + d[None, :] * stride_kd
+    v_base = v_ptr + kvh * stride_vh + d[None, :] * stride_vd
+    end = tl.max(pos, axis=0) + 1  # keys the block's last row sees
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(0, end, BLOCK_N):
+        n = n0 + lane
+        valid = n < end
+        page = tl.load(bt_row + n // PAGE_SIZE, mask=valid, other=0)
+        row = page * PAGE_SIZE + n % PAGE_SIZE
+        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(n[None, :] <= pos[:, None], s, _NEG_BIG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = tl.where(real[:, None], acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)
+    tl.store(
+        out_ptr + m[:, None] * stride_om + h * stride_oh + d[None, :] * stride_od,
+        o.to(out_ptr.dtype.element_ty),
+    )
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_slots: torch.Tensor,
+    pos: torch.Tensor,
+    scale: float,
+    page_size: int,
+    *,
+    block_m: int = PREFILL_BLOCK_M,
+) -> torch.Tensor:
+    """Causal attention of prompt rows over their sequences' paged KV caches.
+
+    Args:
+        q: ``[M, H, D]`` queries (any strides), ``M`` a multiple of ``block_m``; each block
+            of ``block_m`` rows belongs to one sequence.
+        k_cache, v_cache: ``[num_pages * page_size, KVH, D]``, the rows' own keys and
+            values already stored.
+        block_tables: ``[slots, max_pages_per_seq]`` int64 page ids of each slot.
+        block_slots: ``[M // block_m]`` int64 slot of each block of rows.
+        pos: ``[M]`` int64 position of each row (it sees positions ``0..pos``); ``-1``
+            marks a padding row, whose output is zeros.
+        scale: softmax scale (usually ``1 / sqrt(D)``).
+        page_size: positions per page.
+
+    Returns:
+        ``[M, H, D]`` in ``q``'s dtype. Softmax statistics and accumulation are float32.
+    """
+    rows, n_heads, head_dim = q.shape
+    n_kv_heads = k_cache.shape[1]
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads do not divide into {n_kv_heads} KV heads")
+    if rows % block_m or block_slots.shape != (rows // block_m,) or pos.shape != (rows,):
+        raise ValueError(
+            f"{rows} rows must be whole blocks of {block_m}, with a slot per block and a position per row"
+        )
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, not {head_dim}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if rows == 0:
+        return out
+    cfg = PREFILL_CONFIG
+    launch: dict[str, Any] = {"num_warps": cfg.num_warps}
+    if cfg.num_stages is not None:
+        launch["num_stages"] = cfg.num_stages
+    _prefill_attention_kernel[(rows // block_m, n_heads)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        block_slots,
+        pos,
+        out,
+        float(scale) * _LOG2E,
+        n_heads // n_kv_heads,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        block_tables.stride(0),
+        *out.stride(),
+        PAGE_SIZE=page_size,
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        **launch,
+    )
     return out
 
 

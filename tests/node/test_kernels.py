@@ -193,6 +193,70 @@ def test_paged_decode_attention_bf16(group_kernel: bool) -> None:
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize(
+    ("lens", "spans", "n_heads", "n_kv_heads", "head_dim", "block_m"),
+    [
+        ([40], [(0, 40)], 2, 2, 16, 16),  # a whole prompt, its last block padded
+        ([100, 37], [(32, 100), (0, 37)], 4, 2, 32, 16),  # a later chunk, then a new prompt (GQA)
+        ([300], [(5, 70)], 2, 1, 16, 32),  # a chunk starting mid-page; keys span many pages
+        ([64, 50, 9], [(48, 64), (0, 50), (8, 9)], 2, 2, 64, 16),  # one-row chunk at the end
+    ],
+)
+def test_paged_prefill_attention(
+    lens: list[int],
+    spans: list[tuple[int, int]],
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    block_m: int,
+) -> None:
+    # Chunks of several sequences' prompts packed into blocks of rows (each sequence's rows
+    # padded to whole blocks); every row sees its sequence's positions up to its own.
+    gen = torch.Generator().manual_seed(sum(lens) + head_dim)
+    page_size = 16
+    k_cache, v_cache, tables, _ = make_paged(gen, lens, n_kv_heads, head_dim, page_size, 20)
+    pos_list: list[int] = []
+    block_slots: list[int] = []
+    row_seq: list[int] = []
+    for seq, (a, b) in enumerate(spans):
+        n = -(-(b - a) // block_m) * block_m
+        pos_list += list(range(a, b)) + [-1] * (n - (b - a))
+        row_seq += [seq] * n
+        block_slots += [seq] * (n // block_m)
+    block_slots += [len(lens)] * 1  # a whole block of padding, on a slot of page 0 only
+    pos_list += [-1] * block_m
+    row_seq += [0] * block_m
+    tables = torch.cat([tables, torch.zeros(1, tables.shape[1], dtype=torch.int64)])
+    pos = torch.tensor(pos_list, dtype=torch.int64)
+    qkv = torch.randn(len(pos_list), n_heads + 2, head_dim, generator=gen)
+    q = qkv[:, 1 : n_heads + 1]  # a view with strides, as the engine passes
+    k_cache[:page_size] = 0.0  # page 0: what padding rows would write
+    v_cache[:page_size] = 0.0
+    out = kernels.paged_prefill_attention(
+        q.to(DEVICE),
+        k_cache.to(DEVICE),
+        v_cache.to(DEVICE),
+        tables.to(DEVICE),
+        torch.tensor(block_slots, dtype=torch.int64, device=DEVICE),
+        pos.to(DEVICE),
+        1.0 / math.sqrt(head_dim),
+        page_size,
+        block_m=block_m,
+    )
+    assert out.shape == q.shape and not torch.isnan(out.cpu()).any()
+    ref = ref_paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        tables[torch.tensor(row_seq)],
+        (pos + 1).clamp(min=0),
+        1.0 / math.sqrt(head_dim),
+        page_size,
+    )
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+    assert (out.cpu()[pos < 0] == 0).all()
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a GPU")
 def test_paged_decode_attention_cuda_graph() -> None:
     # Captured once, replayed after the lengths, block tables and cache change in place.
