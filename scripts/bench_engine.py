@@ -731,13 +731,26 @@ def micro_mixed(
         "prefill_ms": prefill_ms,
         "chunks": {},
     }
+    if cuda:
+        runner.mixed_graphs = None
+        out["eager_256"] = dict(
+            zip(
+                ("ms", "host_ms"),
+                timed(lambda: runner.mixed_launch(slots, [PromptChunk(batch, embeds, 0, 256)], True)),
+                strict=True,
+            )
+        )
     new_tokens = 128
     # Without chunks: per request, its prefill stalls everyone, then 128 decode steps.
     whole = batch * new_tokens / (batch * prefill_ms + new_tokens * decode_ms) * 1000
     out["steady_tok_s_whole_prefills"] = round(whole, 1)
     for c in (64, 128, 256, 384, 512, n):
         chunk = PromptChunk(batch, embeds, 0, min(c, n))
-        ms, host = timed(lambda chunk=chunk: runner.mixed_step(index, [chunk], True))
+        if cuda:  # a captured step of this many prompt rows
+            from llava_node.engine.cuda_graphs import MixedGraphs
+
+            runner.mixed_graphs = MixedGraphs(runner, c, runner.graphs.batch_sizes)
+        ms, host = timed(lambda chunk=chunk: runner.mixed_launch(slots, [chunk], True))
         steps = -(-n // c)  # mixed steps per prompt
         # Steady state: each request's timeline is its `steps` chunk steps and its 128
         # decode steps; one chunk per step, so the `batch` prompts of a cycle need
@@ -750,6 +763,7 @@ def micro_mixed(
             "extra_ms_over_decode": round(ms - decode_ms, 2),
             "prompt_rows_per_extra_ms": round(min(c, n) / max(ms - decode_ms, 1e-3), 1),
             "steady_tok_s_model": round(batch * new_tokens / per_cycle_ms * 1000, 1),
+            "captured": bool(runner.mixed_graphs is not None and runner.mixed_graphs.graphs),
         }
     out["check"] = mixed_check(runner, index, batch, ids, pixels, embeds, context)
     print(f"[mixed] {json.dumps(out)}", flush=True)
@@ -781,7 +795,7 @@ def mixed_check(
     first = None
     for start in range(0, n, chunk):
         c = PromptChunk(slot, embeds, start, min(start + chunk, n))
-        tokens = runner.mixed_step(index, [c], True).tolist()
+        tokens = runner.mixed_launch(list(range(batch)), [c], True).tokens()
         if start == 0:
             riding = tokens[:batch]
         if c.last:

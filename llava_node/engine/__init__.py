@@ -74,6 +74,7 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
             kv_cache_fraction=options.kv_cache_fraction,
             cuda_graphs=options.cuda_graphs,
             fused_kernels=options.fused_kernels,
+            mixed_rows=options.prefill_chunk,
         ),
     )
     runner.warmup()

@@ -93,7 +93,9 @@ class BatchingEngine(Engine):
         self.eos_token_ids = eos_token_ids
         self.cancel_check_every = max(1, cancel_check_every)
         self.stream_interval = max(0, stream_interval)  # 0: automatic
-        self.prefill_chunk = max(0, prefill_chunk)  # 0: prompts are prefilled whole, between steps
+        # 0: prompts are prefilled whole, between steps; else whole blocks of prompt rows
+        block = runner.cfg.chunk_block
+        self.prefill_chunk = -(-max(0, prefill_chunk) // block) * block
         self._cond = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
         self._running: dict[int, _Running] = {}
@@ -206,14 +208,17 @@ class BatchingEngine(Engine):
         of the prompts still being prefilled, oldest first."""
         runs = [r for r in self._running.values() if r.decoding]
         chunks: list[tuple[_Running, PromptChunk]] = []
-        budget = self.prefill_chunk
+        block = self.runner.cfg.chunk_block
+        budget = self.prefill_chunk  # prompt rows, each chunk padded to whole blocks
         for r in self._running.values():  # admission order
-            if r.decoding or budget <= 0:
+            if r.decoding:
                 continue
+            if budget < block:
+                break
             assert r.embeds is not None
             end = min(r.prefilled + budget, r.prompt_tokens)
             chunks.append((r, PromptChunk(r.slot, r.embeds, r.prefilled, end)))
-            budget -= end - r.prefilled
+            budget -= -(-(end - r.prefilled) // block) * block
         if not runs and not chunks:
             return None
         greedy = all(r.request.greedy for r in runs)

@@ -10,7 +10,8 @@ The vision tower and projector of one image (a fixed shape) are captured too: a 
 hundred more launches that would otherwise sit in front of every prompt's prefill. So
 is the language model's prefill, per padded prompt length (a multiple of 16 tokens),
 when a length is first seen: on a host with a slow CPU the ~400 launches of an eager
-prefill, not the GPU, would set its pace.
+prefill, not the GPU, would set its pace. So are mixed steps (decode rows plus a fixed
+number of prompt rows), per decode-batch bucket, when a bucket is first needed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from llava_node.engine.runner import LlavaRunner
 
-__all__ = ["DecodeGraphs", "ImageFeatureGraph", "PrefillGraphs"]
+__all__ = ["DecodeGraphs", "ImageFeatureGraph", "MixedGraphs", "PrefillGraphs"]
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +231,108 @@ class PrefillGraphs:
         entry = (graph, x_in, rows_in, last_in, out)
         self.graphs[p] = entry
         return entry
+
+
+class MixedGraphs:
+    """Mixed steps (decode rows plus ``rows`` rows of prompts) captured per decode-batch
+    bucket and sampling mode, each the first time it is needed (GPU only).
+
+    A mixed step launched eagerly is several hundred kernels from Python: on an H100 its
+    host time (~20 ms) exceeds its device time, which is what made chunked prefill slow.
+    Captured, it is one replay: the step's layout (decode slots, prompt positions, the
+    prompt of each block of rows, the rows to sample) goes to the device in one copy, the
+    prompt rows' embeddings in one copy per chunk. If a capture fails, the node logs why
+    and runs mixed steps eagerly from then on.
+    """
+
+    def __init__(self, runner: LlavaRunner, rows: int, batch_sizes: Sequence[int]) -> None:
+        self.runner = runner
+        block = runner.cfg.chunk_block
+        self.rows = -(-rows // block) * block
+        self.ends = self.rows // block  # at most one prompt ends per block of rows
+        self.batch_sizes = sorted(batch_sizes)
+        self.x = torch.zeros(self.rows, runner.hidden, dtype=runner.dtype, device=runner.device)
+        # per bucket: the int buffer its graph reads, the graph and its output
+        self.ints: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool: Any = None
+        self.error: str | None = None
+        self.capture_s = 0.0
+
+    def _sizes(self, b: int) -> list[int]:
+        block = self.runner.cfg.chunk_block
+        picks = b + self.ends
+        return [b, self.rows, self.rows // block, picks, picks, self.ends, self.ends]
+
+    def _null_layout(self, b: int) -> list[int]:
+        """A layout that changes nothing: dummy slots, padding rows, nothing ends."""
+        lay = self.runner.mixed_layout([], [], batch=b, rows=self.rows, ends=self.ends)
+        return self._flat(lay)
+
+    @staticmethod
+    def _flat(lay: Any) -> list[int]:
+        return [
+            *lay.decode_slots,
+            *lay.positions,
+            *lay.block_slots,
+            *lay.pick_rows,
+            *lay.pick_slots,
+            *lay.end_slots,
+            *lay.end_lens,
+        ]
+
+    def launch(self, slots: Sequence[int], chunks: Sequence[Any], all_greedy: bool) -> torch.Tensor | None:
+        """Replay the step; its tokens (decode rows, then ended prompts), or None when it
+        cannot be captured (the caller runs it eagerly)."""
+        if self.error is not None or len(slots) > self.batch_sizes[-1]:
+            return None
+        b = next(s for s in self.batch_sizes if s >= len(slots))
+        try:
+            lay = self.runner.mixed_layout(slots, chunks, batch=b, rows=self.rows, ends=self.ends)
+        except ValueError:
+            return None  # more prompt rows than the graphs hold
+        entry = self.graphs.get((b, all_greedy)) or self._capture(b, all_greedy)
+        if entry is None:
+            return None
+        graph, out = entry
+        host = torch.tensor(self._flat(lay), dtype=torch.int64).pin_memory()
+        self.ints[b].copy_(host, non_blocking=True)
+        for c, off in zip(chunks, lay.offsets, strict=True):
+            self.x[off : off + c.end - c.start].copy_(c.embeds[c.start : c.end])
+        graph.replay()
+        return out[: lay.tokens]
+
+    @torch.inference_mode()
+    def _capture(self, b: int, all_greedy: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        r = self.runner
+        started = time.monotonic()
+        try:
+            if b not in self.ints:
+                self.ints[b] = torch.zeros(sum(self._sizes(b)), dtype=torch.int64, device=r.device)
+            ints = self.ints[b]
+            args = (*ints.split(self._sizes(b)), all_greedy)
+            d, p, bs, pr, ps, es, el, greedy = args
+            torch.cuda.synchronize(r.device)
+            ints.copy_(torch.tensor(self._null_layout(b), dtype=torch.int64))
+            stream = torch.cuda.Stream(device=r.device)
+            stream.wait_stream(torch.cuda.current_stream(r.device))
+            with torch.cuda.stream(stream):  # warm-up: kernel compilation, cuBLAS for these shapes
+                r.mixed_step(d, self.x, p, bs, pr, ps, es, el, greedy)
+            torch.cuda.current_stream(r.device).wait_stream(stream)
+            torch.cuda.synchronize(r.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = r.mixed_step(d, self.x, p, bs, pr, ps, es, el, greedy)
+            if self.pool is None:
+                self.pool = graph.pool()
+            torch.cuda.synchronize(r.device)
+        except Exception as exc:  # pragma: no cover - GPU hosts only
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.warning("mixed step not captured (%s); mixed steps run eagerly", self.error)
+            torch.cuda.synchronize(r.device)
+            return None
+        spent = time.monotonic() - started
+        self.capture_s += spent
+        log.info("captured the mixed step for %d decode rows + %d prompt rows in %.2f s", b, self.rows, spent)
+        self.graphs[(b, all_greedy)] = (graph, out)
+        return graph, out

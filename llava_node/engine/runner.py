@@ -26,6 +26,7 @@ from llava_node.engine.sampling import sample_tokens, split_seed
 __all__ = [
     "LayerWeights",
     "LlavaRunner",
+    "MixedLayout",
     "PendingTokens",
     "PromptChunk",
     "RunnerConfig",
@@ -78,6 +79,8 @@ class RunnerConfig:
     batch1_gemv: bool = True  # with the fused kernels: batch-1 decode GEMMs as a Triton GEMV
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
     prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
+    mixed_rows: int = 256  # prompt rows a captured mixed step holds (a multiple of chunk_block)
+    chunk_block: int = 64  # a prompt's rows in a mixed step are padded to a multiple of this
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -94,6 +97,26 @@ class PromptChunk:
     def last(self) -> bool:
         """Whether this chunk ends the prompt (its step samples the first token)."""
         return self.end == self.embeds.shape[0]
+
+
+@dataclass
+class MixedLayout:
+    """Where everything goes in a mixed step, worked out on the host.
+
+    The prompt rows follow the decode rows; each chunk's rows are padded to whole blocks
+    of ``chunk_block`` rows (position -1), so that every block belongs to one prompt.
+    The tokens sampled are the decode rows', then each ended prompt's first token.
+    """
+
+    decode_slots: list[int]  # padded with the dummy slot to the step's batch
+    positions: list[int]  # per prompt row; -1: padding
+    block_slots: list[int]  # per block of prompt rows
+    pick_rows: list[int]  # rows whose logits are sampled
+    pick_slots: list[int]  # the slot each sampled row's token belongs to
+    end_slots: list[int]  # slots whose prompt this step ends ...
+    end_lens: list[int]  # ... and their lengths after it
+    offsets: list[int]  # first prompt row of each chunk
+    tokens: int  # real tokens the step returns (decode rows, then ended prompts)
 
 
 @dataclass
@@ -197,13 +220,21 @@ class LlavaRunner:
         self.graphs: Any = None
         self.vision_graph: Any = None
         self.prefill_graphs: Any = None
+        self.mixed_graphs: Any = None
         if dev.type == "cuda" and config.cuda_graphs:
-            from llava_node.engine.cuda_graphs import DecodeGraphs, ImageFeatureGraph, PrefillGraphs
+            from llava_node.engine.cuda_graphs import (
+                DecodeGraphs,
+                ImageFeatureGraph,
+                MixedGraphs,
+                PrefillGraphs,
+            )
 
             self.graphs = DecodeGraphs(self, [b for b in config.graph_batch_sizes if b <= self.max_batch])
             self.vision_graph = ImageFeatureGraph(self)
             if config.prefill_graphs and self.fused is not None:
                 self.prefill_graphs = PrefillGraphs(self, config.prefill_bucket)
+            if config.mixed_rows and self.paged_attention is not None:
+                self.mixed_graphs = MixedGraphs(self, config.mixed_rows, self.graphs.batch_sizes)
 
     # -- set-up ----------------------------------------------------------------------
     def _fuse(self, layer: Any) -> LayerWeights:
@@ -450,66 +481,179 @@ class LlavaRunner:
         return attend_torch
 
     # -- mixed steps: decode rows and a chunk of a prompt in one pass ------------------
+    def mixed_layout(
+        self,
+        slots: Sequence[int],
+        chunks: Sequence[PromptChunk],
+        *,
+        batch: int | None = None,
+        rows: int | None = None,
+        ends: int | None = None,
+    ) -> MixedLayout:
+        """The :class:`MixedLayout` of decoding ``slots`` with ``chunks``; ``batch``,
+        ``rows`` and ``ends`` pad it to a captured step's fixed sizes (decode rows, prompt
+        rows, prompts that may end)."""
+        bm = self.cfg.chunk_block
+        b = len(slots) if batch is None else batch
+        dummy = self.dummy_slot
+        positions: list[int] = []
+        block_slots: list[int] = []
+        offsets: list[int] = []
+        ended: list[tuple[int, int, int]] = []  # (row, slot, length)
+        for c in chunks:
+            n = c.end - c.start
+            padded = -(-n // bm) * bm
+            offsets.append(len(positions))
+            if c.last:
+                ended.append((b + len(positions) + n - 1, c.slot, c.end))
+            positions += [*range(c.start, c.end), *([-1] * (padded - n))]
+            block_slots += [c.slot] * (padded // bm)
+        if rows is not None:
+            if len(positions) > rows:
+                raise ValueError(f"{len(positions)} prompt rows (padded) exceed the step's {rows}")
+            block_slots += [dummy] * ((rows - len(positions)) // bm)
+            positions += [-1] * (rows - len(positions))
+        n_ends = len(ended) if ends is None else ends
+        if len(ended) > n_ends:
+            raise ValueError(f"{len(ended)} prompts end in one step; at most {n_ends} can")
+        fill = n_ends - len(ended)
+        real = list(slots)
+        return MixedLayout(
+            decode_slots=real + [dummy] * (b - len(real)),
+            positions=positions,
+            block_slots=block_slots,
+            pick_rows=[*range(len(real)), *(r for r, _, _ in ended), *range(b - len(real) + fill)],
+            pick_slots=[*real, *(s for _, s, _ in ended), *([dummy] * (b - len(real) + fill))],
+            end_slots=[*(s for _, s, _ in ended), *([dummy] * fill)],
+            end_lens=[*(n for _, _, n in ended), *([0] * fill)],
+            offsets=offsets,
+            tokens=len(real) + len(ended),
+        )
+
     @torch.inference_mode()
     def mixed_step(
-        self, slots: torch.Tensor, chunks: Sequence[PromptChunk], all_greedy: bool
+        self,
+        slots: torch.Tensor,
+        x_prompt: torch.Tensor,
+        positions: torch.Tensor,
+        block_slots: torch.Tensor,
+        pick_rows: torch.Tensor,
+        pick_slots: torch.Tensor,
+        end_slots: torch.Tensor,
+        end_lens: torch.Tensor,
+        all_greedy: bool,
     ) -> torch.Tensor:
-        """One decode token for each slot in ``slots``, and rows ``start:end`` of each
-        chunk's prompt, through the layers together: the weights are read once for all
-        of them, so the prompts' rows ride on a step that the decode rows alone leave
-        memory-bound.
+        """A decode step for ``slots`` that also runs prompt rows ``x_prompt`` [R, D] at
+        ``positions`` (blocks of rows, one prompt each: ``block_slots``) through the
+        layers: the weights are read once for all rows, so the prompts' rows ride on a
+        step that the decode rows alone leave memory-bound.
 
-        Returns the decode tokens, then the first token of each prompt that a chunk
-        ends, in ``chunks``' order. No host synchronisation: the tokens are read when
-        the step is collected.
+        Samples the rows ``pick_rows`` for ``pick_slots`` (the decode rows, and the last
+        row of each prompt this step ends) and returns those tokens; sets the lengths of
+        ``end_slots`` to ``end_lens``. Fixed shapes and no host synchronisation: a CUDA
+        graph captures it (see :class:`~llava_node.engine.cuda_graphs.MixedGraphs`).
         """
         b = int(slots.shape[0])
         pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
-        xs, coss, sins = [F.embedding(self.last_tokens[slots], self.embed)], [self.cos[pos]], [self.sin[pos]]
-        rows = [self.cache.flat_slot_positions(slots, pos)]
-        prompts: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []  # (first row, rows, seen, mask)
-        picks, ends = list(range(b)), []  # rows to sample: decode rows, last row of ended prompts
-        offset = b
-        for c in chunks:
-            xs.append(c.embeds[c.start : c.end])
-            coss.append(self.cos[c.start : c.end])
-            sins.append(self.sin[c.start : c.end])
-            seen = self.cache.flat_positions(c.slot, c.end)  # the prompt's rows so far
-            rows.append(seen[c.start :])
-            at = torch.arange(c.end, device=self.device)
-            # chunk row i (position start + i) sees positions 0..start + i
-            prompts.append((offset, c.end - c.start, seen, at[None, :] <= at[c.start :, None]))
-            offset += c.end - c.start
-            if c.last:
-                picks.append(offset - 1)
-                ends.append(c)
+        prompt_pos = positions.clamp(min=0)
+        bm = positions.shape[0] // max(1, block_slots.shape[0])
+        row_slots = block_slots.repeat_interleave(bm)
+        prompt_rows = torch.where(positions >= 0, self.cache.flat_slot_positions(row_slots, prompt_pos), 0)
+        x = torch.cat([F.embedding(self.last_tokens[slots], self.embed), x_prompt])
+        cos = torch.cat([self.cos[pos], self.cos[prompt_pos]])
+        sin = torch.cat([self.sin[pos], self.sin[prompt_pos]])
+        rows = torch.cat([self.cache.flat_slot_positions(slots, pos), prompt_rows])
         decode = self._decode_attend(slots, pos + 1) if b else None
+        prompt = self._chunk_attend(block_slots, positions)
 
         def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            parts = [] if decode is None else [decode(q[:b], kc, vc, v[:b])]
-            for first, n, seen, mask in prompts:
-                parts.append(self._prompt_attention(q[first : first + n], kc[seen], vc[seen], mask))
-            return torch.cat(parts) if len(parts) > 1 else parts[0]
+            out = prompt(q[b:], kc, vc)
+            return out if decode is None else torch.cat([decode(q[:b], kc, vc, v[:b]), out])
 
-        h = self._layers(torch.cat(xs), torch.cat(coss), torch.cat(sins), torch.cat(rows), attend)
+        h = self._layers(x, cos, sin, rows, attend)
         nxt = h.new_zeros(0, dtype=torch.int64)
-        if picks:
-            sample = slots
-            if ends:
-                h = h.index_select(0, self._index(picks))
-                sample = torch.cat([slots, self._index([c.slot for c in ends])])
-            nxt = self._sample(self._vocab_logits(h[: len(picks)]), sample, all_greedy)
+        if pick_rows.shape[0]:
+            nxt = self._sample(self._vocab_logits(h.index_select(0, pick_rows)), pick_slots, all_greedy)
         self.seq_lens[slots] = pos + 1
-        for c in ends:
-            self.seq_lens[c.slot] = c.end
+        self.seq_lens[end_slots] = end_lens
+        self.seq_lens[self.dummy_slot :].zero_()
         return nxt
+
+    def _chunk_attend(self, block_slots: torch.Tensor, positions: torch.Tensor) -> Any:
+        """Attention of prompt rows in blocks (see :meth:`mixed_step`): the Triton kernel
+        where the decode kernel runs, else SDPA per block (reads positions on the host)."""
+        cache = self.cache
+        if self.paged_attention is not None:
+            from llava_node.engine.kernels import paged_prefill_attention
+
+            scale = 1.0 / math.sqrt(self.head_dim)
+            bm = positions.shape[0] // max(1, block_slots.shape[0])
+
+            def kernel(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+                out = paged_prefill_attention(
+                    q, kc, vc, cache.block_tables, block_slots, positions, scale, cache.page_size, block_m=bm
+                )
+                return out.reshape(q.shape[0], -1)
+
+            return kernel
+
+        def per_block(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+            out = q.new_zeros(q.shape[0], q.shape[1] * q.shape[2])
+            bm = positions.shape[0] // max(1, block_slots.shape[0])
+            for i, slot in enumerate(block_slots.tolist()):
+                p = positions[i * bm : (i + 1) * bm]
+                real = (p >= 0).nonzero().squeeze(1)
+                if real.numel() == 0:
+                    continue
+                p = p[real]
+                end = int(p.max()) + 1
+                seen = cache.flat_positions(slot, end)
+                mask = torch.arange(end, device=p.device)[None, :] <= p[:, None]
+                rows = i * bm + real
+                out[rows] = self._prompt_attention(q[rows], kc[seen], vc[seen], mask)
+            return out
+
+        return per_block
 
     @torch.inference_mode()
     def mixed_launch(
         self, slots: Sequence[int], chunks: Sequence[PromptChunk], all_greedy: bool
     ) -> PendingTokens:
-        """Start a :meth:`mixed_step` (run eagerly: its shape changes from step to step)."""
-        return PendingTokens(self.mixed_step(self._index(slots), chunks, all_greedy))
+        """Start a :meth:`mixed_step` for decoding ``slots`` with ``chunks`` of prompts:
+        replayed from a CUDA graph when one holds it, else eagerly."""
+        if self.mixed_graphs is not None:
+            out = self.mixed_graphs.launch(slots, chunks, all_greedy)
+            if out is not None:
+                return PendingTokens(out)
+        lay = self.mixed_layout(slots, chunks)
+        x = torch.zeros(len(lay.positions), self.hidden, dtype=self.dtype, device=self.device)
+        for c, off in zip(chunks, lay.offsets, strict=True):
+            x[off : off + c.end - c.start] = c.embeds[c.start : c.end]
+        ints = self._index(
+            [
+                *lay.decode_slots,
+                *lay.positions,
+                *lay.block_slots,
+                *lay.pick_rows,
+                *lay.pick_slots,
+                *lay.end_slots,
+                *lay.end_lens,
+            ]
+        )
+        sizes = [
+            len(v)
+            for v in (
+                lay.decode_slots,
+                lay.positions,
+                lay.block_slots,
+                lay.pick_rows,
+                lay.pick_slots,
+                lay.end_slots,
+                lay.end_lens,
+            )
+        ]
+        d, p, bs, pr, ps, es, el = ints.split(sizes)
+        return PendingTokens(self.mixed_step(d, x, p, bs, pr, ps, es, el, all_greedy))
 
     def _index(self, values: Sequence[int]) -> torch.Tensor:
         """An int64 device tensor of ``values``, copied without waiting for the device."""

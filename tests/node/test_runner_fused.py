@@ -149,3 +149,50 @@ def test_prompts_in_chunks_beside_a_decoding_request_match_each_alone(
     for i, k in zip((1, 2), keys, strict=True):
         rows = r.cache.flat_positions(i, len(args(i)[0]))
         assert torch.allclose(r.cache.layer(r.n_layers - 1)[0][rows], k, atol=1e-5)
+
+
+def test_mixed_step_padded_to_a_captured_shape_gives_the_same_tokens(tiny_checkpoint: Path) -> None:
+    # What a captured mixed step replays (GPU): the layout padded with dummy decode rows,
+    # padding blocks of prompt rows and unused sample rows. The real tokens are the same
+    # as the unpadded step's, and the padding leaves the real slots' state alone.
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    enc = processor(
+        images=[Image.new("RGB", (320, 240), (1, 90, 9))],
+        text="USER: <image>\nHm? ASSISTANT:",
+        return_tensors="pt",
+    )
+    ids, pixels = enc["input_ids"][0], enc["pixel_values"]
+    n = int(ids.shape[0])
+    results = []
+    for padded in (False, True):
+        r = runner(tiny_checkpoint, fused=False, max_batch=4)
+        r.assign(0, list(range(1, 60)), 0.0, 1.0, 0)
+        r.assign(1, list(range(60, 120)), 0.0, 1.0, 0)
+        first = r.prefill(0, ids, pixels)
+        embeds = r.prompt_embeddings(ids, pixels)
+        chunk = PromptChunk(1, embeds, n - 100, n)
+        r.mixed_launch([], [PromptChunk(1, embeds, 0, n - 100)], True).tokens()
+        sizes = {"batch": 3, "rows": 4 * r.cfg.chunk_block, "ends": 4} if padded else {}
+        lay = r.mixed_layout([0], [chunk], **sizes)
+        x = torch.zeros(len(lay.positions), r.hidden)
+        x[: chunk.end - chunk.start] = embeds[chunk.start :]
+
+        def t(v: list[int]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.int64)
+
+        out = r.mixed_step(
+            t(lay.decode_slots),
+            x,
+            t(lay.positions),
+            t(lay.block_slots),
+            t(lay.pick_rows),
+            t(lay.pick_slots),
+            t(lay.end_slots),
+            t(lay.end_lens),
+            True,
+        )
+        assert lay.tokens == 2
+        more = r.decode_launch([0, 1], True).tokens()
+        results.append((first, out[: lay.tokens].tolist(), more, r.seq_lens[:2].tolist()))
+    assert results[0] == results[1]
+    assert results[0][3] == [n + 2, n + 1]
