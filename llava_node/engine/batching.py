@@ -14,11 +14,11 @@ the prompt's rows ride on that read nearly for free, and the running requests ke
 getting a token per step instead of waiting out a whole prefill.
 
 Each response through Triton's Python backend is a round trip between its processes
-(~0.1-0.3 ms of the engine thread's time), so with many requests running the host,
-not the device, would set the pace. Up to ``AUTO_STREAM_BATCH`` running requests each
-token is its own response; above that a request's tokens go out in groups (two
-tokens at 17-32 running requests, three at 33-48, ...), keeping the host's share of a
-step under the device's. A request's first token, its last, and anything a stop
+(0.3-0.7 ms of the engine thread's time on the H100 hosts measured), so with many
+requests running the host, not the device, would set the pace. Up to
+``AUTO_STREAM_BATCH`` running requests each token is its own response; above that a
+request's tokens go out in groups (two tokens at 9-16 running requests, three at
+17-24, four at 25-32, ...), keeping the host's share of a step under the device's. A request's first token, its last, and anything a stop
 string or cancellation ends, go out at once.
 """
 
@@ -41,7 +41,7 @@ __all__ = ["AUTO_STREAM_BATCH", "DEFAULT_PREFILL_CHUNK", "MAX_STREAM_INTERVAL", 
 
 log = logging.getLogger(__name__)
 
-AUTO_STREAM_BATCH = 16  # running requests up to which every token is its own response
+AUTO_STREAM_BATCH = 8  # running requests up to which every token is its own response
 MAX_STREAM_INTERVAL = 8  # the most tokens the automatic rule puts in one response
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a mixed step carries
 

@@ -259,6 +259,16 @@ class MixedGraphs:
         self.error: str | None = None
         self.capture_s = 0.0
 
+    def capture(self) -> None:
+        """Capture every bucket, greedy and sampling (at start-up: a capture in the middle
+        of serving would stall the running requests for it)."""
+        started = time.monotonic()
+        for b in self.batch_sizes:
+            for greedy in (True, False):
+                if self._capture(b, greedy) is None:
+                    return
+        log.info("captured %d mixed steps in %.1f s", len(self.graphs), time.monotonic() - started)
+
     def _sizes(self, b: int) -> list[int]:
         block = self.runner.cfg.chunk_block
         picks = b + self.ends
@@ -333,6 +343,8 @@ class MixedGraphs:
             return None
         spent = time.monotonic() - started
         self.capture_s += spent
-        log.info("captured the mixed step for %d decode rows + %d prompt rows in %.2f s", b, self.rows, spent)
+        log.debug(
+            "captured the mixed step for %d decode rows + %d prompt rows in %.2f s", b, self.rows, spent
+        )
         self.graphs[(b, all_greedy)] = (graph, out)
         return graph, out

@@ -283,6 +283,8 @@ class LlavaRunner:
             self.graphs.capture()
         if self.vision_graph is not None:
             self.vision_graph.capture()
+        if self.mixed_graphs is not None:
+            self.mixed_graphs.capture()
 
     # -- per-slot state --------------------------------------------------------------
     def assign(self, slot: int, pages: Sequence[int], temperature: float, top_p: float, seed: int) -> None:

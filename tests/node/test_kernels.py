@@ -226,7 +226,7 @@ def test_paged_prefill_attention(
     block_slots += [len(lens)] * 1  # a whole block of padding, on a slot of page 0 only
     pos_list += [-1] * block_m
     row_seq += [0] * block_m
-    tables = torch.cat([tables, torch.zeros(1, tables.shape[1], dtype=torch.int64)])
+    tables = torch.cat([tables.cpu(), torch.zeros(1, tables.shape[1], dtype=torch.int64)])
     pos = torch.tensor(pos_list, dtype=torch.int64)
     qkv = torch.randn(len(pos_list), n_heads + 2, head_dim, generator=gen)
     q = qkv[:, 1 : n_heads + 1]  # a view with strides, as the engine passes
