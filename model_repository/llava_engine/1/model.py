@@ -144,7 +144,13 @@ class TritonSink:
         )
         if finish_reason is not None:
             self.registry.remove(self)
-        self.sender.send(response, flags=FINAL if finish_reason is not None else 0)
+        try:
+            self.sender.send(response, flags=FINAL if finish_reason is not None else 0)
+        except Exception:
+            # The client is gone (the engine stops generating for it): nothing more can be
+            # sent, so a cancel call must no longer find it.
+            self.registry.remove(self)
+            raise
 
     def fail(self, message: str) -> None:
         self.registry.remove(self)
