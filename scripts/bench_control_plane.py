@@ -1082,6 +1082,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     args = parse_args(argv)
+    # SIGTERM as an exception, so that the finally blocks stop the nodes and servers
+    # this run started (the default action would leave them running).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.simulate is not None:
         return simulate(args.simulate, args.poller_nodes, args.simulate_metrics)
     random.seed(0)

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import io
 import json
+import signal
 import statistics
 import sys
 import time
@@ -923,6 +924,8 @@ def main() -> int:
         "--phase", choices=["check", "micro", "prefill", "gemv", "mixed"], help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    # SIGTERM as an exception, so that the finally blocks stop the node this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.phase is not None:  # a phase in its own process, so its GPU memory is freed
         prompt = prompt_for(args.checkpoint)[0] if args.phase in ("check", "prefill", "mixed") else ""
         if args.phase == "check":

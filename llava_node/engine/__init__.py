@@ -41,7 +41,10 @@ class EngineOptions:
     hf_workers: int = 1
     stream_interval: int = 0  # 0: auto (see BatchingEngine); n: a response every n tokens
     fused_kernels: bool | None = None  # None: on a GPU (Triton kernels for prefill and decode)
-    prefill_chunk: int = 256  # prompt tokens per mixed step while others decode; 0: whole prompts
+    # prompt tokens per mixed step while others decode; 0: whole prompts; -1: auto (256 on
+    # a GPU, where a decode step is bound by reading the weights; 0 on the CPU, where it
+    # is not, so chunks would only delay first tokens)
+    prefill_chunk: int = -1
 
 
 def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
@@ -65,6 +68,11 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
     from llava_node.engine.batching import BatchingEngine
 
     max_batch = options.max_batch or (64 if device.type == "cuda" else 8)
+    prefill_chunk = options.prefill_chunk
+    if prefill_chunk < 0:
+        from llava_node.engine.batching import DEFAULT_PREFILL_CHUNK
+
+        prefill_chunk = DEFAULT_PREFILL_CHUNK if device.type == "cuda" else 0
     runner = LlavaRunner(
         loaded,
         RunnerConfig(
@@ -74,7 +82,7 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
             kv_cache_fraction=options.kv_cache_fraction,
             cuda_graphs=options.cuda_graphs,
             fused_kernels=options.fused_kernels,
-            mixed_rows=options.prefill_chunk,
+            mixed_rows=prefill_chunk,
         ),
     )
     runner.warmup()
@@ -83,5 +91,5 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
         loaded.tokenizer,
         loaded.eos_token_ids,
         stream_interval=options.stream_interval,
-        prefill_chunk=options.prefill_chunk,
+        prefill_chunk=prefill_chunk,
     )

@@ -11,7 +11,9 @@ graph on a GPU): the shortest time to its first token. One that arrives while ot
 decode is prefilled in chunks of ``prefill_chunk`` tokens, each carried by a decode
 step ("mixed step"): a decode step of a 7B model is bound by reading the weights, so
 the prompt's rows ride on that read nearly for free, and the running requests keep
-getting a token per step instead of waiting out a whole prefill.
+getting a token per step instead of waiting out a whole prefill. When prompts arrive
+faster than the chunks clear them, the excess is prefilled whole (see
+``MAX_CHUNK_BACKLOG_STEPS``).
 
 Each response through Triton's Python backend is a round trip between its processes
 (0.3-0.7 ms of the engine thread's time on the H100 hosts measured), so with many
@@ -37,13 +39,23 @@ from llava_node.engine.runner import LlavaRunner, PendingTokens, PromptChunk
 from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
 from llava_node.textstream import SequenceText
 
-__all__ = ["AUTO_STREAM_BATCH", "DEFAULT_PREFILL_CHUNK", "MAX_STREAM_INTERVAL", "BatchingEngine"]
+__all__ = [
+    "AUTO_STREAM_BATCH",
+    "DEFAULT_PREFILL_CHUNK",
+    "MAX_CHUNK_BACKLOG_STEPS",
+    "MAX_STREAM_INTERVAL",
+    "BatchingEngine",
+]
 
 log = logging.getLogger(__name__)
 
 AUTO_STREAM_BATCH = 8  # running requests up to which every token is its own response
 MAX_STREAM_INTERVAL = 8  # the most tokens the automatic rule puts in one response
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a mixed step carries
+# Prompts wait for chunks only while those already waiting fill at most this many mixed
+# steps; beyond that (arrivals faster than the chunks clear them) a prompt is prefilled
+# whole, as without chunks, so that time to first token stays bounded under overload.
+MAX_CHUNK_BACKLOG_STEPS = 4
 
 
 @dataclass
@@ -271,6 +283,9 @@ class BatchingEngine(Engine):
             prompt_tokens=n,
         )
         chunked = bool(self.prefill_chunk) and bool(self._running)  # others are running
+        if chunked:
+            backlog = sum(r.prompt_tokens - r.prefilled for r in self._running.values() if not r.decoding)
+            chunked = backlog < MAX_CHUNK_BACKLOG_STEPS * self.prefill_chunk
         self._running[slot] = run
         with self.stats.lock:
             self.stats.requests_started += 1

@@ -277,3 +277,30 @@ def test_hf_generate_engine_matches_transformers(tiny_checkpoint: Path, processo
         assert len(cancelled.ids) <= 4
     finally:
         eng.shutdown()
+
+
+def test_prompts_beyond_the_chunk_backlog_are_prefilled_whole(
+    tiny_checkpoint: Path, processor, reference
+) -> None:
+    # Five requests at once with chunks of 64 rows: the first runs alone (whole), the
+    # second waits for chunks, and the rest would wait behind more than
+    # MAX_CHUNK_BACKLOG_STEPS steps of chunks, so they are prefilled whole.
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    eng = BatchingEngine(
+        LlavaRunner(loaded, RunnerConfig(max_batch=8)),
+        loaded.tokenizer,
+        loaded.eos_token_ids,
+        prefill_chunk=64,
+    )
+    try:
+        inputs = [make_inputs(processor, i) for i in range(5)]
+        sinks = [CollectingSink() for _ in inputs]
+        for i, (x, sink) in enumerate(zip(inputs, sinks, strict=True)):
+            eng.submit(request(x, sink, max_tokens=16, rid=f"b{i}"))
+        for x, sink in zip(inputs, sinks, strict=True):
+            assert sink.wait().error is None
+            assert sink.ids == hf_greedy(reference, x, 16)
+        one_prompt = -(-int(inputs[1]["input_ids"].shape[1]) // 64)
+        assert 0 < eng.stats.snapshot()["mixed_steps"] <= one_prompt + 1
+    finally:
+        eng.shutdown()

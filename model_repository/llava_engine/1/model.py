@@ -57,12 +57,15 @@ def _tristate(value: str) -> bool | None:
 
 
 def _prefill_chunk(value: str) -> int:
+    """``auto`` (-1: chunks on a GPU only) or a number of prompt tokens per step (0: off)."""
+    if value.strip().lower() == "auto":
+        return -1
     try:
         tokens = int(value)
     except ValueError:
         tokens = -1
     if tokens < 0:
-        raise ValueError(f"prefill_chunk must be a number of tokens (0: off), not {value!r}")
+        raise ValueError(f"prefill_chunk must be 'auto' or a number of tokens (0: off), not {value!r}")
     return tokens
 
 
@@ -190,7 +193,7 @@ class TritonPythonModel:
             cuda_graphs=opt("cuda_graphs", "LLAVA_CUDA_GRAPHS", "true").lower() in ("1", "true", "yes"),
             stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
             fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),
-            prefill_chunk=_prefill_chunk(opt("prefill_chunk", "LLAVA_PREFILL_CHUNK", "256")),
+            prefill_chunk=_prefill_chunk(opt("prefill_chunk", "LLAVA_PREFILL_CHUNK", "auto")),
         )
         self.engine = build_engine(checkpoint, options)
         self.log.info("llava_engine ready: %s, checkpoint %s", self.engine.describe(), checkpoint)
