@@ -55,7 +55,7 @@ DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a mixed step carries
 # Prompts wait for chunks only while those already waiting fill at most this many mixed
 # steps; beyond that (arrivals faster than the chunks clear them) a prompt is prefilled
 # whole, as without chunks, so that time to first token stays bounded under overload.
-MAX_CHUNK_BACKLOG_STEPS = 4
+MAX_CHUNK_BACKLOG_STEPS = 16
 
 
 @dataclass

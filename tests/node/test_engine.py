@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from llava_node.engine import GenerationRequest
-from llava_node.engine.batching import BatchingEngine
+from llava_node.engine.batching import MAX_CHUNK_BACKLOG_STEPS, BatchingEngine
 from llava_node.engine.hf_generate import HFGenerateEngine
 from llava_node.engine.loading import LoadedModel, load_llava
 from llava_node.engine.runner import LlavaRunner, RunnerConfig
@@ -282,7 +282,7 @@ def test_hf_generate_engine_matches_transformers(tiny_checkpoint: Path, processo
 def test_prompts_beyond_the_chunk_backlog_are_prefilled_whole(
     tiny_checkpoint: Path, processor, reference
 ) -> None:
-    # Five requests at once with chunks of 64 rows: the first runs alone (whole), the
+    # Five requests at once with chunks of 16 rows: the first runs alone (whole), the
     # second waits for chunks, and the rest would wait behind more than
     # MAX_CHUNK_BACKLOG_STEPS steps of chunks, so they are prefilled whole.
     loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
@@ -300,7 +300,8 @@ def test_prompts_beyond_the_chunk_backlog_are_prefilled_whole(
         for x, sink in zip(inputs, sinks, strict=True):
             assert sink.wait().error is None
             assert sink.ids == hf_greedy(reference, x, 16)
-        one_prompt = -(-int(inputs[1]["input_ids"].shape[1]) // 64)
+        assert int(inputs[1]["input_ids"].shape[1]) > MAX_CHUNK_BACKLOG_STEPS * 16
+        one_prompt = -(-int(inputs[1]["input_ids"].shape[1]) // 16)
         assert 0 < eng.stats.snapshot()["mixed_steps"] <= one_prompt + 1
     finally:
         eng.shutdown()
