@@ -1077,6 +1077,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def node_metrics_text(url: str, timeout_s: float = 20.0) -> str:
+    """The node's metrics page; Triton serves it a moment after the node reports ready
+    (once, the first fetch was refused)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return str(r.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the phases, print the tables, write the JSON."""
     import uvloop
@@ -1114,8 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["settings"]["pin"] = {"nodes": sorted(args.pin_nodes), "rest": sorted(args.pin_rest)}
                 os.sched_setaffinity(0, args.pin_nodes)
             with running_nodes(checkpoint, args.nodes, args.max_batch) as nodes:
-                with urllib.request.urlopen(nodes[0].metrics_url, timeout=5) as r:
-                    metrics_text = r.read().decode()
+                metrics_text = node_metrics_text(nodes[0].metrics_url)
                 if args.pin:
                     os.sched_setaffinity(0, args.pin_rest)
                 cps: dict[str, ControlPlaneProc] = {}
