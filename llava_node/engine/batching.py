@@ -20,8 +20,9 @@ Each response through Triton's Python backend is a round trip between its proces
 requests running the host, not the device, would set the pace. Up to
 ``AUTO_STREAM_BATCH`` running requests each token is its own response; above that a
 request's tokens go out in groups (two tokens at 9-16 running requests, three at
-17-24, four at 25-32, ...), keeping the host's share of a step under the device's. A request's first token, its last, and anything a stop
-string or cancellation ends, go out at once.
+17-24, four at 25-32, ...), keeping the host's share of a step under the device's. A
+request's first token, its last, and anything a stop string or cancellation ends, go
+out at once.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ class PrefillGraphs:
 
 class MixedGraphs:
     """Mixed steps (decode rows plus ``rows`` rows of prompts) captured per decode-batch
-    bucket and sampling mode, each the first time it is needed (GPU only).
+    bucket and sampling mode, at start-up (GPU only).
 
     A mixed step launched eagerly is several hundred kernels from Python: on an H100 its
     host time (~20 ms) exceeds its device time, which is what made chunked prefill slow.
@@ -269,27 +269,9 @@ class MixedGraphs:
                     return
         log.info("captured %d mixed steps in %.1f s", len(self.graphs), time.monotonic() - started)
 
-    def _sizes(self, b: int) -> list[int]:
-        block = self.runner.cfg.chunk_block
-        picks = b + self.ends
-        return [b, self.rows, self.rows // block, picks, picks, self.ends, self.ends]
-
-    def _null_layout(self, b: int) -> list[int]:
+    def _null_layout(self, b: int) -> Any:
         """A layout that changes nothing: dummy slots, padding rows, nothing ends."""
-        lay = self.runner.mixed_layout([], [], batch=b, rows=self.rows, ends=self.ends)
-        return self._flat(lay)
-
-    @staticmethod
-    def _flat(lay: Any) -> list[int]:
-        return [
-            *lay.decode_slots,
-            *lay.positions,
-            *lay.block_slots,
-            *lay.pick_rows,
-            *lay.pick_slots,
-            *lay.end_slots,
-            *lay.end_lens,
-        ]
+        return self.runner.mixed_layout([], [], batch=b, rows=self.rows, ends=self.ends)
 
     def launch(self, slots: Sequence[int], chunks: Sequence[Any], all_greedy: bool) -> torch.Tensor | None:
         """Replay the step; its tokens (decode rows, then ended prompts), or None when it
@@ -305,7 +287,7 @@ class MixedGraphs:
         if entry is None:
             return None
         graph, out = entry
-        host = torch.tensor(self._flat(lay), dtype=torch.int64).pin_memory()
+        host = torch.tensor(lay.flat(), dtype=torch.int64).pin_memory()
         self.ints[b].copy_(host, non_blocking=True)
         for c, off in zip(chunks, lay.offsets, strict=True):
             self.x[off : off + c.end - c.start].copy_(c.embeds[c.start : c.end])
@@ -317,22 +299,22 @@ class MixedGraphs:
         r = self.runner
         started = time.monotonic()
         try:
+            null = self._null_layout(b)
             if b not in self.ints:
-                self.ints[b] = torch.zeros(sum(self._sizes(b)), dtype=torch.int64, device=r.device)
+                self.ints[b] = torch.zeros(sum(null.sizes()), dtype=torch.int64, device=r.device)
             ints = self.ints[b]
-            args = (*ints.split(self._sizes(b)), all_greedy)
-            d, p, bs, pr, ps, es, el, greedy = args
+            d, p, bs, pr, ps, es, el = ints.split(null.sizes())
             torch.cuda.synchronize(r.device)
-            ints.copy_(torch.tensor(self._null_layout(b), dtype=torch.int64))
+            ints.copy_(torch.tensor(null.flat(), dtype=torch.int64))
             stream = torch.cuda.Stream(device=r.device)
             stream.wait_stream(torch.cuda.current_stream(r.device))
             with torch.cuda.stream(stream):  # warm-up: kernel compilation, cuBLAS for these shapes
-                r.mixed_step(d, self.x, p, bs, pr, ps, es, el, greedy)
+                r.mixed_step(d, self.x, p, bs, pr, ps, es, el, all_greedy)
             torch.cuda.current_stream(r.device).wait_stream(stream)
             torch.cuda.synchronize(r.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = r.mixed_step(d, self.x, p, bs, pr, ps, es, el, greedy)
+                out = r.mixed_step(d, self.x, p, bs, pr, ps, es, el, all_greedy)
             if self.pool is None:
                 self.pool = graph.pool()
             torch.cuda.synchronize(r.device)

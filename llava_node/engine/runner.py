@@ -118,6 +118,26 @@ class MixedLayout:
     offsets: list[int]  # first prompt row of each chunk
     tokens: int  # real tokens the step returns (decode rows, then ended prompts)
 
+    def _parts(self) -> tuple[list[int], ...]:
+        return (
+            self.decode_slots,
+            self.positions,
+            self.block_slots,
+            self.pick_rows,
+            self.pick_slots,
+            self.end_slots,
+            self.end_lens,
+        )
+
+    def flat(self) -> list[int]:
+        """The step's integer inputs in one list, in :meth:`LlavaRunner.mixed_step`'s order
+        (one copy to the device)."""
+        return [v for part in self._parts() for v in part]
+
+    def sizes(self) -> list[int]:
+        """The length of each input in :meth:`flat`, to split it on the device."""
+        return [len(part) for part in self._parts()]
+
 
 @dataclass
 class LayerWeights:
@@ -631,30 +651,8 @@ class LlavaRunner:
         x = torch.zeros(len(lay.positions), self.hidden, dtype=self.dtype, device=self.device)
         for c, off in zip(chunks, lay.offsets, strict=True):
             x[off : off + c.end - c.start] = c.embeds[c.start : c.end]
-        ints = self._index(
-            [
-                *lay.decode_slots,
-                *lay.positions,
-                *lay.block_slots,
-                *lay.pick_rows,
-                *lay.pick_slots,
-                *lay.end_slots,
-                *lay.end_lens,
-            ]
-        )
-        sizes = [
-            len(v)
-            for v in (
-                lay.decode_slots,
-                lay.positions,
-                lay.block_slots,
-                lay.pick_rows,
-                lay.pick_slots,
-                lay.end_slots,
-                lay.end_lens,
-            )
-        ]
-        d, p, bs, pr, ps, es, el = ints.split(sizes)
+        ints = self._index(lay.flat())
+        d, p, bs, pr, ps, es, el = ints.split(lay.sizes())
         return PendingTokens(self.mixed_step(d, x, p, bs, pr, ps, es, el, all_greedy))
 
     def _index(self, values: Sequence[int]) -> torch.Tensor:
