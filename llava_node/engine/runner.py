@@ -775,13 +775,5 @@ def _fused_kernels(device: torch.device, wanted: bool | None) -> Any:
 def _paged_attention(device: torch.device, fused: Any) -> Any:
     """The paged decode-attention kernel (Triton), or None for torch attention: with the
     fused kernels, and on CUDA whenever Triton imports."""
-    if fused is not None:
-        return fused.paged_decode_attention
-    if device.type != "cuda":
-        return None
-    try:
-        from llava_node.engine.kernels import paged_decode_attention
-    except ImportError as exc:  # pragma: no cover - GPU hosts only
-        log.warning("Triton decode kernel unavailable (%s); using torch attention", exc)
-        return None
-    return paged_decode_attention
+    kernels = fused if fused is not None or device.type != "cuda" else _fused_kernels(device, True)
+    return kernels.paged_decode_attention if kernels is not None else None

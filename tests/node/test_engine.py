@@ -108,6 +108,13 @@ def hf_greedy(reference: LoadedModel, inputs, n: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+def chunked_engine(checkpoint: Path, chunk: int, chunk_block: int = 64) -> BatchingEngine:
+    """A CPU engine with prompts prefilled in chunks of ``chunk`` rows (0: whole)."""
+    loaded = load_llava(checkpoint, torch.device("cpu"), torch.float32)
+    runner = LlavaRunner(loaded, RunnerConfig(max_batch=8, chunk_block=chunk_block))
+    return BatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids, prefill_chunk=chunk)
+
+
 def check_staggered(engine: BatchingEngine, processor, reference) -> None:
     """Eight requests joining the batch at different steps each get transformers' tokens."""
     inputs = [make_inputs(processor, i) for i in range(8)]
@@ -137,13 +144,7 @@ def test_staggered_requests_with_whole_or_small_prompt_chunks(
 ) -> None:
     # 0: every prompt prefilled whole between steps; 64: chunk edges fall inside the
     # image's rows, and the end of one prompt shares a step with the next one's start.
-    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
-    eng = BatchingEngine(
-        LlavaRunner(loaded, RunnerConfig(max_batch=8)),
-        loaded.tokenizer,
-        loaded.eos_token_ids,
-        prefill_chunk=chunk,
-    )
+    eng = chunked_engine(tiny_checkpoint, chunk)
     try:
         check_staggered(eng, processor, reference)
         mixed = eng.stats.snapshot()["mixed_steps"]
@@ -285,13 +286,7 @@ def test_prompts_beyond_the_chunk_backlog_are_prefilled_whole(
     # Five requests at once with chunks of 16 rows: the first runs alone (whole), the
     # second waits for chunks, and the rest would wait behind more than
     # MAX_CHUNK_BACKLOG_STEPS steps of chunks, so they are prefilled whole.
-    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
-    eng = BatchingEngine(
-        LlavaRunner(loaded, RunnerConfig(max_batch=8)),
-        loaded.tokenizer,
-        loaded.eos_token_ids,
-        prefill_chunk=64,
-    )
+    eng = chunked_engine(tiny_checkpoint, 16, chunk_block=16)
     try:
         inputs = [make_inputs(processor, i) for i in range(5)]
         sinks = [CollectingSink() for _ in inputs]
