@@ -160,7 +160,9 @@ def test_sigkill_one_of_three_nodes_during_32_streams(
         w["id"] for w in admin_get(cp3, "/admin/workers")["workers"] if w["name"] == victim.http_url
     )
     try:
-        outcomes, killed_at = run_load(cp3, 32, 300, "kill", kill_when_streaming)
+        # Long enough that the victim's streams are still running at the kill: with the
+        # node's tokens grouped per response, 300 could end within the 0.8 s before it.
+        outcomes, killed_at = run_load(cp3, 32, 1000, "kill", kill_when_streaming)
         wait_for(lambda: worker_state(cp3, victim.http_url) == "unhealthy", 10, "victim out of routing")
         wait_for(lambda: not sql(cp3, "SELECT id FROM requests WHERE status = 'running'"), 10, "rows written")
         rows = {
