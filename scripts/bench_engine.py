@@ -405,7 +405,7 @@ def bench_engine(
 
 
 def check_against_transformers(
-    checkpoint: Path, prompt: str, image: bytes, steps: int = 16
+    checkpoint: Path, prompt: str, image: bytes, steps: int = 16, kv_cache_dtype: str = "auto"
 ) -> dict[str, Any]:
     """The batching engine against transformers on the GPU, bf16: first-step logits,
     teacher-forced per-step logits and argmax, and free-running greedy tokens."""
@@ -417,6 +417,7 @@ def check_against_transformers(
 
     from llava_node.engine.base import GenerationRequest
     from llava_node.engine.batching import BatchingEngine
+    from llava_node.engine.kv_cache import kv_cache_dtype as kv_dtype
     from llava_node.engine.loading import load_llava
     from llava_node.engine.runner import LlavaRunner, RunnerConfig
 
@@ -451,7 +452,12 @@ def check_against_transformers(
     del ref, gen
     torch.cuda.empty_cache()
     loaded = load_llava(checkpoint, dev, torch.bfloat16)
-    runner = LlavaRunner(loaded, RunnerConfig(max_batch=4, num_pages=512, graph_batch_sizes=(1, 2, 4)))
+    runner = LlavaRunner(
+        loaded,
+        RunnerConfig(
+            max_batch=4, num_pages=512, graph_batch_sizes=(1, 2, 4), kv_cache_dtype=kv_dtype(kv_cache_dtype)
+        ),
+    )
     runner.warmup()
     ids = inputs["input_ids"][0]
     n = int(ids.shape[0])
@@ -504,6 +510,7 @@ def check_against_transformers(
     torch.cuda.empty_cache()
     return {
         "fused_kernels": runner_fused,
+        "kv_cache_dtype": kv_cache_dtype,
         "first_step_logits_rel_error": per_step[0]["rel_error"],
         "first_step_logits_rel_error_torch_ops_prefill": torch_ops_error,
         "transformers_eager_vs_sdpa_first_step_rel_error": floor,
@@ -539,19 +546,28 @@ def step_kernels(runner: Any, slots: list[int]) -> dict[str, Any]:
     }
 
 
-def micro_decode(checkpoint: Path, batch_sizes: list[int], context: int = 616) -> dict[str, Any]:
+def micro_decode(
+    checkpoint: Path, batch_sizes: list[int], context: int = 616, kv_cache_dtype: str = "auto"
+) -> dict[str, Any]:
     """The bare decode step (no Triton): ms per step at several batch sizes, CUDA graphs."""
     import torch
 
+    from llava_node.engine.kv_cache import kv_cache_dtype as kv_dtype
     from llava_node.engine.loading import load_llava
     from llava_node.engine.runner import LlavaRunner, RunnerConfig
 
     loaded = load_llava(checkpoint, torch.device("cuda"), torch.bfloat16)
     runner = LlavaRunner(
-        loaded, RunnerConfig(max_batch=max(batch_sizes), graph_batch_sizes=tuple(batch_sizes))
+        loaded,
+        RunnerConfig(
+            max_batch=max(batch_sizes),
+            graph_batch_sizes=tuple(batch_sizes),
+            kv_cache_dtype=kv_dtype(kv_cache_dtype),
+        ),
     )
     runner.warmup()
     out: dict[str, Any] = {
+        "kv_cache_dtype": kv_cache_dtype,
         "fused_kernels": runner.fused is not None,
         "graph_capture_s": runner.graphs.capture_s,
     }
@@ -579,7 +595,7 @@ def micro_decode(checkpoint: Path, batch_sizes: list[int], context: int = 616) -
             "kernels": step_kernels(runner, slots),
         }
         runner.seq_lens[:b] = context
-        print(f"[micro] batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s", flush=True)
+        print(f"[micro {kv_cache_dtype}] batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s", flush=True)
     if runner.gemv is not None:  # batch 1 again with cuBLAS instead of the Triton GEMV
         runner.gemv = None
         runner.graphs.capture()
@@ -921,6 +937,12 @@ def main() -> int:
     )
     parser.add_argument("--sustained-warmup-s", type=float, default=5.0)
     parser.add_argument(
+        "--kv-cache-dtypes",
+        default="auto",
+        help="KV-cache dtypes the check and micro phases run with, comma-separated (auto,fp8)",
+    )
+    parser.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)  # of one phase
+    parser.add_argument(
         "--phase", choices=["check", "micro", "prefill", "gemv", "mixed"], help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -929,7 +951,9 @@ def main() -> int:
     if args.phase is not None:  # a phase in its own process, so its GPU memory is freed
         prompt = prompt_for(args.checkpoint)[0] if args.phase in ("check", "prefill", "mixed") else ""
         if args.phase == "check":
-            out = check_against_transformers(args.checkpoint, prompt, bench_image())
+            out = check_against_transformers(
+                args.checkpoint, prompt, bench_image(), kv_cache_dtype=args.kv_cache_dtype
+            )
         elif args.phase == "prefill":
             out = micro_prefill(args.checkpoint, prompt, bench_image())
         elif args.phase == "gemv":
@@ -940,7 +964,7 @@ def main() -> int:
             with torch.inference_mode():
                 out = micro_mixed(args.checkpoint, prompt, bench_image())
         else:
-            out = micro_decode(args.checkpoint, [1, 8, 32])
+            out = micro_decode(args.checkpoint, [1, 8, 32], kv_cache_dtype=args.kv_cache_dtype)
         args.out.write_text(json.dumps(out, default=str))
         return 0
     args.streams = [int(s) for s in args.streams.split(",") if s]
@@ -969,10 +993,10 @@ def main() -> int:
     def save() -> None:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
-    def phase(name: str) -> Any:
+    def phase(name: str, kv_cache_dtype: str = "auto") -> Any:
         import subprocess
 
-        path = args.out.with_suffix(f".{name}.json")
+        path = args.out.with_suffix(f".{name}{'' if kv_cache_dtype == 'auto' else '-' + kv_cache_dtype}.json")
         subprocess.run(
             [
                 sys.executable,
@@ -983,21 +1007,25 @@ def main() -> int:
                 str(args.checkpoint),
                 "--out",
                 str(path),
+                "--kv-cache-dtype",
+                kv_cache_dtype,
             ],
             check=True,
         )
         return json.loads(path.read_text())
 
-    if args.check:
-        result["check"] = phase("check")
+    kv_dtypes = [k for k in args.kv_cache_dtypes.split(",") if k]
+    for kv in kv_dtypes if args.check else []:
+        key = "check" if kv == "auto" else f"check_{kv}"
+        result[key] = phase("check", kv)
         print(
-            "[check]",
-            {k: v for k, v in result["check"].items() if k not in ("ours", "transformers")},
+            f"[{key}]",
+            {k: v for k, v in result[key].items() if k not in ("ours", "transformers", "steps")},
             flush=True,
         )
         save()
-    if args.micro:
-        result["micro"] = phase("micro")
+    for kv in kv_dtypes if args.micro else []:
+        result["micro" if kv == "auto" else f"micro_{kv}"] = phase("micro", kv)
         save()
     if args.prefill:
         result["prefill"] = phase("prefill")
@@ -1011,14 +1039,23 @@ def main() -> int:
     for engine in [e for e in args.engines.split(",") if e]:
         result[engine] = bench_engine(engine, args.checkpoint, args, prompt, image)
         save()
-    if "batching" in result and "hf_generate" in result:
-        b, h = result["batching"], result["hf_generate"]
+    engines = [e for e in args.engines.split(",") if e and e != "hf_generate" and e in result]
+    if "hf_generate" in result and engines:
+        h = result["hf_generate"]
+
+        def column(key: str, field: str) -> list[Any]:
+            return [result[e][key][field] for e in engines]
+
         rows = [
-            ("TTFT p50 (ms)", h["single"]["ttft_ms_p50"], b["single"]["ttft_ms_p50"]),
-            ("decode, 1 stream (tok/s)", h["single"]["decode_tok_s"], b["single"]["decode_tok_s"]),
+            ("TTFT p50 (ms)", h["single"]["ttft_ms_p50"], column("single", "ttft_ms_p50")),
+            ("decode, 1 stream (tok/s)", h["single"]["decode_tok_s"], column("single", "decode_tok_s")),
         ]
         rows += [
-            (f"{s} streams, aggregate (tok/s)", h[f"c{s}"]["aggregate_tok_s"], b[f"c{s}"]["aggregate_tok_s"])
+            (
+                f"{s} streams, aggregate (tok/s)",
+                h[f"c{s}"]["aggregate_tok_s"],
+                column(f"c{s}", "aggregate_tok_s"),
+            )
             for s in args.streams
         ]
         if args.sustained_s:
@@ -1026,18 +1063,30 @@ def main() -> int:
                 (
                     f"{s} streams, sustained (tok/s)",
                     h[f"sustained{s}"]["aggregate_tok_s"],
-                    b[f"sustained{s}"]["aggregate_tok_s"],
+                    column(f"sustained{s}", "aggregate_tok_s"),
                 )
                 for s in args.streams
             ]
+        # "batching" stays the first engine's column name (the JSON's readers use it)
         result["table"] = [
-            {"metric": m, "baseline": x, "batching": y, "ratio": round(y / x, 2) if x and y else None}
-            for m, x, y in rows
+            {
+                "metric": m,
+                "baseline": x,
+                **{e: y for e, y in zip(engines, ys, strict=True)},
+                **{
+                    f"ratio {e}": round(y / x, 2) if x and y else None
+                    for e, y in zip(engines, ys, strict=True)
+                },
+            }
+            for m, x, ys in rows
         ]
         save()
-        print(f"\n{'metric':32} {'hf_generate':>12} {'batching':>12} {'ratio':>8}")
-        for r in result["table"]:
-            print(f"{r['metric']:32} {r['baseline']!s:>12} {r['batching']!s:>12} {r['ratio']!s:>8}")
+        print(
+            f"\n{'metric':32} {'hf_generate':>12} " + " ".join(f"{e[-24:]:>24} {'ratio':>6}" for e in engines)
+        )
+        for m, x, ys in rows:
+            cells = " ".join(f"{y!s:>24} {round(y / x, 2) if x and y else '-'!s:>6}" for y in ys)
+            print(f"{m:32} {x!s:>12} {cells}")
     print(f"wrote {args.out}")
     return 0
 

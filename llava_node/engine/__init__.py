@@ -36,6 +36,7 @@ class EngineOptions:
     max_batch: int = 0  # 0: 8 on the CPU, 64 on a GPU
     max_seq_len: int = 0
     kv_cache_fraction: float = 0.9
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: float8 e4m3 (see kv_cache.py)
     page_size: int = 16
     cuda_graphs: bool = True
     hf_workers: int = 1
@@ -49,10 +50,12 @@ class EngineOptions:
 
 def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
     """Load ``checkpoint`` and start the engine ``options.kind`` asks for."""
+    from llava_node.engine.kv_cache import kv_cache_dtype
     from llava_node.engine.runner import LlavaRunner, RunnerConfig, supports
 
     if options.kind not in ENGINE_KINDS:
         raise ValueError(f"unknown engine {options.kind!r}; expected one of {ENGINE_KINDS}")
+    kv_dtype = kv_cache_dtype(options.kv_cache_dtype)  # a bad value fails before loading
     device, dtype = pick_device(options.device)
     loaded = load_llava(checkpoint, device, dtype)
     kind = options.kind
@@ -80,6 +83,7 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
             max_seq_len=options.max_seq_len,
             page_size=options.page_size,
             kv_cache_fraction=options.kv_cache_fraction,
+            kv_cache_dtype=kv_dtype,
             cuda_graphs=options.cuda_graphs,
             fused_kernels=options.fused_kernels,
             mixed_rows=prefill_chunk,

@@ -140,6 +140,7 @@ class BatchingEngine(Engine):
             "kv_pages": r.cache.allocator.capacity,
             "page_size": r.cache.page_size,
             "kv_tokens": r.cache.allocator.capacity * r.cache.page_size,
+            "kv_cache_dtype": str(r.kv_dtype).removeprefix("torch."),
             "cuda_graphs": r.graphs is not None,
             "vision_graph": (r.vision_graph.error or "captured") if r.vision_graph is not None else None,
             "fused_kernels": r.fused is not None,

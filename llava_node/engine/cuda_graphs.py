@@ -151,7 +151,7 @@ class ImageFeatureGraph:
         if self.graph is None or tuple(pixel_values.shape) != self.shape:
             return None
         assert self.input is not None and self.output is not None
-        self.input.copy_(pixel_values, non_blocking=True)
+        self.input.copy_(self.runner.upload(pixel_values))
         self.graph.replay()
         return self.output.clone()
 

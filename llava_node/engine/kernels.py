@@ -11,6 +11,8 @@ tensors, which is how the tests check them against pure-torch references.
 Paged KV cache layout (see ``kv_cache.py``): ``k_cache``/``v_cache`` are
 ``[num_pages * page_size, n_kv_heads, head_dim]``; position ``p`` of batch row ``b``
 lives at cache row ``block_tables[b, p // page_size] * page_size + p % page_size``.
+The cache holds the model's dtype or float8 e4m3 (``LLAVA_KV_CACHE_DTYPE=fp8``): the
+attention kernels convert what they read to the queries' dtype.
 """
 
 from __future__ import annotations
@@ -61,12 +63,47 @@ class DecodeConfig:
 # as fast as the heads kernel at every batch size tried, and faster with GQA.
 # One program per (row, KV head, split): the group's query heads on the tensor cores.
 GROUPS_CONFIG = DecodeConfig(block_n=64, num_warps=4, num_stages=2)
+# Over a float8 cache (LLAVA_KV_CACHE_DTYPE=fp8; H100, B=32, lens 680, H = KVH = 32, by
+# scripts/tune_decode_attention.py): the heads kernel with HEADS_CONFIG took 84 us a layer,
+# the best group kernel (this config, 2 splits) 101 us, the bf16 cache's best 124 us.
+# Without grouped heads (H = KVH) the heads kernel is therefore the default over float8.
+GROUPS_CONFIG_FP8 = DecodeConfig(block_n=128, num_warps=4, num_stages=2)
 # One program per (row, query head, split), elementwise on the CUDA cores (the alternative).
 HEADS_CONFIG = DecodeConfig(block_n=32, num_warps=4)
 # Finite "minus infinity" for running maxima: keeps exp2(m_old - m_new) free of NaN
 # when nothing has been seen yet (exp2(-inf - -inf) would be NaN).
 _NEG_BIG = tl.constexpr(-1.0e30)
 _LOG2E = 1.4426950408889634
+# The largest finite float8 e4m3 value (torch.float8_e4m3fn): cache writes saturate to it.
+FP8_E4M3_MAX = 448.0
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _round_e4m3(x):  # type: ignore[no-untyped-def]
+    # float32 x rounded to the nearest float8 e4m3 value (ties to even), saturating at
+    # +-448, so that the conversion to the cache's float8 that follows is exact. Rounding
+    # here, not in the conversion: Triton's CPU interpreter rounds float8 conversions
+    # wrongly (carries into the exponent are lost), and with the rounding done here the
+    # GPU and the interpreter store the same bits, those torch's conversion stores.
+    a = tl.minimum(tl.abs(x), 448.0)
+    bits = a.to(tl.int32, bitcast=True)
+    # normal range: keep 3 mantissa bits, round half to even (a carry moves the exponent)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    # below 2**-6 (subnormal in e4m3) the step is 2**-9: adding 2**14 rounds there
+    tiny = (a + 16384.0) - 16384.0
+    r = tl.where(a < 0.015625, tiny, normal)
+    # x's sign bit on the result, so that what rounds to zero keeps it (-0.0), as torch
+    # rounds (a negation compiles to 0 - r on the GPU, which gives +0.0)
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _cache_value(x, cache_ptr, KV_FP8: tl.constexpr):  # type: ignore[no-untyped-def]
+    # x (any float dtype) as stored in the KV cache at cache_ptr.
+    if KV_FP8:
+        return _round_e4m3(x.to(tl.float32)).to(cache_ptr.dtype.element_ty)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 # --------------------------------------------------------------------------------------
@@ -221,11 +258,13 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     lane = tl.arange(0, BLOCK_N)
     g_mask = g < GROUP
     h = kvh * GROUP + g
+    # q in its own dtype (the model's); keys and values are converted to it as they are
+    # read (a no-op unless the cache holds float8)
     q = tl.load(
         q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :] * stride_qd,
         mask=g_mask[:, None],
         other=0.0,
-    ).to(k_ptr.dtype.element_ty)
+    )
     k_base = k_ptr + kvh * stride_kh + d[None, :] * stride_kd
     v_base = v_ptr + kvh * stride_vh + d[None, :] * stride_vd
     bt_row = bt_ptr + b * stride_btb
@@ -238,8 +277,8 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
         valid = pos < end
         page = tl.load(bt_row + pos // PAGE_SIZE, mask=valid, other=0)
         row = page * PAGE_SIZE + pos % PAGE_SIZE
-        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -332,7 +371,7 @@ def paged_decode_attention(
     page_size: int,
     *,
     num_splits: int | None = None,
-    group_kernel: bool = True,
+    group_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per batch row over that row's paged KV cache.
 
@@ -347,9 +386,11 @@ def paged_decode_attention(
         page_size: positions per page.
         num_splits: split-K partitions; ``None`` chooses from the shapes
             (:func:`decode_num_splits`).
-        group_kernel: True (default): one program per (row, KV head, split) handles all the
-            query heads of that KV head with tensor-core dots (padded to 16 rows), reading
-            each K/V tile once. False: one program per (row, query head, split), elementwise.
+        group_kernel: True: one program per (row, KV head, split) handles all the query
+            heads of that KV head with tensor-core dots (padded to 16 rows), reading each K/V
+            tile once. False: one program per (row, query head, split), elementwise. None
+            (default): the group kernel, but over a float8 cache without grouped heads
+            (``H == KVH``) the heads kernel, which was faster there.
 
     Returns:
         ``[B, H, D]`` in ``q``'s dtype. Softmax statistics and accumulation are float32.
@@ -365,8 +406,14 @@ def paged_decode_attention(
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"head_dim must be a power of two >= 16, not {head_dim}")
     group = n_heads // n_kv_heads
+    if group_kernel is None:
+        group_kernel = not (k_cache.element_size() == 1 and group == 1)
     max_len = block_tables.shape[1] * page_size
-    cfg = GROUPS_CONFIG if group_kernel else HEADS_CONFIG
+    cfg = (
+        (GROUPS_CONFIG_FP8 if k_cache.element_size() == 1 else GROUPS_CONFIG)
+        if group_kernel
+        else HEADS_CONFIG
+    )
     block_n = cfg.block_n
     launch: dict[str, Any] = {"num_warps": cfg.num_warps}
     if cfg.num_stages is not None:
@@ -400,7 +447,7 @@ def paged_decode_attention(
         out.stride(2),
     )
     if group_kernel:
-        precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
         _decode_groups_kernel[(batch * n_kv_heads, num_splits)](
             q,
             k_cache,
@@ -515,9 +562,7 @@ def _prefill_attention_kernel(  # type: ignore[no-untyped-def]
     lane = tl.arange(0, BLOCK_N)
     pos = tl.load(pos_ptr + m)
     real = pos >= 0
-    q = tl.load(q_ptr + m[:, None] * stride_qm + h * stride_qh + d[None, :] * stride_qd).to(
-        k_ptr.dtype.element_ty
-    )
+    q = tl.load(q_ptr + m[:, None] * stride_qm + h * stride_qh + d[None, :] * stride_qd)
     slot = tl.load(block_slot_ptr + blk)
     bt_row = bt_ptr + slot * stride_btb
     k_base = k_ptr + kvh * stride_kh + d[None, :] * stride_kd
@@ -532,8 +577,8 @@ def _prefill_attention_kernel(  # type: ignore[no-untyped-def]
         valid = n < end
         page = tl.load(bt_row + n // PAGE_SIZE, mask=valid, other=0)
         row = page * PAGE_SIZE + n % PAGE_SIZE
-        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0)
-        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(n[None, :] <= pos[:, None], s, _NEG_BIG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -615,7 +660,7 @@ def paged_prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
-        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **launch,
     )
     return out
@@ -845,6 +890,7 @@ def _rope_store_kernel(  # type: ignore[no-untyped-def]
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_KVH: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     # One program per batch row: rotate q in place, rotate k into the cache, copy v.
     b = tl.program_id(0).to(tl.int64)
@@ -866,14 +912,16 @@ def _rope_store_kernel(  # type: ignore[no-untyped-def]
     hk = tl.arange(0, BLOCK_KVH)
     kv_mask = (hk < KVH)[:, None]
     k1, k2 = _rope_tile(k_ptr + b * stride_kb, KVH, stride_kh, stride_kd, c1, c2, s1, s2, BLOCK_KVH, HALF)
+    # k is rounded to its own dtype first (as torch computes it), then to the cache's
+    kdt = k_ptr.dtype.element_ty
     kc_dst = kc_ptr + row * stride_kcr + hk[:, None] * stride_kch + j[None, :] * stride_kcd
-    tl.store(kc_dst, k1.to(kc_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(kc_dst + HALF * stride_kcd, k2.to(kc_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(kc_dst, _cache_value(k1.to(kdt), kc_ptr, KV_FP8), mask=kv_mask)
+    tl.store(kc_dst + HALF * stride_kcd, _cache_value(k2.to(kdt), kc_ptr, KV_FP8), mask=kv_mask)
 
     d = tl.arange(0, 2 * HALF)
     v = tl.load(v_ptr + b * stride_vb + hk[:, None] * stride_vh + d[None, :] * stride_vd, mask=kv_mask)
     vc_dst = vc_ptr + row * stride_vcr + hk[:, None] * stride_vch + d[None, :] * stride_vcd
-    tl.store(vc_dst, v.to(vc_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(vc_dst, _cache_value(v, vc_ptr, KV_FP8), mask=kv_mask)
 
 
 def rope_store(
@@ -893,7 +941,8 @@ def rope_store(
         k, v: ``[B, KVH, D]``; not modified.
         cos, sin: ``[B, D]``, each row's rotary table at that row's position.
         k_cache, v_cache: ``[num_pages * page_size, KVH, D]``; rotated k and raw v are
-            written at cache row ``rows[b]``.
+            written at cache row ``rows[b]``, in the cache's dtype (float8 e4m3: rounded to
+            nearest, saturating at +-448, as :func:`~llava_node.engine.kv_cache.to_cache_dtype` rounds).
         rows: ``[B]`` int64 cache rows.
 
     Returns:
@@ -934,6 +983,7 @@ def rope_store(
         HALF=head_dim // 2,
         BLOCK_H=triton.next_power_of_2(n_heads),
         BLOCK_KVH=triton.next_power_of_2(n_kv_heads),
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
     )
     return q

@@ -4,6 +4,11 @@ Each running request (a *slot*) owns a list of pages, written in its row of the
 block table; token position ``p`` of a slot lives in page ``table[p // page_size]``
 at offset ``p % page_size``. Page 0 is never handed out: unused table entries and
 padded batch rows point at it, so a stray write lands there and harms no one.
+
+The pages hold the model's dtype, or float8 e4m3 (``torch.float8_e4m3fn``), which halves
+the bytes a decode step reads per cached token: values are rounded to nearest and
+saturate at +-448 (no per-tensor scale, as vLLM's ``--kv-cache-dtype fp8`` without
+calibration), and are converted back to the model's dtype as they are read.
 """
 
 from __future__ import annotations
@@ -15,7 +20,29 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PageAllocator", "PagedKVCache"]
+__all__ = ["FP8_MAX", "KV_CACHE_DTYPES", "PageAllocator", "PagedKVCache", "kv_cache_dtype", "to_cache_dtype"]
+
+FP8_MAX = 448.0  # the largest finite torch.float8_e4m3fn value
+# LLAVA_KV_CACHE_DTYPE values: "auto" is the model's dtype
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def kv_cache_dtype(name: str) -> torch.dtype | None:
+    """The cache dtype a ``kv_cache_dtype`` setting names (None: the model's dtype)."""
+    key = name.strip().lower()
+    if key not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {name!r}")
+    return KV_CACHE_DTYPES[key]
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a cache of ``dtype`` stores it: float8 e4m3 rounded to nearest (ties to
+    even), saturating at +-448, as the fused store kernel rounds."""
+    if x.dtype == dtype:
+        return x
+    if dtype == torch.float8_e4m3fn:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
 
 
 class PageAllocator:
@@ -100,9 +127,11 @@ class PagedKVCache:
 
     def set_block_table(self, slot: int, pages: Sequence[int]) -> None:
         """Point ``slot``'s table at ``pages`` (the rest at the reserved page 0)."""
-        row = torch.zeros(self.block_tables.shape[1], dtype=torch.int64)
+        cuda = self.block_tables.device.type == "cuda"
+        row = torch.zeros(self.block_tables.shape[1], dtype=torch.int64, pin_memory=cuda)
         row[: len(pages)] = torch.tensor(list(pages), dtype=torch.int64)
-        self.block_tables[slot].copy_(row, non_blocking=False)
+        # pinned and non-blocking: a blocking copy would wait for the steps already launched
+        self.block_tables[slot].copy_(row, non_blocking=True)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of layer ``i``: [pages * page_size, kv_heads, head_dim]."""
@@ -119,13 +148,13 @@ class PagedKVCache:
 
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values [tokens, kv_heads, head_dim] at cache ``rows``."""
-        self.k[layer].index_copy_(0, rows, k)
-        self.v[layer].index_copy_(0, rows, v)
+        for cache, x in ((self.k[layer], k), (self.v[layer], v)):
+            x = to_cache_dtype(x, cache.dtype)
+            if cache.element_size() == 1:  # float8: torch has no index_copy_ for it on the CPU
+                cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+            cache.index_copy_(0, rows, x)
 
-    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``length`` positions of each slot: [B, KVH, L, hd]."""
-        pos = torch.arange(length, device=self.k.device)
-        rows = self.block_tables[slots][:, pos // self.page_size] * self.page_size + pos % self.page_size
-        k = self.k[layer][rows]  # [B, L, KVH, hd]
-        v = self.v[layer][rows]
-        return k.transpose(1, 2), v.transpose(1, 2)
+    @staticmethod
+    def read(cache: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``rows`` of one layer's keys or values (``cache``), as ``dtype``."""
+        return cache[rows].to(dtype)

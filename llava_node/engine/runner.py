@@ -74,6 +74,7 @@ class RunnerConfig:
     page_size: int = 16
     num_pages: int = 0  # 0: sized from memory (GPU) or max_batch full sequences (CPU)
     kv_cache_fraction: float = 0.9  # share of free GPU memory for the KV cache
+    kv_cache_dtype: torch.dtype | None = None  # None: the model's; torch.float8_e4m3fn: 8-bit
     cuda_graphs: bool = True
     fused_kernels: bool | None = None  # None: on CUDA when Triton is importable
     batch1_gemv: bool = True  # with the fused kernels: batch-1 decode GEMMs as a Triton GEMV
@@ -213,6 +214,7 @@ class LlavaRunner:
         self.sin = sin[0].to(self.dtype).contiguous()
 
         self.max_batch = config.max_batch
+        self.kv_dtype = config.kv_cache_dtype or self.dtype
         self.cache = PagedKVCache.create(
             n_layers=self.n_layers,
             n_kv_heads=self.n_kv_heads,
@@ -222,7 +224,7 @@ class LlavaRunner:
             max_slots=self.max_batch,
             max_seq_len=self.max_seq_len,
             device=self.device,
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
         )
         s = self.max_batch + 1  # one extra slot, the target of padded batch rows
         self.dummy_slot = self.max_batch
@@ -287,7 +289,7 @@ class LlavaRunner:
             return self.max_batch * per_seq + 1
         free, _total = torch.cuda.mem_get_info(self.device)
         page_bytes = PagedKVCache.page_bytes(
-            self.n_layers, self.n_kv_heads, self.head_dim, cfg.page_size, self.dtype
+            self.n_layers, self.n_kv_heads, self.head_dim, cfg.page_size, self.kv_dtype
         )
         # Leave room for activations, sampling buffers and CUDA graphs.
         reserve = 2 * 1024**3 + self.max_batch * self.vocab * 64
@@ -331,7 +333,7 @@ class LlavaRunner:
         """:meth:`image_features` through the checkpoint's own modules, op by op."""
         hf = self.loaded.model
         out = hf.model.get_image_features(
-            pixel_values=pixel_values.to(self.device, self.dtype),
+            pixel_values=self.upload(pixel_values).to(self.dtype),
             vision_feature_layer=self.vision_feature_layer,
             vision_feature_select_strategy=self.vision_feature_select_strategy,
         )
@@ -387,7 +389,7 @@ class LlavaRunner:
         in place of the image tokens. Nothing waits for the device: the image tokens are
         found in the host's copy of the ids, so a step already launched keeps running."""
         ids = input_ids.cpu()
-        x = F.embedding(ids.to(self.device, non_blocking=True), self.embed)
+        x = F.embedding(self.upload(ids), self.embed)
         where = (ids == self.image_token_id).nonzero().squeeze(1)
         n_image = int(where.shape[0])
         if n_image:
@@ -398,7 +400,7 @@ class LlavaRunner:
                 raise ValueError(
                     f"the prompt has {n_image} image tokens but the images give {feats.shape[0]} features"
                 )
-            x = x.index_copy(0, where.to(self.device, non_blocking=True), feats.to(x.dtype))
+            x = x.index_copy(0, self.upload(where), feats.to(x.dtype))
         return x
 
     def padded_prefill_logits(self, x: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -431,10 +433,14 @@ class LlavaRunner:
         return a[0].transpose(0, 1).reshape(q.shape[0], -1)
 
     def _prompt_attend(self, rows: torch.Tensor) -> Attend:
-        """Causal attention of a whole prompt stored at cache ``rows`` (SDPA: flash on the GPU)."""
+        """Causal attention of a whole prompt stored at cache ``rows`` (SDPA: flash on the GPU).
+        The keys come from the cache (rotated there); the values too when the cache rounds
+        them (float8), so that a prompt attends what its later tokens and chunks see."""
+        read = self.cache.read
 
         def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return self._prompt_attention(q, kc[rows], v)
+            values = v if vc.dtype == v.dtype else read(vc, rows, q.dtype)
+            return self._prompt_attention(q, read(kc, rows, q.dtype), values)
 
         return attend
 
@@ -496,7 +502,8 @@ class LlavaRunner:
         def attend_torch(
             q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor
         ) -> torch.Tensor:
-            k, vv = kc[rows].transpose(1, 2), vc[rows].transpose(1, 2)  # [B, KVH, L, hd]
+            k = cache.read(kc, rows, q.dtype).transpose(1, 2)  # [B, KVH, L, hd]
+            vv = cache.read(vc, rows, q.dtype).transpose(1, 2)
             out = F.scaled_dot_product_attention(q[:, :, None, :], k, vv, attn_mask=mask, enable_gqa=gqa)
             return out[:, :, 0, :].reshape(q.shape[0], -1)
 
@@ -632,7 +639,8 @@ class LlavaRunner:
                 seen = cache.flat_positions(slot, end)
                 mask = torch.arange(end, device=p.device)[None, :] <= p[:, None]
                 rows = i * bm + real
-                out[rows] = self._prompt_attention(q[rows], kc[seen], vc[seen], mask)
+                k, v = cache.read(kc, seen, q.dtype), cache.read(vc, seen, q.dtype)
+                out[rows] = self._prompt_attention(q[rows], k, v, mask)
             return out
 
         return per_block
@@ -657,10 +665,15 @@ class LlavaRunner:
 
     def _index(self, values: Sequence[int]) -> torch.Tensor:
         """An int64 device tensor of ``values``, copied without waiting for the device."""
-        host = torch.tensor(list(values), dtype=torch.int64)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        return self.upload(torch.tensor(list(values), dtype=torch.int64))
+
+    def upload(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the device, copied without waiting for the device: from pageable host
+        memory, or without ``non_blocking``, a copy first waits for every step already
+        launched, and the device then idles while the host catches up."""
+        if self.device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     # -- the layers ------------------------------------------------------------------
     def _vocab_logits(self, h: torch.Tensor) -> torch.Tensor:

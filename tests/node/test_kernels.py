@@ -21,6 +21,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from llava_node.engine import kernels  # noqa: E402
+from llava_node.engine.kv_cache import to_cache_dtype  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("KERNELS_TEST_DEVICE", "cpu"))
 # Triton's interpreter rounds float32 -> bfloat16 casts toward zero; GPUs round to nearest.
@@ -423,3 +424,70 @@ def test_gemv(n: int, k: int, dtype: torch.dtype) -> None:
     ref = x.double().cpu() @ w.double().cpu().T
     assert out.shape == (1, n) and out.dtype == dtype
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+# --------------------------------------------------------------------------------------
+# float8 KV cache (LLAVA_KV_CACHE_DTYPE=fp8)
+# --------------------------------------------------------------------------------------
+FP8 = torch.float8_e4m3fn
+
+
+def test_rope_store_rounds_to_fp8_as_torch_does() -> None:
+    # Values over the whole e4m3 range and past it: subnormals (below 2**-6), values just
+    # under a power of two (rounding carries into the exponent), ties, and beyond 448
+    # (saturated). The kernel must store exactly the bits torch's conversion stores.
+    gen = torch.Generator().manual_seed(3)
+    batch, n_heads, head_dim = 64, 2, 32
+    mag = 10 ** (torch.rand(batch, n_heads, head_dim, generator=gen) * 7 - 4)  # 1e-4 .. 1e3
+    v = torch.randn(batch, n_heads, head_dim, generator=gen).sign() * mag
+    v[0, 0, :8] = torch.tensor([1.98, -7.99, 0.49, 2.0**-7 * 1.999, 1.0625, 1.1875, 500.0, -1e6])
+    q = torch.randn(batch, n_heads, head_dim, generator=gen)
+    k = torch.randn(batch, n_heads, head_dim, generator=gen) * 4
+    cos = torch.ones(batch, head_dim)  # position 0: k is stored as it is
+    sin = torch.zeros(batch, head_dim)
+    k_cache = torch.zeros(batch + 2, n_heads, head_dim).to(DEVICE, FP8)
+    v_cache = torch.zeros(batch + 2, n_heads, head_dim).to(DEVICE, FP8)
+    rows = torch.arange(batch, dtype=torch.int64, device=DEVICE) + 1
+    kernels.rope_store(
+        q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), k_cache, v_cache, rows
+    )
+    want_v = to_cache_dtype(v, FP8)
+    assert torch.equal(v_cache[rows].cpu().view(torch.uint8), want_v.view(torch.uint8))
+    assert torch.equal(k_cache[rows].cpu().view(torch.uint8), to_cache_dtype(k, FP8).view(torch.uint8))
+    assert float(want_v.float().abs().max()) == 448.0  # saturated, not NaN or inf
+    assert (k_cache[0].float() == 0).all() and (k_cache[-1].float() == 0).all()
+
+
+@pytest.mark.parametrize("group_kernel", [True, False], ids=["group-kernel", "heads-kernel"])
+def test_paged_decode_attention_fp8_cache(group_kernel: bool) -> None:
+    # Keys and values read from a float8 cache, converted to the queries' dtype: the same
+    # result as attention over the dequantized cache.
+    gen = torch.Generator().manual_seed(11)
+    lens = [70, 3, 33]
+    k32, v32, tables, lens_t = make_paged(gen, lens, 2, 32, 16, 5)
+    k_cache, v_cache = k32.to(FP8), v32.to(FP8)  # NaN stays NaN: unowned rows still poison
+    q = torch.randn(3, 4, 32, generator=gen).to(DEVICE)
+    out = kernels.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens_t, 0.2, 16, num_splits=2, group_kernel=group_kernel
+    )
+    assert out.dtype == q.dtype and not torch.isnan(out).any()
+    ref = ref_paged_attention(q, k_cache.double(), v_cache.double(), tables, lens_t, 0.2, 16)
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_paged_prefill_attention_fp8_cache() -> None:
+    gen = torch.Generator().manual_seed(12)
+    page_size, block_m = 16, 16
+    k32, v32, tables, _ = make_paged(gen, [40], 2, 32, page_size, 4)
+    k_cache, v_cache = k32.to(FP8), v32.to(FP8)
+    pos = torch.tensor([*range(8, 40), *([-1] * 16)], dtype=torch.int64, device=DEVICE)  # rows 8..39
+    q = torch.randn(48, 2, 32, generator=gen).to(DEVICE)
+    block_slots = torch.zeros(3, dtype=torch.int64, device=DEVICE)
+    out = kernels.paged_prefill_attention(
+        q, k_cache, v_cache, tables, block_slots, pos, 0.25, page_size, block_m=block_m
+    )
+    ref = ref_paged_attention(
+        q, k_cache.double(), v_cache.double(), tables[[0] * 48], (pos + 1).clamp(min=0), 0.25, page_size
+    )
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+    assert (out.cpu()[pos.cpu() < 0] == 0).all()

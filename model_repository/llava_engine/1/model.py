@@ -190,6 +190,7 @@ class TritonPythonModel:
             max_batch=int(opt("max_batch", "LLAVA_MAX_BATCH", "0")),
             max_seq_len=int(opt("max_seq_len", "LLAVA_MAX_SEQ_LEN", "0")),
             kv_cache_fraction=float(opt("kv_cache_fraction", "LLAVA_KV_CACHE_FRACTION", "0.9")),
+            kv_cache_dtype=opt("kv_cache_dtype", "LLAVA_KV_CACHE_DTYPE", "auto"),
             cuda_graphs=opt("cuda_graphs", "LLAVA_CUDA_GRAPHS", "true").lower() in ("1", "true", "yes"),
             stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
             fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),
