@@ -25,6 +25,7 @@ from control_plane.routing import Router
 from control_plane.schema import RequestRecord, utcnow
 from control_plane.service import GenerationService
 from control_plane.store import WorkerStore
+from llava_node.gc_freeze import freeze_startup_objects
 
 __all__ = ["ControlPlane", "create_app"]
 
@@ -117,6 +118,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if discovery is not None:
         discovery.start()
     await models.start()
+    freeze_startup_objects()  # full collections had stalled the event loop 17-105 ms
     log.info("control plane %s up: %d workers, database %s", settings.replica_name, len(store.all()), db.url)
     try:
         yield

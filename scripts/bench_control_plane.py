@@ -23,6 +23,14 @@ and the CPU seconds used by the control plane, the node(s) and the load generato
 second are the median over repeats. The overhead is the control plane's figure minus
 the direct one.
 
+Closed loops tie arrivals to the node's step cycle: a stream's next request leaves when
+its last token arrives, so the control plane's extra hop moves every arrival by the
+same few milliseconds against the engine's admission point. ``--open-loop LOAD`` also
+runs each concurrency with independent (Poisson) arrivals at ``LOAD`` times the rate
+that would keep that many requests running (paths ``direct@poisson``, ``llava@poisson``,
+``openai@poisson``, compared with ``direct@poisson``); LOAD below 1 keeps the queue
+bounded.
+
 Poller phase. A simulator of ``--poller-nodes`` Triton nodes (aiohttp, one loopback
 port each, serving ``/v2/health/ready``, ``/v2/health/live``, ``/v2/repository/index``,
 ``/metrics`` with the metrics page of a real node, and the unload call the lifecycle
@@ -408,6 +416,8 @@ class Run:
     node_cpu_s: float = 0.0
     loadgen_cpu_s: float = 0.0
     wall_s: float = 0.0
+    mean_request_s: float = 0.0  # first byte sent to last token, over finished requests
+    arrival_rate: float | None = None  # open loop: requests per second (Poisson)
 
     def summary(self) -> dict[str, Any]:
         """JSON form (TTFT as percentiles, not every sample)."""
@@ -459,6 +469,39 @@ async def closed_loop(
     return samples, t0 + stagger_s + settle_s, deadline
 
 
+async def open_loop(
+    request: Callable[[], Awaitable[Sample]], rate: float, duration_s: float, settle_s: float, seed: int
+) -> tuple[list[Sample], float, float]:
+    """Requests arriving as a Poisson process of ``rate`` per second for ``duration_s``,
+    each on its own (none waits for another to end): independent clients, as a service's
+    users are, so that arrivals are not tied to the node's step cycle the way closed
+    loops tie them. Waits for the requests up to ``duration_s`` after the last arrival
+    (those still running then are cancelled and count as errors: more load than the node
+    keeps up with); returns the samples and the window (from ``settle_s`` in to the end
+    of the arrivals)."""
+    from time import perf_counter
+
+    rng = random.Random(seed)
+    t0 = perf_counter()
+    deadline = t0 + duration_s
+    tasks: list[asyncio.Task[Sample]] = []
+    at = t0
+    while True:
+        at += rng.expovariate(rate)
+        if at >= deadline:
+            break
+        delay = at - perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(request()))
+    finished, pending = await asyncio.wait(tasks, timeout=duration_s) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    late = Sample(start=deadline, end=perf_counter(), error="still running after the drain")
+    return [t.result() if t in finished else late for t in tasks], t0 + settle_s, deadline
+
+
 def tokens_in_window(samples: Sequence[Sample], w0: float, w1: float) -> float:
     """Tokens streamed inside [w0, w1], each request's spread evenly from its first
     chunk to its end."""
@@ -495,8 +538,10 @@ async def measure(
     nodes: Sequence[CpuMeter],
     duration_s: float | None = None,
     stagger_s: float | None = None,
+    rate: float | None = None,
 ) -> Run:
-    """One run of ``target`` at ``streams``."""
+    """One run of ``target`` at ``streams``: closed loops, or with ``rate``, Poisson
+    arrivals at that rate (``streams`` is then the concurrency the rate aims at)."""
     fn = getattr(client, target.kind)
 
     def request() -> Awaitable[Sample]:
@@ -511,8 +556,14 @@ async def measure(
     node0 = sum(n.read() for n in nodes)
     lg0 = time.process_time()
     wall0 = time.perf_counter()
-    samples, w0, w1 = await closed_loop(request, streams, duration, stagger, settle)
-    run = Run(target.name, streams, repeat, duration, max(0.0, w1 - w0))
+    if rate is None:
+        samples, w0, w1 = await closed_loop(request, streams, duration, stagger, settle)
+        run = Run(target.name, streams, repeat, duration, max(0.0, w1 - w0))
+    else:
+        samples, w0, w1 = await open_loop(
+            request, rate, duration, stagger + settle, seed=streams * 1000 + repeat
+        )
+        run = Run(f"{target.name}@poisson", streams, repeat, duration, max(0.0, w1 - w0), arrival_rate=rate)
     run.wall_s = time.perf_counter() - wall0
     run.loadgen_cpu_s = time.process_time() - lg0
     run.node_cpu_s = sum(n.read() for n in nodes) - node0
@@ -530,6 +581,8 @@ async def measure(
             run.unfinished += 1
         if s.first is not None and s.start >= w0:
             run.ttft_ms.append((s.first - s.start) * 1000.0)
+    done = [s.end - s.start for s in samples if s.error is None and s.tokens]
+    run.mean_request_s = statistics.fmean(done) if done else 0.0
     run.window_tokens = tokens_in_window(samples, w0, w1)
     run.tok_s = run.window_tokens / run.window_s if run.window_s > 0 else 0.0
     return run
@@ -611,16 +664,39 @@ async def streams_phase(
                 duration, stagger = level_timing(args, streams, rate)
                 shift = rep % len(targets)
                 order = targets[shift:] + targets[:shift]
-                for t in order:
-                    run = await measure(client, t, streams, rep, args, node_meters, duration, stagger)
+                plan: list[tuple[Target, bool]] = [(t, False) for t in order]
+                if args.open_loop > 0 and streams > 1:
+                    plan += [(t, True) for t in order]
+                arrival_rate: float | None = None
+                for t, poisson in plan:
+                    if poisson and arrival_rate is None:
+                        direct = next(
+                            r for r in reversed(runs) if r.path == "direct" and r.streams == streams
+                        )
+                        # LOAD times the rate at which `streams` requests run at once on average
+                        # (Little's law, with the direct path's request time at this
+                        # concurrency); at 1 the node is saturated and the queue has no bound
+                        arrival_rate = args.open_loop * streams / max(direct.mean_request_s, 1e-3)
+                    run = await measure(
+                        client,
+                        t,
+                        streams,
+                        rep,
+                        args,
+                        node_meters,
+                        duration,
+                        stagger,
+                        arrival_rate if poisson else None,
+                    )
                     runs.append(run)
                     cpu = f"{run.cp_cpu_s:.2f}" if run.cp_cpu_s is not None else "-"
+                    arrivals = f"  {run.arrival_rate:.0f} arrivals/s" if run.arrival_rate else ""
                     print(
-                        f"  repeat {rep} streams {streams:>3} {t.name:<12} "
+                        f"  repeat {rep} streams {streams:>3} {run.path:<15} "
                         f"ttft p50 {percentile(run.ttft_ms, 50) or 0:7.1f} ms "
                         f"p99 {percentile(run.ttft_ms, 99) or 0:7.1f} ms  {run.tok_s:7.0f} tok/s  "
                         f"cp cpu {cpu} s  node cpu {run.node_cpu_s:.2f} s  "
-                        f"loadgen cpu {run.loadgen_cpu_s:.2f} s  errors {run.errors}",
+                        f"loadgen cpu {run.loadgen_cpu_s:.2f} s  errors {run.errors}{arrivals}",
                         flush=True,
                     )
     finally:
@@ -643,7 +719,10 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per (streams, path): pooled TTFT percentiles, median tok/s over repeats,
     overheads and ratios against ``direct``."""
     rows: list[dict[str, Any]] = []
-    keys = sorted({(r.streams, r.path) for r in runs}, key=lambda k: (k[0], k[1] != "direct", k[1]))
+    keys = sorted(
+        {(r.streams, r.path) for r in runs},
+        key=lambda k: (k[0], k[1].endswith("@poisson"), not k[1].startswith("direct"), k[1]),
+    )
     pooled: dict[tuple[int, str], dict[str, Any]] = {}
     for streams, path in keys:
         group = [r for r in runs if r.streams == streams and r.path == path]
@@ -670,9 +749,18 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
             if tokens
             else None,
         }
+        rates = [r.arrival_rate for r in group if r.arrival_rate is not None]
+        if rates:
+            row["arrival_rate_per_s"] = statistics.median(rates)
+        row["mean_concurrency"] = (
+            statistics.median(r.requests / r.duration_s * r.mean_request_s for r in group)
+            if rates
+            else streams
+        )
         pooled[(streams, path)] = row
-        direct = pooled.get((streams, "direct"))
-        if direct is not None and path != "direct":
+        base = "direct@poisson" if path.endswith("@poisson") else "direct"  # the same arrivals
+        direct = pooled.get((streams, base))
+        if direct is not None and path != base:
             for q in ("p50", "p99"):
                 a, b = row[f"ttft_{q}_ms"], direct[f"ttft_{q}_ms"]
                 row[f"ttft_overhead_{q}_ms"] = a - b if a is not None and b is not None else None
@@ -680,7 +768,7 @@ def aggregate(runs: Sequence[Run]) -> list[dict[str, Any]]:
             ratios = []
             for r in group:
                 d = next(
-                    (x for x in runs if x.path == "direct" and x.streams == streams and x.repeat == r.repeat),
+                    (x for x in runs if x.path == base and x.streams == streams and x.repeat == r.repeat),
                     None,
                 )
                 if d is not None and d.tok_s > 0:
@@ -697,14 +785,14 @@ def _fmt(v: float | None, spec: str) -> str:
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
     """The streams table."""
     head = (
-        f"{'streams':>7} {'path':<12} {'TTFT p50':>9} {'p99':>8} {'+p50':>7} {'+p99':>7} "
+        f"{'streams':>7} {'path':<15} {'TTFT p50':>9} {'p99':>8} {'+p50':>7} {'+p99':>7} "
         f"{'tok/s':>7} {'vs dir':>6} {'CP s/1k':>8} {'node s/1k':>9} {'errors':>6}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['streams']:>7} {r['path']:<12} {_fmt(r['ttft_p50_ms'], '8.1f')}m {_fmt(r['ttft_p99_ms'], '7.1f')}m "
+            f"{r['streams']:>7} {r['path']:<15} {_fmt(r['ttft_p50_ms'], '8.1f')}m {_fmt(r['ttft_p99_ms'], '7.1f')}m "
             f"{_fmt(r.get('ttft_overhead_p50_ms'), '+7.1f')} {_fmt(r.get('ttft_overhead_p99_ms'), '+7.1f')} "
             f"{_fmt(r['tok_s'], '7.0f')} {_fmt(r.get('tok_s_vs_direct'), '6.1%')} "
             f"{_fmt(r['cp_cpu_s_per_1k_tokens'], '8.3f')} {_fmt(r['node_cpu_s_per_1k_tokens'], '9.3f')} "
@@ -712,6 +800,8 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
         )
     print("TTFT in ms; +p50/+p99: the path's TTFT minus direct's; vs dir: median over repeats of")
     print("tok/s against the direct run of the same round; s/1k: CPU seconds per 1,000 tokens.")
+    print("@poisson: Poisson arrivals at --open-loop times the rate that keeps `streams` requests")
+    print("running (from the direct closed loops' request time), compared with direct@poisson.")
 
 
 # -- the poller phase ----------------------------------------------------------------------
@@ -1056,6 +1146,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--poll-interval", type=float, default=2.0)
     p.add_argument("--poller-window-s", type=float, default=30.0)
     p.add_argument("--poller-repeats", type=int, default=2, help="runs per control plane, alternating")
+    p.add_argument(
+        "--open-loop",
+        type=float,
+        default=0.0,
+        metavar="LOAD",
+        help="also run each concurrency (but 1) with Poisson arrivals at LOAD (0-1) times the rate "
+        "that keeps that many requests running; below 1, so that the queue stays bounded",
+    )
     p.add_argument("--skip-streams", action="store_true")
     p.add_argument("--skip-poller", action="store_true")
     p.add_argument("--quick", action="store_true", help="one repeat of 6 s runs, a 12 s poller window")

@@ -17,6 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llava_node.engine.loading import checkpoint_from_env
+from llava_node.gc_freeze import freeze_startup_objects
 from llava_node.preprocess import InvalidRequest, Limits, Preprocessor, RawRequest
 from llava_node.protocol import CLIENT_ERROR_PREFIX
 from llava_node.triton_io import bytes_list, param, scalar, text
@@ -35,6 +36,7 @@ class TritonPythonModel:
             max_tokens_limit=int(param(config, "max_tokens_limit", default="4096")),
         )
         self.preprocessor = Preprocessor(checkpoint, limits)
+        freeze_startup_objects()
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._one(r) for r in requests]
