@@ -74,14 +74,12 @@ HEADS_CONFIG = DecodeConfig(block_n=32, num_warps=4)
 # when nothing has been seen yet (exp2(-inf - -inf) would be NaN).
 _NEG_BIG = tl.constexpr(-1.0e30)
 _LOG2E = 1.4426950408889634
-# The largest finite float8 e4m3 value (torch.float8_e4m3fn): cache writes saturate to it.
-FP8_E4M3_MAX = 448.0
 
 
 @triton.jit  # type: ignore[misc,untyped-decorator]
 def _round_e4m3(x):  # type: ignore[no-untyped-def]
     # float32 x rounded to the nearest float8 e4m3 value (ties to even), saturating at
-    # +-448, so that the conversion to the cache's float8 that follows is exact. Rounding
+    # +-448 (kv_cache.FP8_MAX), so that the conversion to the cache's float8 that follows is exact. Rounding
     # here, not in the conversion: Triton's CPU interpreter rounds float8 conversions
     # wrongly (carries into the exponent are lost), and with the rounding done here the
     # GPU and the interpreter store the same bits, those torch's conversion stores.
