@@ -38,7 +38,9 @@ import bench_control_plane as bench
 
 def counter_sum(text: str, name: str) -> float:
     """The sum over label sets of a Prometheus counter (or a histogram's _sum/_count)."""
-    return sum(float(v) for v in re.findall(re.escape(name) + r"\{[^}]*\} ([0-9.e+-]+)", text))
+    if "{" not in name:
+        name += "{"
+    return sum(float(v) for v in re.findall(re.escape(name) + r"[^}]*\} ([0-9.e+-]+)", text))
 
 
 def scrape(url: str) -> str:
@@ -56,6 +58,9 @@ def snapshot(node_metrics: str, cp_url: str) -> dict[str, float]:
         "node_requests": counter_sum(node, "llava_engine_requests_started_total"),
         "cp_ttft_s": counter_sum(cp, "cp_time_to_first_token_seconds_sum"),
         "cp_requests": counter_sum(cp, "cp_time_to_first_token_seconds_count"),
+        "pre_s": counter_sum(node, 'nv_inference_request_duration_us{model="llava_preprocess"') / 1e6,
+        "pre_queue_s": counter_sum(node, 'nv_inference_queue_duration_us{model="llava_preprocess"') / 1e6,
+        "pre_requests": counter_sum(node, 'nv_inference_request_success{model="llava_preprocess"'),
     }
 
 
@@ -112,6 +117,11 @@ async def measure(args: argparse.Namespace, node: Any, cp: Any) -> None:
                 f"  node: TTFT {d['node_ttft_s'] * 1000 / d['node_requests']:5.1f} ms of which queue "
                 f"{d['node_queue_s'] * 1000 / d['node_requests']:5.1f} ms"
             )
+            if d["pre_requests"]:
+                line += (
+                    f"  preprocess: {d['pre_s'] * 1000 / d['pre_requests']:4.1f} ms of which queue "
+                    f"{d['pre_queue_s'] * 1000 / d['pre_requests']:4.1f} ms"
+                )
             if kind != "direct" and d["cp_requests"]:
                 line += f"  control plane: TTFT {d['cp_ttft_s'] * 1000 / d['cp_requests']:5.1f} ms"
             print(line, flush=True)

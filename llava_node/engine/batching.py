@@ -23,6 +23,13 @@ request's tokens go out in groups (two tokens at 9-16 running requests, three at
 17-24, four at 25-32, ...), keeping the host's share of a step under the device's. A
 request's first token, its last, and anything a stop string or cancellation ends, go
 out at once.
+
+Where the device is the CPU a step computes synchronously, before its launch returns,
+and handling the previous step's tokens (detokenizing, one round trip per response)
+takes a large part of the cycle. Requests waiting then are admitted between those
+sends, not only at the top of the loop: one that arrives while the tokens go out starts
+at once instead of waiting out the next step (on a GPU the step in flight computes
+meanwhile, and a newcomer joins the next launch either way).
 """
 
 from __future__ import annotations
@@ -114,6 +121,7 @@ class BatchingEngine(Engine):
         self._running: dict[int, _Running] = {}
         self._free_slots = list(range(runner.max_batch - 1, -1, -1))
         self._stopping = False
+        self._admit_between_sends = runner.device.type == "cpu"
         self._thread = threading.Thread(target=self._loop, name="llava-engine", daemon=True)
         self._thread.start()
 
@@ -337,6 +345,8 @@ class BatchingEngine(Engine):
         for run, token in zip(step.runs, tokens[: len(step.runs)], strict=True):
             if self._running.get(run.slot) is run:  # still running, and not a new occupant
                 self._emit(run, token, every)
+                if self._admit_between_sends and self._waiting:  # (a hint; _admit locks)
+                    self._admit()
         ended = [r for r, c in step.chunks if c.last]
         for run, token in zip(ended, tokens[len(step.runs) :], strict=True):
             if self._running.get(run.slot) is run:

@@ -300,3 +300,42 @@ def test_prompts_beyond_the_chunk_backlog_are_prefilled_whole(
         assert 0 < eng.stats.snapshot()["mixed_steps"] <= one_prompt + 1
     finally:
         eng.shutdown()
+
+
+def test_on_the_cpu_a_request_arriving_while_tokens_go_out_starts_before_the_next_step(
+    tiny_checkpoint: Path, processor, reference
+) -> None:
+    # A ends while C still decodes; A's client sends B as soon as A's last token arrives,
+    # which is in the middle of handling a step's tokens (A's come before C's). B is
+    # admitted right there: C has taken no token of that step yet when B's first goes out.
+    eng = chunked_engine(tiny_checkpoint, 0)
+    x_a, x_b, x_c = (make_inputs(processor, i) for i in (1, 2, 3))
+    seen: dict[str, int] = {}
+
+    def c_tokens() -> int:  # taken by the engine (a response may hold some back)
+        return next(r.text.count for r in eng._running.values() if r.request.request_id == "c")
+
+    class Client(CollectingSink):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def send(self, text, token_ids, finish_reason, prompt_tokens, completion_tokens) -> None:
+            if self.name == "b" and self.responses == 0:
+                seen["c_at_b_first"] = c_tokens()
+            super().send(text, token_ids, finish_reason, prompt_tokens, completion_tokens)
+            if self.name == "a" and finish_reason is not None:
+                seen["c_at_a_last"] = c_tokens()
+                eng.submit(request(x_b, sink_b, max_tokens=8, rid="b"))
+
+    sink_a, sink_b, sink_c = Client("a"), Client("b"), Client("c")
+    try:
+        eng.submit(request(x_a, sink_a, max_tokens=6, rid="a"))
+        eng.submit(request(x_c, sink_c, max_tokens=40, rid="c"))
+        for sink, x, n in ((sink_a, x_a, 6), (sink_b, x_b, 8), (sink_c, x_c, 40)):
+            assert sink.wait().error is None
+            assert sink.ids == hf_greedy(reference, x, n)
+    finally:
+        eng.shutdown()
+    assert 0 < seen["c_at_a_last"] < 40
+    assert seen["c_at_b_first"] == seen["c_at_a_last"], seen
