@@ -67,6 +67,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -186,8 +187,10 @@ class ControlPlaneProc:
         env = {**os.environ, "PYTHONPATH": str(self.src), **self.env}
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.src, start_new_session=True
+            self.process = started(
+                subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.src, start_new_session=True
+                )
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -227,6 +230,38 @@ def terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+# Every process group this run starts (all are started in a new session), for the last
+# resort of on_stop_signal; a group is killed only while its leader is still our child.
+_STARTED: list[subprocess.Popen[bytes]] = []
+LAST_RESORT_S = 30.0
+
+
+def started(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """Record ``proc`` (the leader of a new session) for :func:`on_stop_signal`."""
+    _STARTED.append(proc)
+    return proc
+
+
+def on_stop_signal(signum: int, _frame: Any) -> None:
+    """SIGTERM or SIGINT: unwind, so that the finally blocks stop the nodes and servers
+    this run started (the default action of SIGTERM would leave them running). An event
+    loop busy with thousands of streams can hold the exception up, so if the run has not
+    ended ``LAST_RESORT_S`` later, its process groups are killed and it exits."""
+
+    def last_resort() -> None:
+        time.sleep(LAST_RESORT_S)
+        for proc in _STARTED:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        os._exit(128 + signum)
+
+    threading.Thread(target=last_resort, name="last-resort", daemon=True).start()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -620,6 +655,8 @@ def running_nodes(checkpoint: Path, count: int, max_batch: int) -> Iterator[list
             )
             node.start(wait=False)
             nodes.append(node)
+            if node.process is not None:
+                started(node.process)
         for node in nodes:
             node.wait_ready(300)
         yield nodes
@@ -885,7 +922,9 @@ def poller_phase(args: argparse.Namespace, work: Path, metrics_text: str | None)
         (work / "node-metrics.txt").write_text(metrics_text)
         cmd += ["--simulate-metrics", str(work / "node-metrics.txt")]
     with open(work / "sim.log", "wb") as sim_log:
-        sim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sim_log, start_new_session=True)
+        sim = started(
+            subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sim_log, start_new_session=True)
+        )
     try:
         deadline = time.monotonic() + 120
         while not ports_file.exists() and time.monotonic() < deadline:
@@ -1194,9 +1233,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     args = parse_args(argv)
-    # SIGTERM as an exception, so that the finally blocks stop the nodes and servers
-    # this run started (the default action would leave them running).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
     if args.simulate is not None:
         return simulate(args.simulate, args.poller_nodes, args.simulate_metrics)
     random.seed(0)
