@@ -37,7 +37,8 @@ import bench_control_plane as bench
 
 
 def counter_sum(text: str, name: str) -> float:
-    """The sum over label sets of a Prometheus counter (or a histogram's _sum/_count)."""
+    """The sum over label sets of a Prometheus counter (or a histogram's _sum/_count);
+    ``name`` may go on into its labels (``name{model="x"``) to sum only those sets."""
     if "{" not in name:
         name += "{"
     return sum(float(v) for v in re.findall(re.escape(name) + r"[^}]*\} ([0-9.e+-]+)", text))
