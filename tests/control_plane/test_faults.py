@@ -295,11 +295,18 @@ def test_sigkill_and_restart_of_the_control_plane_under_load(fleet: list[TritonN
         killed = threading.Event()
 
         def kill() -> None:
-            time.sleep(1.0)
+            # while streams run (a fixed delay could outlast them all: the node may end
+            # a stream early, at an end-of-sequence token), once their rows are written
+            wait_for(
+                lambda: sum(w["inflight"] for w in admin_get(cp, "/admin/workers")["workers"]) >= 8,
+                30,
+                "streams running",
+            )
+            time.sleep(0.3)  # > LLAVA_CP_DB_FLUSH_INTERVAL_S
             cp.kill(signal.SIGKILL)
             killed.set()
 
-        outcomes, _ = run_load(cp, 16, 400, "cpkill", kill)
+        outcomes, _ = run_load(cp, 16, 1000, "cpkill", kill)
         assert killed.is_set()
         with sqlite3.connect(cp.db_path) as db:
             assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
