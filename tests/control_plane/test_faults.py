@@ -49,7 +49,9 @@ def stream(url: str, rid: str, max_new_tokens: int, start_gate: threading.Event 
         start_gate.wait()
     out = Outcome(rid, time.monotonic())
     prompt = f"USER: story {rid} ASSISTANT:"
-    body = {"model": "llava", "prompt": prompt, "max_new_tokens": max_new_tokens}
+    # greedy: these prompts run (nearly) to max_new_tokens; sampled, a stream can end at
+    # an early end-of-sequence token, before the fault it is meant to see
+    body = {"model": "llava", "prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0}
     try:
         with httpx.stream(
             "POST", f"{url}/worker_generate_stream", json=body, timeout=120, headers={"X-Request-Id": rid}

@@ -23,6 +23,7 @@ LONG = {
     "prompt": "USER: <image>\ngo on and on ASSISTANT:",
     "images": [image_b64()],
     "max_new_tokens": 1400,
+    "temperature": 0,  # greedy runs the whole 1400 here; sampled, it can end at an early EOS
 }
 
 
