@@ -25,7 +25,7 @@ from control_plane.routing import Router
 from control_plane.schema import RequestRecord, utcnow
 from control_plane.service import GenerationService
 from control_plane.store import WorkerStore
-from llava_node.gc_freeze import freeze_startup_objects
+from llava_node.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 
 __all__ = ["ControlPlane", "create_app"]
 
@@ -136,6 +136,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.close()
         await asyncio.to_thread(writer.close)
         db.dispose()
+        unfreeze_at_shutdown()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

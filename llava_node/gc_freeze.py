@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-__all__ = ["freeze_startup_objects"]
+__all__ = ["freeze_startup_objects", "unfreeze_at_shutdown"]
 
 
 def freeze_startup_objects() -> None:
@@ -19,3 +19,10 @@ def freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def unfreeze_at_shutdown() -> None:
+    """Give frozen objects back to the collector, so that the interpreter's finalization
+    frees them: frozen at exit, extension objects among them (the triton compiler's that
+    transformers imports) are reported as leaked by nanobind on the way out."""
+    gc.unfreeze()

@@ -28,7 +28,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack  # type: ignore[attr-defin
 
 from llava_node.engine import EngineOptions, GenerationRequest, build_engine
 from llava_node.engine.loading import checkpoint_from_env
-from llava_node.gc_freeze import freeze_startup_objects
+from llava_node.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 from llava_node.protocol import FinishReason
 from llava_node.triton_io import bytes_list, param, text
 
@@ -323,3 +323,4 @@ class TritonPythonModel:
         self._metrics_stop.set()
         self.engine.shutdown()
         self.log.info("llava_engine stopped: %s", self.engine.stats.snapshot())
+        unfreeze_at_shutdown()

@@ -17,7 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llava_node.engine.loading import checkpoint_from_env
-from llava_node.gc_freeze import freeze_startup_objects
+from llava_node.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 from llava_node.preprocess import InvalidRequest, Limits, Preprocessor, RawRequest
 from llava_node.protocol import CLIENT_ERROR_PREFIX
 from llava_node.triton_io import bytes_list, param, scalar, text
@@ -76,3 +76,6 @@ class TritonPythonModel:
             ),
         ]
         return pb_utils.InferenceResponse(output_tensors=outputs)
+
+    def finalize(self) -> None:
+        unfreeze_at_shutdown()
