@@ -2,7 +2,9 @@
 
 Writes never happen on the event loop or on a request's path: callers hand rows to
 :class:`BatchWriter`, whose thread writes them in batches, in order, one transaction
-a batch. Reads (admin API, SQL) run in worker threads with short sessions.
+a batch. A batch that fails is written again one operation at a time, so that one bad
+row costs only itself; every row that never reaches the database is counted by reason
+(:data:`LOSS_REASONS`). Reads (admin API, SQL) run in worker threads with short sessions.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.schema import Base
 
-__all__ = ["VIEWS", "BatchWriter", "Database"]
+__all__ = ["LOSS_REASONS", "VIEWS", "BatchWriter", "Database"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +194,84 @@ class _Op:
     call: Callable[[Session], None] | None = None
     done: threading.Event | None = None
 
+    @property
+    def table(self) -> str:
+        """The table it writes, for counts and logs (``call`` for an arbitrary write)."""
+        return str(self.model.__table__.name) if self.model is not None else "call"
+
+    @property
+    def size(self) -> int:
+        """Rows it writes (a ``call`` counts as one)."""
+        return len(self.rows) or 1
+
+
+# Why rows are lost: the queue was full (the caller's row was refused at once), the row's
+# own write failed (retried alone, it still failed: a value the column cannot hold, a
+# constraint), or the database was unavailable (its batch was given up, see BatchWriter).
+LOSS_REASONS = ("queue_full", "write_failed", "db_unavailable")
+
+# SQLite reports SQL errors and an unusable database alike as OperationalError; these
+# messages are the ones that say the database itself cannot be written now.
+_SQLITE_UNAVAILABLE = (
+    "locked",
+    "busy",
+    "unable to open",
+    "disk i/o",
+    "disk is full",
+    "readonly database",
+    "read-only database",
+    "malformed",
+    "not a database",
+)
+
+
+def _unavailable(exc: BaseException, dialect: str) -> bool:
+    """Whether ``exc`` says the database cannot be written at all now (connection lost,
+    server down, file unusable), not that one statement's values were wrong."""
+    if isinstance(exc, (DisconnectionError, PoolTimeout)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError):
+        if dialect != "sqlite":
+            # PostgreSQL's drivers raise OperationalError for the connection and the server
+            # (refused, closed, shutting down, cancelled), DataError/IntegrityError for values.
+            return True
+        message = str(exc.orig).lower()
+        return any(m in message for m in _SQLITE_UNAVAILABLE)
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """The error, short: the driver's exception without SQLAlchemy's statement and parameters
+    (a parameter may be the very value that failed, and huge)."""
+    orig = getattr(exc, "orig", None) or exc
+    text = " ".join(str(orig).split())
+    return f"{type(orig).__name__}: {text[:300]}"
+
+
+class _RateLimitedLog:
+    """One warning per kind of loss at most every ``interval_s``; the first at once, the
+    next ones with the rows lost the same way in between."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, ...], float] = {}
+        self._since: dict[tuple[str, ...], int] = {}
+
+    def report(self, key: tuple[str, ...], rows: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval_s:
+                self._since[key] = self._since.get(key, 0) + rows
+                return
+            self._last[key] = now
+            since = self._since.pop(key, 0)
+        suffix = f" ({since} more rows lost the same way since the last report)" if since else ""
+        log.warning(message + suffix, *args)
+
 
 class BatchWriter:
     """Writes rows on its own thread, in batches, one transaction a batch: a batch holds
@@ -202,33 +284,88 @@ class BatchWriter:
     parents first (foreign keys); a ``call`` is a barrier: what was queued before it is
     written before it runs. Each batch commits as a whole, so readers never see its
     statements in between: they see every write in the order given. A full queue drops
-    the newest row (and says so in the log) rather than block the caller.
+    the newest row rather than block the caller.
+
+    A batch that fails is retried one operation at a time, in order, each in its own
+    transaction (``call`` operations too), so that one row the database refuses (a value
+    too large for its column, say) costs that row only, not the batch. The retry stops at
+    the first operation that fails because the database is unavailable (connection
+    refused or lost, file unusable; see :func:`_unavailable`): the rest of the batch is
+    given up, so a database that is away costs two failed attempts a batch, not one per
+    row. Lost rows are counted by reason in :attr:`lost` (:data:`LOSS_REASONS`),
+    :attr:`dropped` is their total, ``on_lost(reason, rows)`` is called for each loss
+    (metrics), and each kind of loss is logged with its table and error, rate-limited.
     """
 
     def __init__(
-        self, db: Database, flush_interval_s: float = 0.25, batch_size: int = 500, max_queue: int = 200_000
+        self,
+        db: Database,
+        flush_interval_s: float = 0.25,
+        batch_size: int = 500,
+        max_queue: int = 200_000,
+        on_lost: Callable[[str, int], None] | None = None,
     ) -> None:
         self.db = db
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
+        self.on_lost = on_lost
         self._queue: queue.Queue[_Op | None] = queue.Queue(maxsize=max_queue)
         self._idle = threading.Event()
         self._idle.set()
         self._wake = threading.Event()  # flush(): write the batch being collected now
+        self._lock = threading.Lock()  # losses are counted on the callers' threads and the writer's
+        self.lost: dict[str, int] = dict.fromkeys(LOSS_REASONS, 0)
         self.dropped = 0
         self.batches = 0
+        self.failed_batches = 0
         self.rows_written = 0
+        self._loss_log = _RateLimitedLog()
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._thread.start()
+
+    def describe(self) -> dict[str, Any]:
+        """Counts for ``/admin/status``: batches written, rows written, rows lost (total and
+        by reason), batches that failed as a whole and were retried one operation at a time."""
+        with self._lock:
+            lost = dict(self.lost)
+        return {
+            "batches": self.batches,
+            "rows": self.rows_written,
+            "dropped": sum(lost.values()),
+            "lost": lost,
+            "failed_batches": self.failed_batches,
+            "queued": self._queue.qsize(),
+        }
+
+    def _lose(self, reason: str, ops: list[_Op], error: str) -> None:
+        rows = sum(op.size for op in ops)
+        if not rows:
+            return
+        with self._lock:
+            self.lost[reason] = self.lost.get(reason, 0) + rows
+            self.dropped += rows
+        if self.on_lost is not None:
+            try:
+                self.on_lost(reason, rows)
+            except Exception:  # a metrics callback must not stop the writer
+                log.exception("the database writer's on_lost callback failed")
+        tables = ", ".join(sorted({op.table for op in ops}))
+        self._loss_log.report(
+            (reason, tables, error.split(":", 1)[0]),
+            rows,
+            "database writer: %d row(s) of %s lost (%s): %s",
+            rows,
+            tables,
+            reason,
+            error,
+        )
 
     def _put(self, op: _Op) -> None:
         self._idle.clear()
         try:
             self._queue.put_nowait(op)
         except queue.Full:
-            self.dropped += 1
-            if self.dropped % 1000 == 1:
-                log.warning("database writer queue full: %d rows dropped so far", self.dropped)
+            self._lose("queue_full", [op], f"queue full: {self._queue.maxsize} operations waiting")
 
     def insert(self, model: Any, row: dict[str, Any]) -> None:
         """Queue one row to insert into ``model``'s table."""
@@ -282,7 +419,10 @@ class BatchWriter:
                 self._wake.wait(max(0.0, flush_at - time.monotonic()))
                 stopping = self._drain(batch)
             self._wake.clear()
-            self._write([op for op in batch if op.kind != "mark"])
+            try:
+                self._write([op for op in batch if op.kind != "mark"])
+            except Exception:  # never let the thread die: later rows would queue forever
+                log.exception("database writer: unexpected failure")
             for op in batch:
                 if op.done is not None:
                     op.done.set()
@@ -301,25 +441,45 @@ class BatchWriter:
             batch.append(op)
         return False
 
+    def _transaction(self, ops: list[_Op]) -> None:
+        """Write ``ops`` in one transaction (committed, or rolled back as a whole)."""
+        with self.db.session() as s:
+            segment: list[_Op] = []
+            for op in ops:
+                if op.kind == "call":
+                    _write_rows(s, segment)
+                    segment = []
+                    assert op.call is not None
+                    op.call(s)
+                else:
+                    segment.append(op)
+            _write_rows(s, segment)
+
     def _write(self, batch: list[_Op]) -> None:
         if not batch:
             return
         try:
-            with self.db.session() as s:
-                segment: list[_Op] = []
-                for op in batch:
-                    if op.kind == "call":
-                        _write_rows(s, segment)
-                        segment = []
-                        assert op.call is not None
-                        op.call(s)
-                    else:
-                        segment.append(op)
-                _write_rows(s, segment)
+            self._transaction(batch)
+        except Exception as exc:
+            self.failed_batches += 1
+            log.debug("database write of %d operations failed (%s); retrying one by one", len(batch), exc)
+        else:
             self.batches += 1
-            self.rows_written += sum(len(op.rows) or 1 for op in batch)
-        except Exception:
-            log.exception("database write of %d operations failed; they are lost", len(batch))
+            self.rows_written += sum(op.size for op in batch)
+            return
+        dialect = self.db.dialect
+        for i, op in enumerate(batch):
+            try:
+                self._transaction([op])
+            except Exception as exc:
+                if _unavailable(exc, dialect):
+                    # The database, not this row: trying the rest one by one would only
+                    # wait on it once per row (a connect or busy timeout each).
+                    self._lose("db_unavailable", batch[i:], _describe(exc))
+                    return
+                self._lose("write_failed", [op], _describe(exc))
+            else:
+                self.rows_written += op.size
 
 
 def _marked(batch: list[_Op]) -> bool:

@@ -47,3 +47,26 @@ class ControlPlaneMetrics:
         self.model_unloads = Counter(
             "cp_model_unloads", "Models unloaded from nodes, by model", ["model"], registry=self.registry
         )
+        # Storage: rows the batch writer could not write (by reason, see db.LOSS_REASONS),
+        # rows deleted by retention (by table), admin SQL queries (by outcome).
+        self.db_rows_lost = Counter(
+            "cp_db_rows_lost",
+            "Rows never written to the database: queue_full, write_failed (the row itself), "
+            "db_unavailable (its batch given up)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("queue_full", "write_failed", "db_unavailable"):
+            self.db_rows_lost.labels(reason=reason)  # every reason at 0 from the start
+        self.retention_deleted = Counter(
+            "cp_retention_deleted_rows",
+            "Rows deleted by retention, by table",
+            ["table"],
+            registry=self.registry,
+        )
+        self.admin_sql = Counter(
+            "cp_admin_sql_queries",
+            "Admin SQL queries, by outcome: ok, error, timeout, busy (refused at the limit), interrupted",
+            ["outcome"],
+            registry=self.registry,
+        )
