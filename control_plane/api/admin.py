@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
@@ -18,7 +18,7 @@ from sqlalchemy import select
 from control_plane.api.deps import AdminDep, CPDep
 from control_plane.errors import NotFound
 from control_plane.schema import Heartbeat, WorkerEvent
-from control_plane.sql import run_readonly
+from control_plane.sql import QueryHandle, QueryResult, SqlInterrupted, run_readonly
 
 __all__ = ["router"]
 
@@ -177,23 +177,44 @@ async def control_plane_status(cp: CPDep) -> dict[str, Any]:
             "circuits_opened": cp.service.breaker.opened,
         },
         "lifecycle_rounds": cp.models.rounds,
-        "writer": {
-            "batches": cp.writer.batches,
-            "rows": cp.writer.rows_written,
-            "dropped": cp.writer.dropped,
-        },
+        # dropped: every row lost, by any reason; lost: by reason (see db.BatchWriter)
+        "writer": cp.writer.describe(),
+        "retention": cp.retention.describe() if cp.retention is not None else None,
+        "sql": cp.sql.describe() if cp.sql is not None else None,
     }
 
 
 @router.post("/sql")
-async def sql(body: SqlIn, cp: CPDep) -> dict[str, Any]:
+async def sql(body: SqlIn, cp: CPDep, request: Request) -> dict[str, Any]:
     """Run one read-only SQL query over the worker history (writes are refused). It sees
-    everything this control plane did before the query (queued writes are written first)."""
-    await asyncio.to_thread(cp.writer.flush, READ_FLUSH_TIMEOUT_S)
-    result = await asyncio.to_thread(
-        run_readonly, cp.settings.sqlalchemy_url, body.query, body.params, body.max_rows
-    )
-    return {"columns": result.columns, "rows": [list(r) for r in result.rows], "truncated": result.truncated}
+    everything this control plane did before the query (queued writes are written first).
+
+    Bounded: the query is stopped after ``sql_timeout_s`` (400 naming the limit); rows are
+    cut at ``max_rows`` and at ``sql_max_result_bytes`` of JSON (``truncated`` is true and
+    ``truncated_reason`` says which); BLOBs come as ``{"blob_hex": ..., "bytes": n}``. At
+    most ``sql_max_concurrent`` queries run at once, on threads of their own: one more is
+    answered 429 at once. A query whose client leaves is stopped.
+    """
+    executor = cp.sql
+    if executor is None:
+        raise SqlInterrupted("the SQL interface is not running")
+    settings = cp.settings
+
+    def query(handle: QueryHandle) -> QueryResult:
+        # On the SQL threads, with the query: a slow flush never holds a default-executor thread.
+        cp.writer.flush(READ_FLUSH_TIMEOUT_S)
+        return run_readonly(
+            settings.sqlalchemy_url,
+            body.query,
+            body.params,
+            body.max_rows,
+            timeout_s=settings.sql_timeout_s,
+            max_result_bytes=settings.sql_max_result_bytes,
+            handle=handle,
+        )
+
+    result = await executor.run(query, disconnected=request.is_disconnected)
+    return result.to_json()
 
 
 @public.get("/health")
