@@ -15,16 +15,20 @@ from sqlalchemy import update
 from control_plane.config import Settings
 from control_plane.db import BatchWriter, Database
 from control_plane.discovery import DnsDiscovery
+from control_plane.errors import ServiceError
 from control_plane.fleet import Fleet
 from control_plane.health import HealthPoller
 from control_plane.leases import LeaseManager
 from control_plane.lifecycle import ModelManager
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.proxy import TritonPool
+from control_plane.retention import RetentionLoop
 from control_plane.routing import Router
 from control_plane.schema import RequestRecord, utcnow
 from control_plane.service import GenerationService
+from control_plane.sql import SqlExecutor
 from control_plane.store import WorkerStore
+from control_plane.worker_addresses import AddressPolicy
 from llava_node.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 
 __all__ = ["ControlPlane", "create_app"]
@@ -50,6 +54,8 @@ class ControlPlane:
     leases: LeaseManager
     models: ModelManager
     discovery: DnsDiscovery | None = None
+    sql: SqlExecutor | None = None  # admin SQL's own threads (api/admin.py)
+    retention: RetentionLoop | None = None
 
 
 def _fail_abandoned_requests(db: Database, replica: str) -> int:
@@ -82,8 +88,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = TritonPool()
     poller = HealthPoller(store, settings, http, leases=leases)
     metrics = ControlPlaneMetrics()
+    writer.on_lost = lambda reason, rows: metrics.db_rows_lost.labels(reason=reason).inc(rows)
+    sql = SqlExecutor(
+        settings.sql_max_concurrent, lambda outcome: metrics.admin_sql.labels(outcome=outcome).inc()
+    )
+    retention = RetentionLoop.from_settings(
+        db, settings, lambda table, rows: metrics.retention_deleted.labels(table=table).inc(rows)
+    )
     router = Router(settings.dispatch_policy)
-    fleet = Fleet(store, poller, pool, http)
+    fleet = Fleet(store, poller, pool, http, AddressPolicy(settings.worker_allowed_hosts))
     poller.on_removed = fleet.forget  # workers removed through another replica
     service = GenerationService(settings, store, router, pool, writer, metrics)
     poller.breaker = service.breaker
@@ -109,20 +122,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         leases,
         models,
         discovery,
+        sql=sql,
+        retention=retention,
     )
     app.state.cp = cp
     for url in settings.workers:
-        await fleet.register(url, source="static", poll=False)
+        try:
+            await fleet.register(url, source="static", poll=False)
+        except ServiceError as exc:  # a contradiction in the operator's own settings
+            raise RuntimeError(f"static worker {url}: {exc.message}") from None
     await poller.poll_all()
     poller.start()
     if discovery is not None:
         discovery.start()
     await models.start()
+    retention.start()
+    # SIGTERM interrupts admin queries at once (uvicorn waits for open requests before the lifespan ends)
+    restore_signals = sql.interrupt_on_signals(asyncio.get_running_loop())
     freeze_startup_objects()  # full collections had stalled the event loop 17-105 ms
     log.info("control plane %s up: %d workers, database %s", settings.replica_name, len(store.all()), db.url)
     try:
         yield
     finally:
+        await sql.aclose()  # interrupts running admin queries: nothing below waits for one
+        restore_signals()
+        await retention.stop()
         await models.stop()
         if discovery is not None:
             await discovery.stop()
@@ -155,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     app.include_router(llava.router)
+    app.include_router(llava.workers_router)
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(admin.public)

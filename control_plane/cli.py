@@ -59,8 +59,17 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         "lease_period_s",
         "discovery_dns",
     ]
+    from pydantic import ValidationError
+
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise SystemExit(f"error: invalid settings: {problems}") from None
 
 
 def prepare_grpc(settings: Any) -> None:
@@ -97,14 +106,20 @@ def run_server(settings: Any, log_level: str) -> None:
     import uvicorn
 
     from control_plane.app import create_app
+    from control_plane.http_guard import ClientTimeouts, guarded_protocol
 
+    timeouts = ClientTimeouts(
+        header_s=settings.client_header_timeout_s,
+        body_s=settings.client_body_timeout_s,
+        send_s=settings.client_send_timeout_s,
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(timeouts),  # httptools, with timeouts toward clients
         access_log=False,
     )
 
@@ -115,16 +130,19 @@ def _sql(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     try:
-        result = run_readonly(settings.sqlalchemy_url, args.query, max_rows=args.max_rows)
+        # The same limits as the admin API's (LLAVA_CP_SQL_TIMEOUT_S, LLAVA_CP_SQL_MAX_RESULT_BYTES).
+        result = run_readonly(
+            settings.sqlalchemy_url,
+            args.query,
+            max_rows=args.max_rows,
+            timeout_s=args.timeout if args.timeout is not None else settings.sql_timeout_s,
+            max_result_bytes=settings.sql_max_result_bytes,
+        )
     except ServiceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     if args.json:
-        print(
-            json.dumps(
-                {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}, default=str
-            )
-        )
+        print(json.dumps(result.to_json()))
     else:
         print(format_table(result))
     return 0
@@ -156,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument("query")
     sql.add_argument("--max-rows", type=int, default=1000)
     sql.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sql.add_argument(
+        "--timeout", type=float, help="stop the query after this many seconds (default: sql_timeout_s, 30)"
+    )
     add_models_parser(sub)
     stack = sub.add_parser("stack", help="run two local Triton nodes and the control plane")
     _add_settings_args(stack)

@@ -7,6 +7,7 @@ comma-separated string.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from enum import Enum
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from control_plane.worker_addresses import AddressPolicy
 
 __all__ = ["DispatchPolicy", "Settings"]
 
@@ -27,6 +30,15 @@ class DispatchPolicy(str, Enum):
     LOTTERY = "lottery"
     ROUND_ROBIN = "round_robin"
     POWER_OF_TWO = "power_of_two"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_list(value: Any) -> Any:
@@ -62,7 +74,32 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; empty: SQLite file in data_dir")
     db_flush_interval_s: float = 0.25
     db_batch_size: int = 500
-    heartbeat_retention_days: float = 14.0
+    heartbeat_retention_days: float = Field(
+        14.0, ge=0, description="Delete heartbeats older than this (control_plane/retention.py); 0: keep all"
+    )
+    request_retention_days: float = Field(
+        30.0, ge=0, description="Delete requests rows that started longer ago than this; 0: keep all"
+    )
+    retention_interval_s: float = Field(600.0, gt=0, description="How often old rows are deleted")
+    retention_batch_rows: int = Field(
+        5000, ge=1, description="Most rows one retention statement deletes (one short transaction each)"
+    )
+    retention_pause_s: float = Field(
+        0.05, ge=0, description="Pause between retention statements, so that the batch writer gets in"
+    )
+    sql_timeout_s: float = Field(
+        30.0, gt=0, description="Longest an admin SQL query (API and CLI) may run; then it is stopped (400)"
+    )
+    sql_max_result_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes of rows (as JSON) an admin SQL answer holds; more are cut (truncated)",
+    )
+    sql_max_concurrent: int = Field(
+        2,
+        ge=1,
+        description="Admin SQL queries run at once, on threads of their own; one more is answered 429",
+    )
 
     # -- fleet -----------------------------------------------------------------------------
     workers: Annotated[list[str], NoDecode] = Field(
@@ -109,6 +146,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024 * 1024
     max_images: int = 8
     max_image_bytes: int = 20 * 1024 * 1024
+    max_prompt_bytes: int = Field(
+        1024 * 1024,
+        description="Most bytes of prompt text (LLaVA) or of all message texts (OpenAI) a request may carry; "
+        "the node also bounds prompts by its model's context, before tokenizing",
+    )
+    client_header_timeout_s: float = Field(
+        10.0, description="A connection must send its request line and headers within this time"
+    )
+    client_body_timeout_s: float = Field(60.0, description="A request body must arrive within this time")
+    client_send_timeout_s: float = Field(
+        30.0,
+        description="A client that reads nothing of its response for this long (the connection's send "
+        "buffer stays full) is disconnected: its slot is freed and its generation cancelled",
+    )
     image_url_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Hosts the OpenAI API may fetch http(s) image URLs from; empty: fetching is off",
@@ -153,12 +204,57 @@ class Settings(BaseSettings):
         False,
         description="Also require an API key on LLaVA's protocol (LLaVA's own clients send none)",
     )
-    admin_token: str = Field("", description="Bearer token for /admin; empty: admin is open")
+    admin_token: str = Field(
+        "", description="Bearer token for /admin; empty: admin is open (only allowed on a loopback host)"
+    )
+    allow_open_admin: bool = Field(
+        False,
+        description="Serve an open admin API (no admin token) on a non-loopback host; for trusted networks",
+    )
+    worker_token: str = Field(
+        "",
+        description="Bearer token a worker sends to /register_worker and /receive_heart_beat (the admin "
+        "token works too); with neither set, those endpoints are off unless open_worker_registration is set",
+    )
+    open_worker_registration: bool = Field(
+        False,
+        description="Accept /register_worker and /receive_heart_beat without a credential (LLaVA's own "
+        "workers send none); for trusted networks. A registered worker's addresses still change only by admins",
+    )
+    worker_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["loopback", "private"],
+        description="Hosts and networks node addresses may point at (see control_plane/worker_addresses.py): "
+        "loopback, private, CIDR networks, addresses, host names, *.domain, or * for any",
+    )
 
-    @field_validator("workers", "api_keys", "image_url_allowed_hosts", "pinned_models", mode="before")
+    @field_validator(
+        "workers",
+        "api_keys",
+        "image_url_allowed_hosts",
+        "pinned_models",
+        "worker_allowed_hosts",
+        mode="before",
+    )
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("worker_allowed_hosts", mode="after")
+    @classmethod
+    def _valid_hosts(cls, value: list[str]) -> list[str]:
+        AddressPolicy(value)  # raises ValueError naming a malformed entry
+        return value
+
+    @model_validator(mode="after")
+    def _no_open_admin_when_exposed(self) -> Settings:
+        # An open admin API adds workers, removes them and reads the history: on an address
+        # other hosts reach it needs a token, unless an operator says the network is trusted.
+        if not self.admin_token and not self.allow_open_admin and not _is_loopback(self.host):
+            raise ValueError(
+                f"the control plane would listen on {self.host} with an open admin API: set "
+                "LLAVA_CP_ADMIN_TOKEN (or LLAVA_CP_ALLOW_OPEN_ADMIN=true on a trusted network)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_a_round(self) -> Settings:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,7 +38,15 @@ from control_plane.config import Settings
 from control_plane.leases import LeaseManager
 from control_plane.store import ModelStatus, WorkerInfo, WorkerState, WorkerStore
 
-__all__ = ["HealthPoller", "PollResult", "discover_endpoints", "parse_load"]
+__all__ = [
+    "MAX_REPORTED_LOAD",
+    "HealthPoller",
+    "PollResult",
+    "clamp_load",
+    "discover_endpoints",
+    "parse_index",
+    "parse_load",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +54,65 @@ QUEUE_METRIC = "llava_engine_queued_requests"
 ACTIVE_METRIC = "llava_engine_active_requests"
 
 
+# What a node reports is clamped to this (a broken or hostile node must not overflow the
+# store's integers or skew routing without bound).
+MAX_REPORTED_LOAD = 1_000_000
+# Bounds on what one poll reads from a node: a repository index and a metrics page are
+# a few kB; a node that sends more is broken.
+MAX_INDEX_BYTES = 4 << 20
+MAX_METRICS_BYTES = 4 << 20
+
+
+def clamp_load(value: float) -> int:
+    """A reported queue length or request count as an int in [0, MAX_REPORTED_LOAD]."""
+    if not math.isfinite(value):
+        return MAX_REPORTED_LOAD if value > 0 else 0
+    return int(min(max(value, 0.0), MAX_REPORTED_LOAD))
+
+
 def parse_load(metrics_text: str) -> tuple[int, int]:
-    """(queued, active) summed over a node's engine models, from its metrics page."""
+    """(queued, active) summed over a node's engine models, from its metrics page;
+    malformed values count as 0, and each sum is clamped (:func:`clamp_load`)."""
     queued = active = 0.0
     for line in metrics_text.splitlines():
         if line.startswith(QUEUE_METRIC):
-            queued += float(line.rsplit(" ", 1)[-1])
+            queued += _sample_value(line)
         elif line.startswith(ACTIVE_METRIC):
-            active += float(line.rsplit(" ", 1)[-1])
-    return int(queued), int(active)
+            active += _sample_value(line)
+    return clamp_load(queued), clamp_load(active)
+
+
+def _sample_value(line: str) -> float:
+    try:
+        value = float(line.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def parse_index(body: bytes) -> dict[str, ModelStatus]:
+    """Each model's state from a node's ``/v2/repository/index`` answer; raises ValueError
+    when it is not the list of objects Triton sends."""
+    entries = json.loads(body)
+    if not isinstance(entries, list):
+        raise ValueError("the repository index is not a JSON list")
+    models: dict[str, ModelStatus] = {}
+    for m in entries:
+        name = m.get("name") if isinstance(m, dict) else None
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise ValueError("the repository index has an entry without a valid model name")
+        state, reason = m.get("state", ""), m.get("reason", "")
+        state = state if isinstance(state, str) else ""
+        reason = reason if isinstance(reason, str) else ""
+        models[name] = ModelStatus(ready=state == "READY", state=state[:64], reason=reason[:2000])
+    return models
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    data = await response.content.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"the node sent more than {limit} bytes")
+    return data
 
 
 class PollResult:
@@ -82,18 +142,19 @@ async def discover_endpoints(
 
     parts = urlsplit(http_url)
     host = parts.hostname or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address
     port = parts.port or (443 if parts.scheme == "https" else 80)
     candidates = [port + 2, 8002] if port != 8000 else [8002]
     metrics_url = f"{parts.scheme}://{host}:{candidates[0]}/metrics"
     for p in candidates:
         url = f"{parts.scheme}://{host}:{p}/metrics"
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-                if r.status == 200 and "nv_" in await r.text():
+                # read a bounded prefix: a metrics page is a few kB; this is only a sniff
+                if r.status == 200 and b"nv_" in await r.content.read(1 << 20):
                     metrics_url = url
                     break
-    grpc_host = f"[{host}]" if ":" in host else host
-    return f"{grpc_host}:{port + 1}", metrics_url
+    return f"{host}:{port + 1}", metrics_url
 
 
 class HealthPoller(BackgroundLoop):
@@ -183,19 +244,14 @@ class HealthPoller(BackgroundLoop):
         timeout = aiohttp.ClientTimeout(total=self.settings.poll_timeout_s)
         started = time.perf_counter()
         try:
-            ready_req = self.session.get(f"{worker.http_url}/v2/health/ready", timeout=timeout)
-            index_req = self.session.post(f"{worker.http_url}/v2/repository/index", json={}, timeout=timeout)
-            async with ready_req as ready, index_req as index:
+            # One after the other, each request made only when it is entered: a request
+            # made and never entered (its node refused the first) is a coroutine never awaited.
+            async with self.session.get(f"{worker.http_url}/v2/health/ready", timeout=timeout) as ready:
                 res.server_ready = ready.status == 200
+            index_url = f"{worker.http_url}/v2/repository/index"
+            async with self.session.post(index_url, json={}, timeout=timeout) as index:
                 if index.status == 200:
-                    res.models = {
-                        m["name"]: ModelStatus(
-                            ready=m.get("state") == "READY",
-                            state=m.get("state", ""),
-                            reason=m.get("reason", ""),
-                        )
-                        for m in await index.json(content_type=None)
-                    }
+                    res.models = parse_index(await _read_bounded(index, MAX_INDEX_BYTES))
             res.latency_ms = (time.perf_counter() - started) * 1000.0
             res.ok = res.server_ready
             if not res.server_ready and res.models is not None:
@@ -212,7 +268,8 @@ class HealthPoller(BackgroundLoop):
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
                 async with self.session.get(worker.metrics_url, timeout=timeout) as m:
                     if m.status == 200:
-                        res.queued, res.active = parse_load(await m.text())
+                        page = await _read_bounded(m, MAX_METRICS_BYTES)
+                        res.queued, res.active = parse_load(page.decode("utf-8", "replace"))
         return res
 
     def _apply(self, worker: WorkerInfo, res: PollResult) -> None:

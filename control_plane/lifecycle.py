@@ -314,18 +314,32 @@ class ModelManager:
 
     def _loadable_on(self, model: str) -> list[WorkerInfo]:
         """Healthy workers that could be given ``model``: they list it, don't have it
-        ready or loading, accept explicit loads and carry its labels."""
+        ready, loading or unloading, answered their last poll, accept explicit loads and
+        carry its labels.
+
+        A node whose last poll failed may be frozen (a load sent to one hung 49.5 s); a
+        model still unloading there would get a second engine beside the old one, which
+        holds its memory until it has finished."""
         labels = self.required_labels(model)
         return [
             w
             for w in self.store.all()
             if w.state is WorkerState.HEALTHY
+            and w.consecutive_failures == 0
             and model in w.models
             and not w.can_serve(model)
+            and not self._unloading_on(model, w)
             and (model, w.id) not in self._loads
             and self._explicit.get(w.id) is not False
             and labels_match(w.labels, labels)
         ]
+
+    def _unloading_on(self, model: str, w: WorkerInfo) -> bool:
+        """Whether ``model`` or one of its steps is being unloaded on ``w``."""
+        if (model, w.id) in self._unloading:
+            return True
+        names = (model, *(model + suffix for suffix in STEP_SUFFIXES))
+        return any(w.models[n].state == "UNLOADING" for n in names if n in w.models)
 
     def best_node(self, model: str) -> WorkerInfo | None:
         """The worker a new replica of ``model`` goes to (see the module docstring)."""
@@ -549,6 +563,11 @@ class ModelManager:
                 raise NotFound(f"worker {worker.id} ({worker.name}) has no model {model!r} in its repository")
             if self._explicit.get(worker.id) is False:
                 raise Conflict(f"worker {worker.id} ({worker.name}) is not in explicit model-control mode")
+            if self._unloading_on(model, worker):
+                raise Conflict(
+                    f"model {model!r} is still unloading on worker {worker.id} ({worker.name}); "
+                    "load it again once the unload has finished"
+                )
             if worker.can_serve(model):
                 return {"model": model, "worker_id": worker.id, "worker": worker.name, "state": "loaded"}
         else:

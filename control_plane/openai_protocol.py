@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from control_plane.text_checks import INT32_MAX, INT64_MAX, Text
+
 __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
@@ -20,7 +22,7 @@ __all__ = [
 class ImageURL(BaseModel):
     """``image_url`` of a content part: a data URL, raw base64, or (if enabled) an http(s) URL."""
 
-    url: str = Field(min_length=1)
+    url: Text = Field(min_length=1)
     detail: str | None = None
 
 
@@ -28,7 +30,7 @@ class TextPart(BaseModel):
     """A text content part."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURLPart(BaseModel):
@@ -44,7 +46,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImageURLPart] | None = None
+    content: Text | list[TextPart | ImageURLPart] | None = None
     name: str | None = None
 
 
@@ -63,14 +65,16 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=256)
+    model: Text = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    # Bounded by the tensors they become (INT32 and INT64 on the node); the node checks
+    # them against its own limits and its model's context.
+    max_tokens: int | None = Field(None, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, le=INT32_MAX)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None

@@ -10,6 +10,7 @@ everything listens and an example request, and on Ctrl-C stops everything it sta
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import socket
 import sys
@@ -39,6 +40,20 @@ def _free(host: str, port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _push_status(settings: Any) -> str:
+    """What /register_worker and /receive_heart_beat accept, in words."""
+    if settings.open_worker_registration:
+        return "open (LLAVA_CP_OPEN_WORKER_REGISTRATION): any client may register a worker"
+    if settings.worker_token:
+        return "/register_worker and /receive_heart_beat need 'Authorization: Bearer <worker or admin token>'"
+    if settings.admin_token:
+        return (
+            "/register_worker and /receive_heart_beat need 'Authorization: Bearer <admin token>' "
+            "(or set LLAVA_CP_WORKER_TOKEN)"
+        )
+    return "off (set LLAVA_CP_WORKER_TOKEN, or LLAVA_CP_OPEN_WORKER_REGISTRATION=true)"
 
 
 def stop_all(nodes: list[Any]) -> None:
@@ -94,11 +109,16 @@ def run_stack(args: argparse.Namespace) -> int:
             args.admin_token = secrets.token_urlsafe(24)
         args.workers = (args.workers or []) + [n.http_url for n in nodes]
         settings = settings_from_args(args)
+        if "LLAVA_CP_WORKER_ALLOWED_HOSTS" not in os.environ:
+            # the dev stack's nodes are local: nothing else may be registered
+            settings = settings.model_copy(update={"worker_allowed_hosts": ["loopback"]})
         url = f"http://{settings.host}:{settings.port}"
         print(
             f"\ncontrol plane: {url}   (API docs {url}/docs)\n"
             f"database:      {settings.sqlalchemy_url}\n"
-            f"admin token:   {settings.admin_token}\n\n"
+            f"admin token:   {settings.admin_token}\n"
+            f"worker pushes: {_push_status(settings)}\n"
+            f"worker hosts:  {', '.join(settings.worker_allowed_hosts)} (LLAVA_CP_WORKER_ALLOWED_HOSTS)\n\n"
             "Try it:\n"
             f"  curl -s -X POST {url}/list_models\n"
             f"  curl -sN {url}/worker_generate_stream -d "

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from control_plane.db import BatchWriter, Database
 from control_plane.errors import BadRequest
 from control_plane.schema import Heartbeat, Worker, WorkerEvent, utcnow
+from control_plane.worker_addresses import normalize_worker_url
 
 __all__ = [
     "SyncResult",
@@ -30,7 +30,6 @@ __all__ = [
     "WorkerState",
     "WorkerStore",
     "is_served_model",
-    "normalize_worker_url",
 ]
 
 # Steps of an ensemble are not addressed by clients: llava_preprocess, llava_engine.
@@ -53,36 +52,6 @@ class WorkerState(str, Enum):
     UNHEALTHY = "unhealthy"  # recent polls failed: out of routing, still polled
     OFFLINE = "offline"  # failing for longer than the expiry: not listed, still polled
     REMOVED = "removed"  # removed by an admin: not polled
-
-
-def normalize_worker_url(url: str) -> str:
-    """Check a node's base URL and return it in canonical form (``http://host:port``).
-
-    Refuses other schemes, credentials, paths beyond ``/``, queries and fragments.
-    """
-    text = (url or "").strip()
-    if not text:
-        raise BadRequest("the worker URL is empty")
-    if "://" not in text:
-        raise BadRequest(f"worker URL {text!r} has no scheme; expected http://host:port")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https"):
-        raise BadRequest(f"worker URL {text!r}: scheme must be http or https")
-    if parts.username or parts.password:
-        raise BadRequest("worker URLs must not carry credentials")
-    if not parts.hostname:
-        raise BadRequest(f"worker URL {text!r} has no host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise BadRequest(f"worker URL {text!r}: give only scheme, host and port")
-    try:
-        port = parts.port
-    except ValueError:
-        raise BadRequest(f"worker URL {text!r} has an invalid port") from None
-    host = parts.hostname.lower()
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{port}" if port else host
-    return urlunsplit((parts.scheme, netloc, "", "", ""))
 
 
 @dataclass

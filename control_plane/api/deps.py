@@ -12,9 +12,17 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from control_plane.app import ControlPlane
-from control_plane.errors import Unauthorized
+from control_plane.errors import Forbidden, Unauthorized
 
-__all__ = ["AdminDep", "CPDep", "get_cp", "require_api_key", "require_api_key_for_llava"]
+__all__ = [
+    "AdminDep",
+    "CPDep",
+    "WorkerCredentialDep",
+    "get_cp",
+    "require_api_key",
+    "require_api_key_for_llava",
+    "worker_credential",
+]
 
 
 async def get_cp(request: Request) -> ControlPlane:
@@ -48,6 +56,35 @@ async def require_admin(request: Request, cp: CPDep) -> None:
 
 
 AdminDep = Depends(require_admin)
+
+
+async def worker_credential(request: Request, cp: CPDep) -> bool:
+    """Check the credential of a worker's push (``/register_worker``, ``/receive_heart_beat``);
+    returns whether it is the admin token (only admins change a registered worker).
+
+    Accepted: the admin token or the worker token as ``Authorization: Bearer``; without
+    either configured the endpoints are off, unless ``open_worker_registration`` is set.
+    """
+    s = cp.settings
+    token = bearer_token(request)
+    if token is not None and s.admin_token and secrets.compare_digest(token, s.admin_token):
+        return True
+    if token is not None and s.worker_token and secrets.compare_digest(token, s.worker_token):
+        return False
+    if s.open_worker_registration:
+        return False
+    if not s.admin_token and not s.worker_token:
+        raise Forbidden(
+            "worker registration and pushed heartbeats are off: this control plane has no worker token; "
+            "set LLAVA_CP_WORKER_TOKEN (workers send 'Authorization: Bearer <token>'), or "
+            "LLAVA_CP_OPEN_WORKER_REGISTRATION=true on a trusted network"
+        )
+    if token is None:
+        raise Unauthorized("this endpoint needs 'Authorization: Bearer <worker token or admin token>'")
+    raise Unauthorized("the worker token is wrong")
+
+
+WorkerCredentialDep = Annotated[bool, Depends(worker_credential)]
 
 
 async def require_api_key(request: Request, cp: CPDep) -> None:

@@ -16,7 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from control_plane.api.streaming import ClientGone
 from control_plane.errors import (
     LLAVA_BAD_REQUEST,
     LLAVA_NODE_ERROR,
@@ -97,7 +99,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             parts.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
             continue
         param = param or (where or None)
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        msg = str(err.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request", param
 
 
@@ -126,6 +129,11 @@ def install(app: FastAPI) -> None:
             openai_code=None,
             headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_request: Request, _exc: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client has gone
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

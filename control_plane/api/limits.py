@@ -12,10 +12,6 @@ from control_plane.errors import LLAVA_BAD_REQUEST
 __all__ = ["BodySizeLimit"]
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
     """Answers 413 (in the API family's error shape) to bodies above ``max_bytes``,
     whether announced by Content-Length or streamed in chunks."""
@@ -52,26 +48,26 @@ class BodySizeLimit:
                 # wrapper on the response's send (a stream calls it once per token).
                 await self.app(scope, receive, send)
                 return
+        # No Content-Length (chunked): read the body here, up to the limit, before the app
+        # sees it; a body past the limit gets 413 before any handler runs (a limit hit
+        # while a handler parses the body would surface as that handler's parse error).
+        messages: list[Message] = []
         seen = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":  # the client went away
+                messages.append(message)
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
                 await self._reject(scope)(scope, receive, send)
+                return
+            messages.append(message)
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def buffered_receive() -> Message:
+            return next(replay, None) or await receive()
+
+        await self.app(scope, buffered_receive, send)

@@ -15,16 +15,21 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from control_plane.api.deps import CPDep, require_api_key_for_llava
+from control_plane.api.deps import CPDep, WorkerCredentialDep, require_api_key_for_llava
 from control_plane.api.errors import llava_frame
-from control_plane.api.streaming import TokenStreamResponse, start_stream
+from control_plane.api.streaming import ClientWatch, TokenStreamResponse, start_stream
 from control_plane.errors import BadRequest, NotFound, ServiceError
+from control_plane.fleet import MAX_SPEED
+from control_plane.health import clamp_load
 from control_plane.service import GenerateRequest
 from control_plane.store import WorkerState
+from control_plane.text_checks import INT64_MAX, Text, utf8_size
 
-__all__ = ["router"]
+__all__ = ["router", "workers_router"]
 
 router = APIRouter(tags=["LLaVA controller protocol"], dependencies=[Depends(require_api_key_for_llava)])
+# Workers' pushes take the worker (or admin) token, not a client's API key.
+workers_router = APIRouter(tags=["LLaVA controller protocol"])
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -50,31 +55,34 @@ def _validation_text(exc: ValidationError) -> str:
         if err.get("type") == "json_invalid":
             return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
         where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        msg = str(err.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)
 
 
 class RegisterWorker(BaseModel):
     """Body of ``/register_worker``."""
 
-    worker_name: str = Field(description="the node's HTTP base URL, e.g. http://10.0.0.5:8000")
+    worker_name: str = Field(
+        max_length=2048, description="the node's HTTP base URL, e.g. http://10.0.0.5:8000"
+    )
     check_heart_beat: bool = True
     worker_status: dict[str, Any] | None = None
-    grpc_url: str | None = Field(None, description="extension: the node's gRPC host:port")
-    metrics_url: str | None = Field(None, description="extension: the node's metrics URL")
+    grpc_url: str | None = Field(None, max_length=2048, description="extension: the node's gRPC host:port")
+    metrics_url: str | None = Field(None, max_length=2048, description="extension: the node's metrics URL")
 
 
 class HeartBeat(BaseModel):
     """Body of ``/receive_heart_beat``."""
 
-    worker_name: str
+    worker_name: str = Field(max_length=2048)
     queue_length: int = 0
 
 
 class ModelQuery(BaseModel):
     """Body of ``/get_worker_address``."""
 
-    model: str
+    model: Text = Field(max_length=256)
 
 
 class GenerateParams(BaseModel):
@@ -82,28 +90,41 @@ class GenerateParams(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=256)
-    prompt: str = Field(min_length=1)
+    model: Text = Field(min_length=1, max_length=256)
+    prompt: Text = Field(min_length=1)
     images: list[str] | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_new_tokens: int = 256  # capped at max_new_tokens_cap, as LLaVA caps it
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, le=INT64_MAX)
 
 
-@router.post("/register_worker", openapi_extra=_body_doc(RegisterWorker))
-async def register_worker(request: Request, cp: CPDep) -> dict[str, Any]:
-    """Register a Triton node by its HTTP base URL (LLaVA's ``worker_name``)."""
-    body = await parse_body(request, RegisterWorker)
-    status = body.worker_status or {}
+def _speed(status: dict[str, Any]) -> int:
     speed = status.get("speed", 1)
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 1 <= speed <= MAX_SPEED:
+        raise BadRequest(
+            f"worker_status.speed must be a number from 1 to {MAX_SPEED}", param="worker_status.speed"
+        )
+    return int(speed)
+
+
+@workers_router.post("/register_worker", openapi_extra=_body_doc(RegisterWorker))
+async def register_worker(request: Request, cp: CPDep, admin: WorkerCredentialDep) -> dict[str, Any]:
+    """Register a Triton node by its HTTP base URL (LLaVA's ``worker_name``).
+
+    Needs ``Authorization: Bearer`` with the worker token or the admin token (see the
+    README); the node's addresses must be in the allowed worker hosts. A registered
+    worker's addresses and speed change only with the admin token (409 otherwise).
+    """
+    body = await parse_body(request, RegisterWorker)
     info, created = await cp.fleet.register(
         body.worker_name,
         grpc_url=body.grpc_url,
         metrics_url=body.metrics_url,
-        speed=int(speed) if isinstance(speed, (int, float)) and speed >= 1 else 1,
+        speed=_speed(body.worker_status or {}),
         source="llava",
+        may_change=admin,
     )
     return {"worker_id": info.id, "created": created, "state": info.state.value}
 
@@ -148,14 +169,18 @@ async def get_worker_address(request: Request, cp: CPDep) -> dict[str, str]:
     return {"address": f"{_base_url(request, cp.settings.public_url)}/workers/{worker.id}"}
 
 
-@router.post("/receive_heart_beat", openapi_extra=_body_doc(HeartBeat))
-async def receive_heart_beat(request: Request, cp: CPDep) -> dict[str, bool]:
-    """Accept a pushed heartbeat; ``exist: false`` asks the worker to register again."""
+@workers_router.post("/receive_heart_beat", openapi_extra=_body_doc(HeartBeat))
+async def receive_heart_beat(request: Request, cp: CPDep, _admin: WorkerCredentialDep) -> dict[str, bool]:
+    """Accept a pushed heartbeat; ``exist: false`` asks the worker to register again.
+
+    Needs the worker token or the admin token, like ``/register_worker``; the queue
+    length is clamped to [0, 1000000].
+    """
     body = await parse_body(request, HeartBeat)
     worker = cp.store.by_name(body.worker_name)
     if worker is None:
         return {"exist": False}
-    worker.queue_length = max(0, body.queue_length)
+    worker.queue_length = clamp_load(body.queue_length)
     cp.store.record_heartbeat(
         worker,
         ok=True,
@@ -187,7 +212,7 @@ async def one_worker_status(worker_id: int, cp: CPDep) -> dict[str, Any]:
     return {"model_names": w.ready_models(), "speed": w.speed, "queue_length": w.inflight + w.queue_length}
 
 
-def _decode_images(images: list[str] | None, limit: int) -> list[bytes]:
+def _decode_images(images: list[str] | None, limit: int, max_bytes: int) -> list[bytes]:
     if not images:
         return []
     if len(images) > limit:
@@ -198,6 +223,8 @@ def _decode_images(images: list[str] | None, limit: int) -> list[bytes]:
             raise BadRequest(f"images[{i}] must be a non-empty base64 string", param="images")
         if text.startswith("data:"):
             text = text.partition(",")[2]
+        if len(text) * 3 // 4 > max_bytes:
+            raise BadRequest(f"images[{i}] is larger than {max_bytes} bytes", param="images")
         try:
             out.append(base64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
@@ -212,12 +239,17 @@ def _to_request(
         raise BadRequest(
             f"max_new_tokens is {params.max_new_tokens}; it must be at least 1", param="max_new_tokens"
         )
+    size = utf8_size(params.prompt)
+    if size > cp.settings.max_prompt_bytes:
+        raise BadRequest(
+            f"the prompt is {size} bytes; the limit is {cp.settings.max_prompt_bytes} bytes", param="prompt"
+        )
     stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     return GenerateRequest(
         model=params.model,
         api="llava",
         prompt=params.prompt,
-        images=_decode_images(params.images, cp.settings.max_images),
+        images=_decode_images(params.images, cp.settings.max_images, cp.settings.max_image_bytes),
         # LLaVA caps max_new_tokens at 1024; the node also caps it at the room left.
         max_tokens=min(params.max_new_tokens, cp.settings.max_new_tokens_cap),
         temperature=params.temperature,
@@ -229,10 +261,15 @@ def _to_request(
     )
 
 
-async def _stream_frames(req: GenerateRequest, cp: CPDep) -> Response:
+async def _stream_frames(req: GenerateRequest, cp: CPDep, request: Request) -> Response:
     """Start the stream (errors before the first token get their own HTTP status), then
     stream NUL-delimited frames whose text is the prompt followed by everything so far."""
-    stream = await start_stream(cp.service.stream(req))
+    watch = ClientWatch(request.receive)
+    try:
+        stream = await watch.guard(start_stream(cp.service.stream(req)))
+    except BaseException:
+        watch.close()
+        raise
     prompt = req.prompt or ""
 
     async def frames() -> AsyncIterator[bytes]:
@@ -254,7 +291,7 @@ async def _stream_frames(req: GenerateRequest, cp: CPDep) -> Response:
             await stream.aclose()
 
     return TokenStreamResponse(
-        frames(), media_type="application/octet-stream", headers={"X-Request-Id": req.request_id}
+        frames(), media_type="application/octet-stream", headers={"X-Request-Id": req.request_id}, watch=watch
     )
 
 
@@ -264,7 +301,7 @@ async def worker_generate_stream(
 ) -> Response:
     """Generate with any node serving ``model``; NUL-delimited JSON frames."""
     params = await parse_body(request, GenerateParams)
-    return await _stream_frames(_to_request(params, cp, x_request_id, None), cp)
+    return await _stream_frames(_to_request(params, cp, x_request_id, None), cp, request)
 
 
 @router.post("/workers/{worker_id}/worker_generate_stream", openapi_extra=_body_doc(GenerateParams))
@@ -275,4 +312,4 @@ async def pinned_generate_stream(
     params = await parse_body(request, GenerateParams)
     if cp.store.get(worker_id) is None:
         raise NotFound(f"no worker with id {worker_id}; ask /get_worker_address again")
-    return await _stream_frames(_to_request(params, cp, x_request_id, worker_id), cp)
+    return await _stream_frames(_to_request(params, cp, x_request_id, worker_id), cp, request)

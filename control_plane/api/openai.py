@@ -13,15 +13,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from control_plane.api.deps import CPDep, require_api_key
-from control_plane.api.streaming import StartedStream, TokenStreamResponse, start_stream
+from control_plane.api.streaming import ClientWatch, StartedStream, TokenStreamResponse, start_stream
 from control_plane.errors import BadRequest, ServiceError
 from control_plane.images import ImageFetcher
 from control_plane.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
 from control_plane.service import GenerateRequest
+from control_plane.text_checks import utf8_size
 
 __all__ = ["ChunkEvents", "router"]
 
@@ -93,6 +94,12 @@ async def to_generate_request(
                 else:
                     parts.append({"type": "text", "text": part.text})
         messages.append({"role": role, "content": parts})
+    text_bytes = sum(utf8_size(p["text"]) for m in messages for p in m["content"] if p["type"] == "text")
+    if text_bytes > s.max_prompt_bytes:
+        raise BadRequest(
+            f"the messages' text is {text_bytes} bytes; the limit is {s.max_prompt_bytes} bytes",
+            param="messages",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return GenerateRequest(
         model=body.model,
@@ -144,16 +151,26 @@ class ChunkEvents:
 
 @router.post("/chat/completions")
 async def chat_completions(
-    body: ChatCompletionRequest, cp: CPDep, x_request_id: str | None = Header(None)
+    body: ChatCompletionRequest, request: Request, cp: CPDep, x_request_id: str | None = Header(None)
 ) -> Response:
-    """Chat with images: streaming (SSE) or not; the response carries usage and a request id."""
+    """Chat with images: streaming (SSE) or not; the response carries usage and a request id.
+
+    A client that disconnects cancels the generation, streamed or not."""
     req = await to_generate_request(body, cp, x_request_id)
-    stream = await start_stream(cp.service.stream(req))
+    watch = ClientWatch(request.receive)
+    try:
+        stream = await watch.guard(start_stream(cp.service.stream(req)))
+    except BaseException:
+        watch.close()
+        raise
     completion_id = f"chatcmpl-{req.request_id}"
     created = int(time.time())
     headers = {"X-Request-Id": req.request_id}
     if not body.stream:
-        return await _complete(stream, completion_id, created, body.model, headers)
+        try:
+            return await watch.guard(_complete(stream, completion_id, created, body.model, headers))
+        finally:
+            watch.close()
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     event = ChunkEvents(completion_id, created, body.model)
@@ -195,7 +212,10 @@ async def chat_completions(
         yield b"data: [DONE]\n\n"
 
     return TokenStreamResponse(
-        events(), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+        events(),
+        media_type="text/event-stream",
+        headers={**headers, "Cache-Control": "no-cache"},
+        watch=watch,
     )
 
 

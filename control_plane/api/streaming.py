@@ -3,15 +3,71 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Mapping
+from typing import Any, TypeVar
 
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from llava_node.client import Chunk
 
-__all__ = ["StartedStream", "TokenStreamResponse", "start_stream"]
+__all__ = ["ClientGone", "ClientWatch", "StartedStream", "TokenStreamResponse", "start_stream"]
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response began (answered with nothing: it is gone)."""
+
+
+class ClientWatch:
+    """Cancels the request's task when its client disconnects.
+
+    Started once the request's body is read, it covers the whole request: the wait for a
+    node and for the first token (a client that leaves while queued gives its place up),
+    a non-streamed answer being collected, and then the stream (handed to
+    :class:`TokenStreamResponse`). Run the waits before the response with :meth:`guard`.
+    """
+
+    __slots__ = ("_receive", "_task", "_watcher", "disconnected", "done")
+
+    def __init__(self, receive: Receive) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._receive = receive
+        self.disconnected = False
+        self.done = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # the server could not say: treat it as gone
+            pass
+        if not self.done:
+            self.disconnected = True
+            self._task.cancel()
+
+    def went_away(self) -> bool:
+        """Whether a ``CancelledError`` being handled is this watch's (then it is consumed)."""
+        return self.disconnected and self._task.uncancel() == 0
+
+    async def guard(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable``; raise :class:`ClientGone` if the client leaves meanwhile."""
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.went_away():
+                self.close()
+                raise ClientGone from None
+            raise
+
+    def close(self) -> None:
+        """Stop watching (the response is complete, or the request failed)."""
+        self.done = True
+        self._watcher.cancel()
 
 
 class StartedStream:
@@ -53,28 +109,29 @@ class TokenStreamResponse(StreamingResponse):
     Starlette's, under a server that does not report disconnects through ``send`` (ASGI
     spec < 2.4, which uvicorn reports), opens an anyio task group with a second task that
     listens for the disconnect, before the first byte goes out. This one sends the
-    headers and the first chunk from the request's own task, then starts the listener
-    (a plain task); when the client goes away, the listener cancels the streaming task,
-    which closes the body iterator (the generation is cancelled on the node) and ends
-    quietly, as Starlette's does. The body iterator is always closed before returning.
+    headers and the first chunk from the request's own task, with a :class:`ClientWatch`
+    listening (the request's, or its own, started after the first chunk); when the client
+    goes away, the watch cancels the streaming task, which closes the body iterator (the
+    generation is cancelled on the node) and ends quietly, as Starlette's does. The body
+    iterator is always closed before returning.
     """
+
+    def __init__(
+        self,
+        content: AsyncIterable[bytes],
+        *,
+        media_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        watch: ClientWatch | None = None,
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
-        task = asyncio.current_task()
-        assert task is not None
-        state = {"disconnected": False, "done": False}
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if not state["done"]:
-                state["disconnected"] = True
-                task.cancel()
-
-        watcher: asyncio.Task[None] | None = None
+        watch = self.watch
         iterator: Any = self.body_iterator
         try:
             await send(
@@ -84,20 +141,20 @@ class TokenStreamResponse(StreamingResponse):
                 if not isinstance(chunk, bytes | memoryview):
                     chunk = chunk.encode(self.charset)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if watcher is None:  # after the first chunk: off the first token's path
-                    watcher = asyncio.get_running_loop().create_task(watch())
-            state["done"] = True
+                if watch is None:  # after the first chunk: off the first token's path
+                    watch = ClientWatch(receive)
+            if watch is not None:
+                watch.done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not state["disconnected"] or task.uncancel() > 0:
+            if watch is None or not watch.went_away():
                 raise
             return  # the client went away
         except OSError:  # ASGI spec >= 2.4: send raises when the client went away
             return
         finally:
-            state["done"] = True
-            if watcher is not None:
-                watcher.cancel()
+            if watch is not None:
+                watch.close()
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()

@@ -18,7 +18,8 @@ from control_plane.health import parse_load
 from control_plane.routing import Router
 from control_plane.schema import Heartbeat, Worker
 from control_plane.sql import ReadOnlyViolation, run_readonly
-from control_plane.store import WorkerInfo, WorkerState, normalize_worker_url
+from control_plane.store import WorkerInfo, WorkerState
+from control_plane.worker_addresses import normalize_worker_url
 
 ADMIN = "admin-secret"
 
