@@ -13,13 +13,19 @@ import pytest
 from llava_node.launcher import TritonNode
 from tests.processes import ControlPlaneProcess
 
+WORKER_TOKEN = "test-worker-token"  # the module control plane's: LLaVA's worker pushes need it
+
 
 @pytest.fixture(scope="module")
 def control_plane(
     fleet: list[TritonNode], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ControlPlaneProcess]:
     """A control plane (real uvicorn, real SQLite file) with both nodes as static workers."""
-    cp = ControlPlaneProcess(tmp_path_factory.mktemp("cp"), [n.http_url for n in fleet])
+    cp = ControlPlaneProcess(
+        tmp_path_factory.mktemp("cp"),
+        [n.http_url for n in fleet],
+        env={"LLAVA_CP_WORKER_TOKEN": WORKER_TOKEN},
+    )
     cp.start()
     try:
         wait_for(lambda: len(healthy_workers(cp)) == len(fleet), 30, "both workers healthy")

@@ -12,7 +12,7 @@ import pytest
 
 from llava_node.client import GenerationResult, stream_generate
 from llava_node.launcher import TritonNode
-from tests.control_plane.conftest import admin_get, llava_stream, wait_for
+from tests.control_plane.conftest import WORKER_TOKEN, admin_get, llava_stream, wait_for
 from tests.media import image_b64, image_bytes
 from tests.processes import ControlPlaneProcess
 
@@ -141,11 +141,14 @@ def test_worker_status_heartbeat_and_registration(
     url = control_plane.url
     status = httpx.post(f"{url}/worker_get_status").json()
     assert status["model_names"] == ["llava"] and status["speed"] == 2
+    worker = {"Authorization": f"Bearer {WORKER_TOKEN}"}  # LLaVA's worker pushes need a credential
+    beat = {"worker_name": fleet[0].http_url, "queue_length": 0}
+    assert httpx.post(f"{url}/receive_heart_beat", json=beat).status_code == 401
+    assert httpx.post(f"{url}/receive_heart_beat", json=beat, headers=worker).json() == {"exist": True}
     assert httpx.post(
-        f"{url}/receive_heart_beat", json={"worker_name": fleet[0].http_url, "queue_length": 0}
-    ).json() == {"exist": True}
-    assert httpx.post(
-        f"{url}/receive_heart_beat", json={"worker_name": "http://10.9.9.9:8000", "queue_length": 1}
+        f"{url}/receive_heart_beat",
+        json={"worker_name": "http://10.9.9.9:8000", "queue_length": 1},
+        headers=worker,
     ).json() == {"exist": False}
     again = httpx.post(
         f"{url}/register_worker",
@@ -154,7 +157,8 @@ def test_worker_status_heartbeat_and_registration(
             "check_heart_beat": True,
             "worker_status": {"model_names": ["llava"], "speed": 1, "queue_length": 0},
         },
+        headers=worker,
     )
     assert again.status_code == 200 and again.json()["created"] is False
-    bad = httpx.post(f"{url}/register_worker", json={"worker_name": "ftp://user:pw@host:21"})
+    bad = httpx.post(f"{url}/register_worker", json={"worker_name": "ftp://user:pw@host:21"}, headers=worker)
     assert bad.status_code == 400 and "scheme" in bad.json()["detail"]

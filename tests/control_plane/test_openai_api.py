@@ -256,7 +256,7 @@ def bad_request(client: openai.OpenAI, **kwargs) -> openai.APIStatusError:
             "best_of",
         ),
         ({"max_tokens": 0}, 400, "max_tokens is 0", "max_tokens"),
-        ({"temperature": 7.0}, 400, "temperature is 7.0", None),
+        ({"temperature": 7.0}, 400, "temperature: Input should be less than or equal to 2", "temperature"),
         (
             {
                 "messages": [
