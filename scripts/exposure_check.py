@@ -1524,7 +1524,8 @@ def check_12(ctx: Ctx, f: Finding) -> None:
     if body.get("id") is not None:
         ctx.http.delete(f"/admin/workers/{body['id']}", headers=ctx.admin)
     f.numbers["node_on_ipv6"] = (
-        "not started: TritonNode builds its URLs as http://{host}:{port}, which an IPv6 host breaks"
+        "not started: TritonNodeConfig(host='::1') passes --grpc-address=::1, and tritonserver exits with "
+        "\"failed to start GRPC service: Unavailable - Socket '::1:PORT' already in use\""
     )
 
 
