@@ -19,6 +19,18 @@ name             dtype   shape  meaning
 ``seed``         INT64   [1]    sampling seed, for reproducible sampled output
 ================ ======= ====== ==========================================================
 
+Errors a request causes (bad text, images, numbers or sizes) come back as
+``INVALID_ARG`` with a message that starts with :data:`CLIENT_ERROR_PREFIX`; anything
+else is the node's fault (``INTERNAL``). Text must be valid Unicode (UTF-8 without
+lone surrogates, which a JSON ``\\ud800`` escape decodes to). The size limits
+(prompt bytes, image sides, aspect ratio, resized pixels, ...) are model-config
+parameters of ``llava_preprocess``, listed in ``llava_node/preprocess.py``.
+
+``llava_engine`` may be called directly (its inputs are :data:`ENGINE_INPUTS`;
+``input_ids`` alone is enough: without ``pixel_values`` the prompt has no images, and
+the ``gen_*`` settings default as above). It checks every input itself, so one
+malformed request fails alone, whatever runs beside it.
+
 Outputs of ``llava`` (one response per generated piece of text, then a last one):
 
 ===================== ======= ====== ======================================================
@@ -32,6 +44,7 @@ Outputs of ``llava`` (one response per generated piece of text, then a last one)
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 __all__ = [
@@ -42,8 +55,14 @@ __all__ = [
     "ENGINE_INPUTS",
     "ENSEMBLE_INPUTS",
     "GREEDY_TEMPERATURE",
+    "MAX_STOP_LENGTH",
+    "MAX_STOP_STRINGS",
+    "MAX_TEMPERATURE",
     "OUTPUTS",
     "FinishReason",
+    "InvalidRequest",
+    "check_text",
+    "error_text",
 ]
 
 # Ensemble inputs: (name, Triton dtype, shape)
@@ -87,6 +106,42 @@ DEFAULT_TOP_P = 1.0
 # LLaVA's convention: a temperature at or below this is greedy decoding.
 GREEDY_TEMPERATURE = 0.001
 MAX_TEMPERATURE = 2.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters per stop string
+# Longest error text a client is sent: messages quote at most a name or a number, so
+# this only cuts what an exception from a library might carry (a whole template, say).
+MAX_ERROR_CHARS = 2000
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class InvalidRequest(ValueError):
+    """A client error: the message says what was wrong with the request."""
+
+
+def check_text(text: str, what: str) -> None:
+    """Raise :class:`InvalidRequest` unless ``text`` is valid Unicode a tokenizer takes.
+
+    A lone UTF-16 surrogate (``"\\ud800"`` in JSON decodes to one) cannot be encoded
+    as UTF-8: the tokenizer raises a TypeError on it, which must not pass for a node
+    fault. NUL and other control characters are valid text and tokenize; they are kept.
+    """
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise InvalidRequest(
+            f"{what} is not valid Unicode: it holds a lone surrogate U+{ord(m.group()):04X} "
+            f"at character {m.start()} (text must be UTF-8; in JSON, a \\uD800-\\uDFFF escape "
+            "is valid only as half of a surrogate pair)"
+        )
+
+
+def error_text(message: str) -> str:
+    """``message`` as an error text Triton can carry: valid UTF-8 (a surrogate quoted
+    from a request would make building the error raise), and not unbounded."""
+    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + " [...]"
+    return text
 
 
 class FinishReason(str, Enum):

@@ -1,7 +1,9 @@
 """Helpers for the Python-backend models: reading inputs and model-config parameters.
 
 ``triton_python_backend_utils`` exists only inside Triton's stub process, so the
-functions here take it (or its objects) as arguments.
+functions here take it (or its objects) as arguments. What a client sent wrong (a
+tensor of the wrong size, text that is not UTF-8) raises
+:class:`~llava_node.protocol.InvalidRequest`, a client error.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["bytes_list", "param", "scalar", "text"]
+from llava_node.protocol import InvalidRequest, check_text
+
+__all__ = ["bytes_list", "param", "scalar", "text", "text_list"]
 
 
 def param(model_config: dict[str, Any], key: str, env: str | None = None, default: str = "") -> str:
@@ -34,22 +38,35 @@ def scalar(pb: Any, request: Any, name: str) -> Any:
     if arr is None or arr.size == 0:
         return None
     if arr.size != 1:
-        raise ValueError(f"input {name} must hold one value, got {arr.size}")
+        raise InvalidRequest(f"input {name} must hold one value, got {arr.size}")
     value = arr.reshape(-1)[0]
     return value.item() if isinstance(value, np.generic) else value
 
 
-def text(pb: Any, request: Any, name: str) -> str | None:
-    """An optional [1]-shaped BYTES input as UTF-8 text."""
-    value = scalar(pb, request, name)
-    if value is None:
-        return None
+def _decode(value: Any, what: str) -> str:
     if isinstance(value, bytes):
         try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"input {name} is not valid UTF-8") from None
-    return str(value)
+            out = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"{what} is not valid UTF-8 (byte {exc.start} is not)") from None
+    else:
+        out = str(value)
+    check_text(out, what)
+    return out
+
+
+def text(pb: Any, request: Any, name: str) -> str | None:
+    """An optional [1]-shaped BYTES input as UTF-8 text (strict: a client error if not)."""
+    value = scalar(pb, request, name)
+    return None if value is None else _decode(value, f"input {name}")
+
+
+def text_list(pb: Any, request: Any, name: str) -> list[str]:
+    """An optional BYTES input as a list of UTF-8 strings (strict, like :func:`text`)."""
+    arr = _array(pb, request, name)
+    if arr is None:
+        return []
+    return [_decode(v, f"{name}[{i}]") for i, v in enumerate(arr.reshape(-1))]
 
 
 def bytes_list(pb: Any, request: Any, name: str) -> list[bytes]:

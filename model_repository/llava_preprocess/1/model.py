@@ -19,8 +19,8 @@ import triton_python_backend_utils as pb_utils
 from llava_node.engine.loading import checkpoint_from_env
 from llava_node.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 from llava_node.preprocess import InvalidRequest, Limits, Preprocessor, RawRequest
-from llava_node.protocol import CLIENT_ERROR_PREFIX
-from llava_node.triton_io import bytes_list, param, scalar, text
+from llava_node.protocol import CLIENT_ERROR_PREFIX, error_text
+from llava_node.triton_io import bytes_list, param, scalar, text, text_list
 
 
 class TritonPythonModel:
@@ -29,11 +29,20 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         checkpoint = checkpoint_from_env(param(config, "checkpoint"))
+        d = Limits()  # the defaults, and why, are in Limits' docstring
+
+        def limit(key: str, default: float) -> str:
+            return param(config, key, default=str(default))
+
         limits = Limits(
-            max_images=int(param(config, "max_images", default="8")),
-            max_image_pixels=int(param(config, "max_image_pixels", default=str(4096 * 4096))),
-            max_image_bytes=int(param(config, "max_image_bytes", default=str(20 * 1024 * 1024))),
-            max_tokens_limit=int(param(config, "max_tokens_limit", default="4096")),
+            max_images=int(limit("max_images", d.max_images)),
+            max_image_pixels=int(limit("max_image_pixels", d.max_image_pixels)),
+            max_image_bytes=int(limit("max_image_bytes", d.max_image_bytes)),
+            max_image_side=int(limit("max_image_side", d.max_image_side)),
+            max_image_aspect=float(limit("max_image_aspect", d.max_image_aspect)),
+            max_resized_pixels=int(limit("max_resized_pixels", d.max_resized_pixels)),
+            max_prompt_bytes=int(limit("max_prompt_bytes", d.max_prompt_bytes)),
+            max_tokens_limit=int(limit("max_tokens_limit", d.max_tokens_limit)),
         )
         self.preprocessor = Preprocessor(checkpoint, limits)
         freeze_startup_objects()
@@ -50,32 +59,34 @@ class TritonPythonModel:
                 max_tokens=scalar(pb_utils, request, "max_tokens"),
                 temperature=scalar(pb_utils, request, "temperature"),
                 top_p=scalar(pb_utils, request, "top_p"),
-                stop=[s.decode("utf-8", "replace") for s in bytes_list(pb_utils, request, "stop")],
+                stop=text_list(pb_utils, request, "stop"),
                 seed=scalar(pb_utils, request, "seed"),
             )
             prepared = self.preprocessor.prepare(raw)
-        except (InvalidRequest, ValueError) as exc:
-            return pb_utils.InferenceResponse(
-                output_tensors=[],
-                error=pb_utils.TritonError(CLIENT_ERROR_PREFIX + str(exc), pb_utils.TritonError.INVALID_ARG),
-            )
+            outputs = [
+                pb_utils.Tensor("input_ids", prepared.input_ids),
+                pb_utils.Tensor("pixel_values", prepared.pixel_values),
+                pb_utils.Tensor("gen_max_tokens", np.array([prepared.max_tokens], dtype=np.int32)),
+                pb_utils.Tensor("gen_temperature", np.array([prepared.temperature], dtype=np.float32)),
+                pb_utils.Tensor("gen_top_p", np.array([prepared.top_p], dtype=np.float32)),
+                pb_utils.Tensor("gen_seed", np.array([prepared.seed], dtype=np.int64)),
+                pb_utils.Tensor(
+                    "gen_stop", np.array([s.encode("utf-8") for s in prepared.stop], dtype=np.object_)
+                ),
+            ]
+        except InvalidRequest as exc:
+            # The control plane tells client errors from node faults by this prefix (a node
+            # fault counts against the node's circuit breaker; a bad request must not).
+            return self._error(CLIENT_ERROR_PREFIX + str(exc), pb_utils.TritonError.INVALID_ARG)
         except Exception as exc:  # a bug, not the client's fault: say so, keep serving
-            return pb_utils.InferenceResponse(
-                output_tensors=[],
-                error=pb_utils.TritonError(f"preprocessing failed: {exc!r}", pb_utils.TritonError.INTERNAL),
-            )
-        outputs = [
-            pb_utils.Tensor("input_ids", prepared.input_ids),
-            pb_utils.Tensor("pixel_values", prepared.pixel_values),
-            pb_utils.Tensor("gen_max_tokens", np.array([prepared.max_tokens], dtype=np.int32)),
-            pb_utils.Tensor("gen_temperature", np.array([prepared.temperature], dtype=np.float32)),
-            pb_utils.Tensor("gen_top_p", np.array([prepared.top_p], dtype=np.float32)),
-            pb_utils.Tensor("gen_seed", np.array([prepared.seed], dtype=np.int64)),
-            pb_utils.Tensor(
-                "gen_stop", np.array([s.encode("utf-8") for s in prepared.stop], dtype=np.object_)
-            ),
-        ]
+            return self._error(f"preprocessing failed: {exc!r}", pb_utils.TritonError.INTERNAL)
         return pb_utils.InferenceResponse(output_tensors=outputs)
+
+    @staticmethod
+    def _error(message: str, code: Any) -> Any:
+        return pb_utils.InferenceResponse(
+            output_tensors=[], error=pb_utils.TritonError(error_text(message), code)
+        )
 
     def finalize(self) -> None:
         unfreeze_at_shutdown()
