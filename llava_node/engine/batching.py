@@ -30,6 +30,13 @@ takes a large part of the cycle. Requests waiting then are admitted between thos
 sends, not only at the top of the loop: one that arrives while the tokens go out starts
 at once instead of waiting out the next step (on a GPU the step in flight computes
 meanwhile, and a newcomer joins the next launch either way).
+
+One request cannot take the others down: each is checked at submit
+(:func:`~llava_node.engine.base.check_request`: token ids in the vocabulary, pixels of
+the vision tower's size, image tokens matching the images, settings in range), and a
+failure while admitting, prefilling or answering one request ends that request alone.
+Only a failure of a batched step, which no single request can be blamed for, fails
+the requests in it. Every request ends with exactly one final call to its sink.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llava_node.engine.base import Engine, GenerationRequest
+from llava_node.engine.base import Engine, GenerationRequest, RequestLimits, safe_fail
 from llava_node.engine.runner import LlavaRunner, PendingTokens, PromptChunk
 from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
 from llava_node.textstream import SequenceText
@@ -122,6 +129,7 @@ class BatchingEngine(Engine):
         self._free_slots = list(range(runner.max_batch - 1, -1, -1))
         self._stopping = False
         self._admit_between_sends = runner.device.type == "cpu"
+        self.limits = RequestLimits.from_config(runner.loaded.model.config, runner.max_seq_len)
         self._thread = threading.Thread(target=self._loop, name="llava-engine", daemon=True)
         self._thread.start()
 
@@ -165,32 +173,43 @@ class BatchingEngine(Engine):
         return min(MAX_STREAM_INTERVAL, max(1, -(-running // AUTO_STREAM_BATCH)))
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; it fails at once if it could never fit the KV cache."""
+        """Queue a request; it fails alone at once if it is invalid or could never fit
+        the KV cache (client errors), or if the engine is shutting down."""
+        if self.refuse_invalid(request, self.limits):
+            return
         need = self.runner.cache.pages_for(int(request.input_ids.shape[0]) + request.max_tokens)
         capacity = self.runner.cache.allocator.capacity
         if need > capacity:
-            request.sink.fail(
+            with self.stats.lock:
+                self.stats.requests_failed += 1
+            safe_fail(
+                request,
                 f"{CLIENT_ERROR_PREFIX}the request needs {need * self.runner.cache.page_size} KV-cache tokens "
-                f"(prompt plus max_tokens); this node holds {capacity * self.runner.cache.page_size}"
+                f"(prompt plus max_tokens); this node holds {capacity * self.runner.cache.page_size}",
+                client_error=True,
             )
             return
         request.arrival = time.monotonic()
         with self._cond:
-            if self._stopping:
-                request.sink.fail("the model is shutting down")
-                return
-            self._waiting.append(request)
-            self._cond.notify()
+            stopping = self._stopping
+            if not stopping:
+                self._waiting.append(request)
+                self._cond.notify()
+        if stopping:
+            safe_fail(request, "the model is shutting down")
 
     def shutdown(self) -> None:
-        """Stop the loop; fail whatever is still waiting or running."""
+        """Stop the loop; end whatever is still waiting or running with an error."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        # The loop stops between steps: this waits out one step (or one prompt) at most.
         self._thread.join(timeout=30)
         with self._cond:
-            while self._waiting:
-                self._waiting.popleft().sink.fail("the model is shutting down")
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for req in waiting:
+            safe_fail(req, "the model is shutting down")
         for run in list(self._running.values()):
             self._finish(run, error="the model is shutting down")
 
@@ -261,6 +280,14 @@ class BatchingEngine(Engine):
         """Whether any request of ``step`` is still running (its tokens are wanted)."""
         return any(self._running.get(r.slot) is r for r in [*step.runs, *(r for r, _ in step.chunks)])
 
+    @staticmethod
+    def _is_cancelled(req: GenerationRequest) -> bool:
+        try:
+            return bool(req.sink.is_cancelled())
+        except Exception:  # the sink cannot be asked: end the request rather than the loop
+            log.exception("request %s: asking whether it was cancelled failed", req.request_id)
+            return True
+
     def _admit(self) -> None:
         cache = self.runner.cache
         while True:
@@ -268,30 +295,44 @@ class BatchingEngine(Engine):
                 if not self._waiting or not self._free_slots:
                     return
                 req = self._waiting[0]
-                if req.sink.is_cancelled():
-                    self._waiting.popleft()
-                    self._count_cancel()
-                    log.info("request %s cancelled before it started", req.request_id)
-                    req.sink.send("", [], FinishReason.CANCELLED, int(req.input_ids.shape[0]), 0)
-                    continue
-                pages = cache.allocator.allocate(
-                    cache.pages_for(int(req.input_ids.shape[0]) + req.max_tokens)
-                )
-                if pages is None:
-                    return  # first in line waits for pages; later ones wait behind it
+                pages: list[int] | None = None
+                if not self._is_cancelled(req):
+                    pages = cache.allocator.allocate(
+                        cache.pages_for(int(req.input_ids.shape[0]) + req.max_tokens)
+                    )
+                    if pages is None:
+                        return  # first in line waits for pages; later ones wait behind it
+                    slot = self._free_slots.pop()
                 self._waiting.popleft()
-                slot = self._free_slots.pop()
+            if pages is None:  # cancelled while it waited
+                self._count_cancel()
+                log.info("request %s cancelled before it started", req.request_id)
+                self._end_unstarted(req)
+                continue
             self._start(req, slot, pages)
+
+    def _end_unstarted(self, req: GenerationRequest) -> None:
+        """The final response of a request cancelled before its prompt ran."""
+        try:
+            req.sink.send("", [], FinishReason.CANCELLED, int(req.input_ids.shape[0]), 0)
+        except Exception as exc:
+            log.info("request %s: the cancelled response was not delivered (%s)", req.request_id, exc)
+            safe_fail(req, f"sending the final response failed: {exc}")
 
     def _start(self, req: GenerationRequest, slot: int, pages: list[int]) -> None:
         n = int(req.input_ids.shape[0])
-        run = _Running(
-            request=req,
-            slot=slot,
-            pages=pages,
-            text=SequenceText(self.tokenizer, req.stop, self.eos_token_ids, req.max_tokens),
-            prompt_tokens=n,
-        )
+        try:
+            text = SequenceText(self.tokenizer, req.stop, self.eos_token_ids, req.max_tokens)
+        except Exception as exc:
+            log.exception("request %s: its text state could not be made", req.request_id)
+            self.runner.cache.allocator.release(pages)
+            with self._cond:
+                self._free_slots.append(slot)
+            with self.stats.lock:
+                self.stats.requests_failed += 1
+            safe_fail(req, f"the request could not be started on the node: {exc}")
+            return
+        run = _Running(request=req, slot=slot, pages=pages, text=text, prompt_tokens=n)
         chunked = bool(self.prefill_chunk) and bool(self._running)  # others are running
         if chunked:
             backlog = sum(r.prompt_tokens - r.prefilled for r in self._running.values() if not r.decoding)
@@ -308,11 +349,14 @@ class BatchingEngine(Engine):
                 run.embeds = self.runner.prompt_embeddings(req.input_ids, req.pixel_values)
                 return
             token = self.runner.prefill(slot, req.input_ids, req.pixel_values)
-        except ValueError as exc:
-            self._finish(run, error=str(exc))
-            return
         except torch.cuda.OutOfMemoryError:
             self._finish(run, error="the node ran out of GPU memory during the prompt; try a shorter one")
+            return
+        except Exception as exc:
+            # Only this request's own prompt ran (no other request's state is touched by a
+            # prefill), so it fails alone. It passed check_request: the node's fault.
+            log.exception("request %s: its prompt failed", req.request_id)
+            self._finish(run, error=f"the prompt failed on the node: {exc}")
             return
         finally:
             with self.stats.lock:
@@ -327,7 +371,7 @@ class BatchingEngine(Engine):
 
     def _reap_cancelled(self) -> None:
         for run in list(self._running.values()):
-            if run.request.sink.is_cancelled():
+            if self._is_cancelled(run.request):
                 run.text.cancel()
                 self._count_cancel()
                 log.info("request %s cancelled after %d tokens", run.request.request_id, run.text.count)
@@ -356,7 +400,12 @@ class BatchingEngine(Engine):
             self.stats.token_handling_seconds += time.perf_counter() - t1
 
     def _emit(self, run: _Running, token: int, every: int = 1) -> None:
-        run.pending_text += run.text.add(token)
+        try:
+            run.pending_text += run.text.add(token)
+        except Exception as exc:  # detokenizing this request's token: this request's fault
+            log.exception("request %s: its text could not be decoded", run.request.request_id)
+            self._finish(run, error=f"decoding the generated text failed on the node: {exc}")
+            return
         run.pending_ids.append(token)
         with self.stats.lock:
             self.stats.tokens_generated += 1
@@ -366,34 +415,42 @@ class BatchingEngine(Engine):
             ids, run.pending_ids = run.pending_ids, []
             try:
                 run.request.sink.send(text, ids, run.text.finish_reason, run.prompt_tokens, run.text.count)
-            except Exception as exc:  # the client is gone: stop generating for it
+            except Exception as exc:  # the client is gone, or the response was refused
                 log.info("request %s: sending failed (%s); stopping it", run.request.request_id, exc)
                 run.text.cancel()
                 self._count_cancel()
-                finished = True
+                # The stream must still be closed, or Triton never releases the request
+                # (a model waiting for it never finishes unloading): fail() closes it.
+                self._finish(run, error=f"sending a response failed: {exc}", send_failed=True)
+                return
         if finished:
             self._finish(run, final_sent=True)
 
-    def _finish(self, run: _Running, *, error: str | None = None, final_sent: bool = False) -> None:
+    def _finish(
+        self, run: _Running, *, error: str | None = None, final_sent: bool = False, send_failed: bool = False
+    ) -> None:
+        """Take ``run`` out, give its pages and slot back, and end its stream: with
+        ``error`` (``fail``), else with a final response, unless ``final_sent``."""
         if self._running.pop(run.slot, None) is None:
             return
         self.runner.cache.allocator.release(run.pages)
         with self._cond:
             self._free_slots.append(run.slot)
         with self.stats.lock:
-            if error is not None:
+            if error is not None and not send_failed:
                 self.stats.requests_failed += 1
             else:
                 self.stats.requests_finished += 1
         if final_sent:
             return
+        if error is not None:
+            safe_fail(run.request, error)
+            return
         try:
-            if error is not None:
-                run.request.sink.fail(error)
-            else:
-                reason = run.text.finish_reason or FinishReason.CANCELLED
-                run.request.sink.send(
-                    run.pending_text, run.pending_ids, reason, run.prompt_tokens, run.text.count
-                )
-        except Exception:  # the client is gone; nothing more to tell it
+            reason = run.text.finish_reason or FinishReason.CANCELLED
+            run.request.sink.send(
+                run.pending_text, run.pending_ids, reason, run.prompt_tokens, run.text.count
+            )
+        except Exception as exc:  # the client is gone; the stream must still be closed
             log.debug("final response for %s not delivered", run.request.request_id)
+            safe_fail(run.request, f"sending the final response failed: {exc}")

@@ -1,7 +1,10 @@
 """The baseline engine: transformers' own ``generate``, one request at a time per worker.
 
 This is what LLaVA's model worker does. It serves checkpoints the batching engine
-does not implement, and it is the baseline the benchmark compares against.
+does not implement, and it is the baseline the benchmark compares against. Requests
+are checked at submit as the batching engine checks them; each ends with exactly one
+final call to its sink, shutdown included (a running generation stops at its next
+token).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llava_node.engine.base import Engine, GenerationRequest
+from llava_node.engine.base import Engine, GenerationRequest, RequestLimits, safe_fail
 from llava_node.engine.loading import LoadedModel
 from llava_node.protocol import FinishReason
 from llava_node.textstream import SequenceText
@@ -69,6 +72,8 @@ class _StopWhenDone:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         s = self.streamer
+        if not s.done and s.engine.stopping:
+            s.done = True  # shutdown: _generate ends the request with an error
         if not s.done and s.request.sink.is_cancelled():
             s.text.cancel()
             s.done = True
@@ -82,6 +87,8 @@ class HFGenerateEngine(Engine):
     def __init__(self, loaded: LoadedModel, workers: int = 1) -> None:
         super().__init__()
         self.loaded = loaded
+        self.limits = RequestLimits.from_config(loaded.model.config, loaded.context_length)
+        self.stopping = False
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._active = 0
         self._lock = threading.Lock()
@@ -112,11 +119,18 @@ class HFGenerateEngine(Engine):
         }
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request for the next free worker."""
+        """Queue a request for the next free worker; an invalid one fails at once, alone."""
+        if self.refuse_invalid(request, self.limits):
+            return
+        if self.stopping:
+            safe_fail(request, "the model is shutting down")
+            return
         self._queue.put(request)
 
     def shutdown(self) -> None:
-        """Stop the workers after their current request."""
+        """Stop the workers: a running generation stops at its next token; every request
+        still running or waiting ends with an error."""
+        self.stopping = True
         for _ in self._threads:
             self._queue.put(None)
         for t in self._threads:
@@ -127,7 +141,7 @@ class HFGenerateEngine(Engine):
             except queue.Empty:
                 return
             if req is not None:
-                req.sink.fail("the model is shutting down")
+                safe_fail(req, "the model is shutting down")
 
     def _work(self) -> None:
         while True:
@@ -142,7 +156,7 @@ class HFGenerateEngine(Engine):
                 log.exception("generate failed")
                 with self.stats.lock:
                     self.stats.requests_failed += 1
-                req.sink.fail(f"generation failed on the node: {exc}")
+                safe_fail(req, f"generation failed on the node: {exc}")
             finally:
                 with self._lock:
                     self._active -= 1
@@ -177,6 +191,11 @@ class HFGenerateEngine(Engine):
             pad_token_id=lm.tokenizer.pad_token_id,
             **sampling,
         )
+        if self.stopping and text.finish_reason is None:
+            with self.stats.lock:
+                self.stats.requests_failed += 1
+            safe_fail(req, "the model is shutting down")
+            return
         if text.finish_reason is None:  # generate ended on its own (e.g. its own eos handling)
             text.finish_reason = FinishReason.STOP
             req.sink.send("", streamer.pending, text.finish_reason, streamer.prompt_tokens, text.count)

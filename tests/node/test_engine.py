@@ -17,7 +17,7 @@ from llava_node.engine.batching import MAX_CHUNK_BACKLOG_STEPS, BatchingEngine
 from llava_node.engine.hf_generate import HFGenerateEngine
 from llava_node.engine.loading import LoadedModel, load_llava
 from llava_node.engine.runner import LlavaRunner, RunnerConfig
-from llava_node.protocol import FinishReason
+from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
 
 
 class CollectingSink:
@@ -28,6 +28,7 @@ class CollectingSink:
         self.text = ""
         self.reason: FinishReason | None = None
         self.error: str | None = None
+        self.client_error: bool | None = None
         self.responses = 0
         self.sizes: list[int] = []
         self.done = threading.Event()
@@ -51,8 +52,10 @@ class CollectingSink:
             self.reason = finish_reason
             self.done.set()
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, client_error: bool = False) -> None:
+        assert self.error is None, "fail after fail"
         self.error = message
+        self.client_error = client_error
         self.done.set()
 
     def is_cancelled(self) -> bool:
@@ -339,3 +342,211 @@ def test_on_the_cpu_a_request_arriving_while_tokens_go_out_starts_before_the_nex
         eng.shutdown()
     assert 0 < seen["c_at_a_last"] < 40
     assert seen["c_at_b_first"] == seen["c_at_a_last"], seen
+
+
+# -- one bad request fails alone -------------------------------------------------------------
+def wait_for_tokens(sinks: Sequence[CollectingSink], n: int = 2, timeout_s: float = 60) -> None:
+    """Until every sink has ``n`` tokens (the requests are decoding)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(len(s.ids) >= n for s in sinks):
+        assert time.monotonic() < deadline, "the requests never started"
+        time.sleep(0.005)
+
+
+def malformed(processor, vocab: int) -> dict[str, GenerationRequest]:
+    """Requests a direct llava_engine call could send, each wrong in one way."""
+    x = make_inputs(processor, 0)
+    ids, pv = x["input_ids"][0], x["pixel_values"]
+    text_ids = processor(text="USER: hi ASSISTANT:", return_tensors="pt")["input_ids"][0]
+    one = CollectingSink  # a fresh sink per request
+
+    def req(**kw) -> GenerationRequest:
+        base = {"input_ids": ids, "pixel_values": pv, "max_tokens": 16, "temperature": 0.0}
+        base.update(kw)
+        return GenerationRequest(
+            "bad", base["input_ids"], base["pixel_values"], base["max_tokens"], base["temperature"],
+            base.get("top_p", 1.0), base.get("seed", 0), base.get("stop", []), one(),
+        )  # fmt: skip
+
+    return {
+        "token id past the vocabulary": req(input_ids=torch.cat([ids, torch.tensor([vocab + 5])])),
+        "negative token id": req(input_ids=torch.cat([ids, torch.tensor([-1])])),
+        "ids of two dimensions": req(input_ids=ids[None]),
+        "float ids": req(input_ids=ids.float()),
+        "no ids": req(input_ids=ids[:0], pixel_values=None),
+        "image tokens without pixels": req(pixel_values=None),
+        "pixels without image tokens": req(input_ids=text_ids),
+        "pixels of another size": req(pixel_values=torch.zeros(1, 3, 224, 224)),
+        "two images for one": req(pixel_values=torch.cat([pv, pv])),
+        "NaN pixels": req(pixel_values=torch.full_like(pv, float("nan"))),
+        "huge pixels": req(pixel_values=torch.full_like(pv, 1e30)),
+        "prompt as long as the context": req(
+            input_ids=torch.ones(2048, dtype=torch.int64), pixel_values=None
+        ),
+        "max_tokens 0": req(max_tokens=0),
+        "temperature NaN": req(temperature=float("nan")),
+        "temperature 5": req(temperature=5.0),
+        "top_p 0": req(top_p=0.0),
+        "top_p inf": req(top_p=float("inf")),
+        "negative seed": req(seed=-1),
+        "seed past 63 bits": req(seed=1 << 64),
+        "too many stop strings": req(stop=[f"s{i}" for i in range(17)]),
+        "a long stop string": req(stop=["x" * 300]),
+        "a lone surrogate in a stop string": req(stop=["\ud800"]),
+    }
+
+
+def test_a_malformed_request_fails_alone_while_others_run(engine, processor, reference) -> None:
+    inputs = [make_inputs(processor, i) for i in range(3)]
+    expected = [hf_greedy(reference, x, 40) for x in inputs]
+    good = [CollectingSink() for _ in inputs]
+    for i, (x, sink) in enumerate(zip(inputs, good, strict=True)):
+        engine.submit(request(x, sink, max_tokens=40, rid=f"good{i}"))
+    wait_for_tokens(good)  # they decode together now
+    bad = malformed(processor, engine.runner.vocab)
+    for r in bad.values():
+        engine.submit(r)
+    for name, r in bad.items():
+        bad_sink = r.sink
+        assert isinstance(bad_sink, CollectingSink)
+        assert bad_sink.done.wait(10), name
+        assert bad_sink.error is not None and bad_sink.error.startswith(CLIENT_ERROR_PREFIX), (
+            name,
+            bad_sink.error,
+        )
+        assert bad_sink.client_error is True, name
+        assert bad_sink.ids == [], name
+    for sink, exp in zip(good, expected, strict=True):
+        sink.wait()
+        assert sink.error is None, sink.error
+        assert sink.ids == exp  # exactly what they generate alone
+
+
+def test_the_engine_names_what_was_wrong(engine, processor) -> None:
+    bad = malformed(processor, engine.runner.vocab)
+    for r in bad.values():
+        engine.submit(r)
+    errors = {name: r.sink.wait().error for name, r in bad.items()}  # type: ignore[attr-defined]
+    assert errors["token id past the vocabulary"] == (
+        f"{CLIENT_ERROR_PREFIX}input_ids holds the token id {engine.runner.vocab + 5}; "
+        f"ids must be in [0, {engine.runner.vocab})"
+    )
+    assert "[images, 3, 336, 336]" in (errors["pixels of another size"] or "")
+    assert "holds 576 image tokens (id" in (errors["image tokens without pixels"] or "")
+    assert "for 2 image(s); each image takes 576" in (errors["two images for one"] or "")
+    assert "temperature is nan" in (errors["temperature NaN"] or "")
+
+
+def test_max_tokens_past_the_context_is_capped_not_a_failure(engine, processor) -> None:
+    # A direct call may ask for more than the context holds: it ends with "length" there.
+    ids = torch.ones(2040, dtype=torch.int64)
+    sink = CollectingSink()
+    engine.submit(GenerationRequest("long", ids, None, 1000, 0.0, 1.0, 0, [], sink))
+    assert sink.wait().error is None
+    assert len(sink.ids) == 2048 - 2040 and sink.reason is FinishReason.LENGTH
+
+
+def test_a_prompt_that_fails_on_the_node_fails_only_its_request(
+    tiny_checkpoint: Path, processor, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = chunked_engine(tiny_checkpoint, 0)
+    prefill = eng.runner.prefill
+
+    def failing_prefill(slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> int:
+        if int(input_ids[-1]) == 7:  # the poisoned request
+            raise RuntimeError("boom in the prompt")
+        return prefill(slot, input_ids, pixel_values)
+
+    monkeypatch.setattr(eng.runner, "prefill", failing_prefill)
+    try:
+        inputs = [make_inputs(processor, i) for i in range(2)]
+        expected = [hf_greedy(reference, x, 40) for x in inputs]
+        good = [CollectingSink() for _ in inputs]
+        for x, sink in zip(inputs, good, strict=True):
+            eng.submit(request(x, sink, max_tokens=40))
+        wait_for_tokens(good)
+        poisoned = CollectingSink()
+        eng.submit(GenerationRequest("poisoned", torch.tensor([1, 5, 7]), None, 8, 0.0, 1.0, 0, [], poisoned))
+        assert poisoned.done.wait(10)
+        assert poisoned.error == "the prompt failed on the node: boom in the prompt"
+        assert poisoned.client_error is False  # a node fault, though only this request's
+        for sink, exp in zip(good, expected, strict=True):
+            assert sink.wait().error is None
+            assert sink.ids == exp
+        assert eng.stats.snapshot()["requests_failed"] == 1
+    finally:
+        eng.shutdown()
+
+
+class RaisingSink(CollectingSink):
+    """A client that is gone after its ``fails_at``-th response: sending raises."""
+
+    def __init__(self, fails_at: int) -> None:
+        super().__init__()
+        self.fails_at = fails_at
+
+    def send(self, text, token_ids, finish_reason, prompt_tokens, completion_tokens) -> None:
+        if self.responses + 1 >= self.fails_at:
+            self.responses += 1
+            raise RuntimeError("the stream is gone")
+        super().send(text, token_ids, finish_reason, prompt_tokens, completion_tokens)
+
+
+def test_a_request_whose_send_fails_is_still_ended_and_the_others_are_not(
+    engine, processor, reference
+) -> None:
+    # Triton releases a request only once its stream was ended: a send that raised must
+    # be followed by fail() (which closes it), or an unload waits for it forever.
+    inputs = [make_inputs(processor, i) for i in range(2)]
+    expected = [hf_greedy(reference, x, 30) for x in inputs]
+    good = CollectingSink()
+    gone = RaisingSink(fails_at=3)
+    engine.submit(request(inputs[0], good, max_tokens=30))
+    engine.submit(request(inputs[1], gone, max_tokens=30))
+    assert gone.done.wait(10), "the engine never ended the request whose send failed"
+    assert gone.error is not None and "the stream is gone" in gone.error
+    assert good.wait().ids == expected[0]
+    first = RaisingSink(fails_at=1)  # the very first response (after the prefill) fails
+    engine.submit(request(inputs[1], first, max_tokens=30))
+    assert first.done.wait(10) and first.error is not None
+
+
+def test_the_hf_generate_engine_refuses_malformed_requests(tiny_checkpoint: Path, processor) -> None:
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    eng = HFGenerateEngine(loaded)
+    try:
+        bad = malformed(processor, int(loaded.model.config.text_config.vocab_size))
+        for r in bad.values():
+            eng.submit(r)
+        for name, r in bad.items():
+            sink = r.sink
+            assert isinstance(sink, CollectingSink)
+            assert sink.done.wait(10), name
+            assert (sink.error or "").startswith(CLIENT_ERROR_PREFIX) and sink.client_error, (
+                name,
+                sink.error,
+            )
+    finally:
+        eng.shutdown()
+
+
+def test_shutdown_ends_every_request_at_once(tiny_checkpoint: Path, processor) -> None:
+    x = make_inputs(processor, 1)
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    hf = HFGenerateEngine(loaded)
+    batching = chunked_engine(tiny_checkpoint, 0)
+    for eng in (hf, batching):
+        sinks = [CollectingSink() for _ in range(3)]
+        for s in sinks:
+            eng.submit(request(x, s, max_tokens=1400, temperature=0.0))
+        wait_for_tokens(sinks[:1])
+        started = time.monotonic()
+        eng.shutdown()
+        assert time.monotonic() - started < 3, type(eng).__name__  # not the rest of 1400 tokens
+        for s in sinks:
+            assert s.done.is_set(), type(eng).__name__
+            assert s.error == "the model is shutting down" or s.reason is not None
+        assert any(s.error == "the model is shutting down" for s in sinks)
+        late = CollectingSink()
+        eng.submit(request(x, late))
+        assert late.done.is_set() and late.error == "the model is shutting down"
