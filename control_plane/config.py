@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from control_plane.worker_addresses import AddressPolicy
+from control_plane.fleet.addresses import AddressPolicy
 
 __all__ = ["DispatchPolicy", "Settings"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class DispatchPolicy(str, Enum):
+class DispatchPolicy(StrEnum):
     """How the control plane picks a node for a request."""
 
     SHORTEST_QUEUE = "shortest_queue"

@@ -1,170 +1,177 @@
-"""The FastAPI application: its parts are made and closed by the lifespan."""
+"""The FastAPI application: ``create_app(settings, node_client=None)``.
+
+Nothing starts until the lifespan runs. It builds the parts leaves first, each given what
+it needs by keyword (nothing is wired by assignment afterwards), starts the background
+loops, and at exit closes everything in the reverse order. The node client is the one
+seam to the nodes: the real one by default, an in-memory one in the fast tests.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import aiohttp
 from fastapi import FastAPI
-from sqlalchemy import update
 
 from control_plane.config import Settings
-from control_plane.db import BatchWriter, Database
-from control_plane.discovery import DnsDiscovery
+from control_plane.container import ControlPlane
 from control_plane.errors import ServiceError
-from control_plane.fleet import Fleet
-from control_plane.health import HealthPoller
-from control_plane.leases import LeaseManager
-from control_plane.lifecycle import ModelManager
+from control_plane.fleet.addresses import AddressPolicy
+from control_plane.fleet.breaker import CircuitBreaker
+from control_plane.fleet.discovery import DnsDiscovery
+from control_plane.fleet.health import HealthPoller
+from control_plane.fleet.leases import LeaseManager
+from control_plane.fleet.registry import Fleet
+from control_plane.fleet.store import WorkerStore
+from control_plane.lifecycle.admin import ModelAdmin
+from control_plane.lifecycle.events import ModelEventLog
+from control_plane.lifecycle.manager import ModelManager
+from control_plane.lifecycle.views import ModelViews
 from control_plane.metrics import ControlPlaneMetrics
-from control_plane.proxy import TritonPool
-from control_plane.retention import RetentionLoop
-from control_plane.routing import Router
-from control_plane.schema import RequestRecord, utcnow
-from control_plane.service import GenerationService
-from control_plane.sql import SqlExecutor
-from control_plane.store import WorkerStore
-from control_plane.worker_addresses import AddressPolicy
-from llava_node.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
+from control_plane.nodes.client import NodeClient
+from control_plane.nodes.triton import TritonNodeClient
+from control_plane.serving.routing import Router
+from control_plane.serving.service import GenerationService
+from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.history import fail_abandoned_requests
+from control_plane.storage.retention import RetentionLoop
+from control_plane.storage.sql import SqlExecutor
+from llava_wire.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 
-__all__ = ["ControlPlane", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ControlPlane:
-    """Everything a request handler may need, made once per app."""
+async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
+    """Every part, leaves first."""
+    db = Database(settings.sqlalchemy_url)
+    await asyncio.to_thread(db.create_schema)
+    abandoned = await asyncio.to_thread(fail_abandoned_requests, db, settings.replica_name)
+    if abandoned:
+        log.warning("marked %d requests left running by a previous run as failed", abandoned)
+    metrics = ControlPlaneMetrics()
+    writer = BatchWriter(
+        db,
+        settings.db_flush_interval_s,
+        settings.db_batch_size,
+        on_lost=lambda reason, rows: metrics.db_rows_lost.labels(reason=reason).inc(rows),
+    )
+    store = WorkerStore(db, writer, replica=settings.replica_name)
+    await asyncio.to_thread(store.load)
+    leases = LeaseManager(db, settings.replica_name, settings.lease_period_s)
+    breaker = CircuitBreaker(store, settings.breaker_threshold, settings.breaker_cooldown_s)
+    poller = HealthPoller(store, settings, nodes=nodes, breaker=breaker, leases=leases)
+    fleet = Fleet(store, poller, nodes=nodes, policy=AddressPolicy(settings.worker_allowed_hosts))
+    models = ModelManager(settings, store, nodes=nodes, events=ModelEventLog(writer, metrics))
+    views = ModelViews(models)
+    service = GenerationService(
+        settings,
+        store,
+        Router(settings.dispatch_policy),
+        nodes=nodes,
+        writer=writer,
+        metrics=metrics,
+        breaker=breaker,
+        cold_start=models.ensure_loaded,
+    )
+    return ControlPlane(
+        settings=settings,
+        db=db,
+        writer=writer,
+        store=store,
+        nodes=nodes,
+        breaker=breaker,
+        leases=leases,
+        poller=poller,
+        fleet=fleet,
+        models=models,
+        model_views=views,
+        model_admin=ModelAdmin(models, views),
+        service=service,
+        metrics=metrics,
+        http=aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64, limit_per_host=8)),
+        sql=SqlExecutor(
+            settings.sql_max_concurrent, lambda outcome: metrics.admin_sql.labels(outcome=outcome).inc()
+        ),
+        retention=RetentionLoop.from_settings(
+            db, settings, lambda table, rows: metrics.retention_deleted.labels(table=table).inc(rows)
+        ),
+        discovery=(
+            DnsDiscovery(fleet, settings.discovery_dns, settings.discovery_interval_s)
+            if settings.discovery_dns
+            else None
+        ),
+    )
 
-    settings: Settings
-    db: Database
-    writer: BatchWriter
-    store: WorkerStore
-    poller: HealthPoller
-    fleet: Fleet
-    pool: TritonPool
-    router: Router
-    service: GenerationService
-    metrics: ControlPlaneMetrics
-    http: aiohttp.ClientSession
-    leases: LeaseManager
-    models: ModelManager
-    discovery: DnsDiscovery | None = None
-    sql: SqlExecutor | None = None  # admin SQL's own threads (api/admin.py)
-    retention: RetentionLoop | None = None
+
+async def _start(cp: ControlPlane) -> None:
+    """Register the static workers, poll once, then start the background loops."""
+    for url in cp.settings.workers:
+        try:
+            await cp.fleet.register(url, source="static", poll=False)
+        except ServiceError as exc:  # a contradiction in the operator's own settings
+            raise RuntimeError(f"static worker {url}: {exc.message}") from None
+    await cp.poller.poll_all()
+    cp.poller.start()
+    if cp.discovery is not None:
+        cp.discovery.start()
+    await cp.models.start()
+    cp.retention.start()
 
 
-def _fail_abandoned_requests(db: Database, replica: str) -> int:
-    """Requests this replica left 'running' when it died are failed, not left forever."""
-    with db.session() as s:
-        result = s.execute(
-            update(RequestRecord)
-            .where(RequestRecord.status == "running", RequestRecord.replica == replica)
-            .values(
-                status="error", error="the control plane stopped before the request ended", ended_at=utcnow()
-            )
-        )
-        return int(getattr(result, "rowcount", 0) or 0)
+async def _stop(cp: ControlPlane) -> None:
+    """Stop and close everything, the reverse of :func:`_build` and :func:`_start`."""
+    await cp.sql.aclose()  # interrupts running admin queries: nothing below waits for one
+    await cp.retention.stop()
+    await cp.models.stop()
+    if cp.discovery is not None:
+        await cp.discovery.stop()
+    await cp.poller.stop()
+    try:  # the other replicas take the polling over at once instead of after the lease period
+        await asyncio.to_thread(cp.leases.release_all)
+    except Exception as exc:
+        log.warning("could not release the poll leases: %s", exc)
+    await cp.service.drain()  # pending cancellations, bounded
+    await cp.http.close()
+    await asyncio.to_thread(cp.writer.close)
+    cp.db.dispose()
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the database and clients, load and poll the fleet; close all at exit."""
     settings: Settings = app.state.settings
-    db = Database(settings.sqlalchemy_url)
-    await asyncio.to_thread(db.create_schema)
-    abandoned = await asyncio.to_thread(_fail_abandoned_requests, db, settings.replica_name)
-    if abandoned:
-        log.warning("marked %d requests left running by a previous run as failed", abandoned)
-    writer = BatchWriter(db, settings.db_flush_interval_s, settings.db_batch_size)
-    store = WorkerStore(db, writer, replica=settings.replica_name)
-    await asyncio.to_thread(store.load)
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512, limit_per_host=8))
-    leases = LeaseManager(db, settings.replica_name, settings.lease_period_s)
-    pool = TritonPool()
-    poller = HealthPoller(store, settings, http, leases=leases)
-    metrics = ControlPlaneMetrics()
-    writer.on_lost = lambda reason, rows: metrics.db_rows_lost.labels(reason=reason).inc(rows)
-    sql = SqlExecutor(
-        settings.sql_max_concurrent, lambda outcome: metrics.admin_sql.labels(outcome=outcome).inc()
-    )
-    retention = RetentionLoop.from_settings(
-        db, settings, lambda table, rows: metrics.retention_deleted.labels(table=table).inc(rows)
-    )
-    router = Router(settings.dispatch_policy)
-    fleet = Fleet(store, poller, pool, http, AddressPolicy(settings.worker_allowed_hosts))
-    poller.on_removed = fleet.forget  # workers removed through another replica
-    service = GenerationService(settings, store, router, pool, writer, metrics)
-    poller.breaker = service.breaker
-    models = ModelManager(settings, store, writer, http, metrics)
-    service.ensure_loaded = models.ensure_loaded
-    discovery = (
-        DnsDiscovery(fleet, settings.discovery_dns, settings.discovery_interval_s)
-        if settings.discovery_dns
-        else None
-    )
-    cp = ControlPlane(
-        settings,
-        db,
-        writer,
-        store,
-        poller,
-        fleet,
-        pool,
-        router,
-        service,
-        metrics,
-        http,
-        leases,
-        models,
-        discovery,
-        sql=sql,
-        retention=retention,
-    )
-    app.state.cp = cp
-    for url in settings.workers:
-        try:
-            await fleet.register(url, source="static", poll=False)
-        except ServiceError as exc:  # a contradiction in the operator's own settings
-            raise RuntimeError(f"static worker {url}: {exc.message}") from None
-    await poller.poll_all()
-    poller.start()
-    if discovery is not None:
-        discovery.start()
-    await models.start()
-    retention.start()
-    # SIGTERM interrupts admin queries at once (uvicorn waits for open requests before the lifespan ends)
-    restore_signals = sql.interrupt_on_signals(asyncio.get_running_loop())
-    freeze_startup_objects()  # full collections had stalled the event loop 17-105 ms
-    log.info("control plane %s up: %d workers, database %s", settings.replica_name, len(store.all()), db.url)
-    try:
+    given: NodeClient | None = app.state.node_client
+    async with AsyncExitStack() as stack:
+        nodes = given if given is not None else TritonNodeClient()
+        if given is None:  # ours to close; a client passed in is the caller's
+            stack.push_async_callback(nodes.close)
+        cp = await _build(settings, nodes)
+        stack.push_async_callback(_stop, cp)
+        app.state.cp = cp
+        await _start(cp)
+        # SIGTERM interrupts admin queries at once (uvicorn waits for open requests before the lifespan ends)
+        stack.callback(cp.sql.interrupt_on_signals(asyncio.get_running_loop()))
+        freeze_startup_objects()  # full collections had stalled the event loop 17-105 ms
+        stack.callback(unfreeze_at_shutdown)
+        log.info(
+            "control plane %s up: %d workers, database %s",
+            settings.replica_name,
+            len(cp.store.all()),
+            cp.db.url,
+        )
         yield
-    finally:
-        await sql.aclose()  # interrupts running admin queries: nothing below waits for one
-        restore_signals()
-        await retention.stop()
-        await models.stop()
-        if discovery is not None:
-            await discovery.stop()
-        await poller.stop()
-        try:  # the other replicas take the polling over at once instead of after the lease period
-            await asyncio.to_thread(leases.release_all)
-        except Exception as exc:
-            log.warning("could not release the poll leases: %s", exc)
-        await service.drain()  # pending cancellations, bounded
-        await pool.close()
-        await http.close()
-        await asyncio.to_thread(writer.close)
-        db.dispose()
-        unfreeze_at_shutdown()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the control-plane app (nothing starts until its lifespan runs)."""
+def create_app(settings: Settings | None = None, node_client: NodeClient | None = None) -> FastAPI:
+    """Build the control-plane app (nothing starts until its lifespan runs).
+
+    ``node_client``: how it talks to nodes; default a :class:`TritonNodeClient` made (and
+    closed) by the lifespan."""
     from control_plane.api import admin, errors, llava, openai
     from control_plane.api.limits import BodySizeLimit
 
@@ -176,6 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.node_client = node_client
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     app.include_router(llava.router)

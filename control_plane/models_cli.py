@@ -64,7 +64,7 @@ def _placements(model: dict[str, Any]) -> str:
 
 
 def _table(models: list[dict[str, Any]]) -> str:
-    from control_plane.sql import QueryResult, format_table
+    from control_plane.storage.sql import QueryResult, format_table
 
     rows = [
         (

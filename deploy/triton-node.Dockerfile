@@ -24,7 +24,8 @@ COPY deploy/triton-node.requirements.txt /opt/llava/requirements.txt
 RUN python3 -c "import sys; v = '%d.%d' % sys.version_info[:2]; assert v == '${TRITON_PYTHON}', v" \
     && python3 -m pip install -r /opt/llava/requirements.txt
 
-# The model code imports llava_node; the stub finds it through PYTHONPATH.
+# The model code imports llava_node and llava_wire; the stub finds them through PYTHONPATH.
+COPY llava_wire/ /opt/llava/llava_wire/
 COPY llava_node/ /opt/llava/llava_node/
 COPY model_repository/ /models/
 

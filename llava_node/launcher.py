@@ -45,7 +45,9 @@ __all__ = [
     "TritonNode",
     "TritonNodeConfig",
     "free_port",
+    "free_port_block",
     "resolve_checkpoint",
+    "stop_all",
     "tritonserver_paths",
 ]
 
@@ -99,6 +101,36 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_port_block(host: str, start: int, size: int = 3, avoid: set[int] | None = None) -> int:
+    """The first port >= ``start`` such that ``size`` consecutive ports are free (a node's
+    HTTP, gRPC and metrics ports, Triton's convention that control planes rely on)."""
+    avoid = avoid or set()
+    port = start
+    while port < 65000:
+        block = range(port, port + size)
+        if not avoid.intersection(block) and all(_port_free(host, p) for p in block):
+            return port
+        port += size
+    raise RuntimeError("no free port block found")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def stop_all(nodes: Sequence[TritonNode]) -> None:
+    """Stop nodes in parallel (each waits for its server to exit, then kills what is left)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+        list(pool.map(lambda n: n.stop(), nodes))
 
 
 def _python_env_paths(extra: str = "") -> list[str]:

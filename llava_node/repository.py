@@ -18,10 +18,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava_wire.protocol import STEP_SUFFIXES
+
 __all__ = ["STEPS", "AddedModel", "ModelRepositoryError", "add_model", "check_model_name"]
 
 BASE_MODEL = "llava"
-STEPS = ("_preprocess", "_engine")  # the suffixes of an ensemble's step models
+STEPS = STEP_SUFFIXES  # the suffixes of an ensemble's step models
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _CHECKPOINT_PARAM = re.compile(r'(parameters \{ key: "checkpoint" value: \{ string_value: )"[^"\n]*"')
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from llava_node.protocol import FinishReason
+from llava_wire.protocol import FinishReason
 
 __all__ = ["IncrementalDetokenizer", "SequenceText", "StopMatcher"]
 

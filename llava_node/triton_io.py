@@ -3,7 +3,7 @@
 ``triton_python_backend_utils`` exists only inside Triton's stub process, so the
 functions here take it (or its objects) as arguments. What a client sent wrong (a
 tensor of the wrong size, text that is not UTF-8) raises
-:class:`~llava_node.protocol.InvalidRequest`, a client error.
+:class:`~llava_wire.protocol.InvalidRequest`, a client error.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from llava_node.protocol import InvalidRequest, check_text
+from llava_wire.protocol import InvalidRequest, check_text
 
 __all__ = ["bytes_list", "param", "scalar", "text", "text_list"]
 

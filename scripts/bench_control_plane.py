@@ -79,8 +79,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from control_plane.stack import free_port_block  # noqa: E402
-from llava_node.launcher import TritonNode, TritonNodeConfig, free_port  # noqa: E402
+from llava_node.launcher import (  # noqa: E402
+    TritonNode,
+    TritonNodeConfig,
+    free_port,
+    free_port_block,
+)
 
 QUESTION = (
     "Tell me a long story about a lighthouse keeper who finds a message in a bottle, "
@@ -285,7 +289,7 @@ class Client:
         import aiohttp
         import tritonclient.grpc.aio as grpcclient
 
-        from llava_node.client import build_inputs
+        from llava_wire.messages import build_inputs
 
         self.grpc = grpcclient
         self.max_tokens = max_tokens
@@ -1142,7 +1146,7 @@ def machine() -> dict[str, Any]:
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
     ).stdout.strip()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),

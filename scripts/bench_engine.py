@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llava_node.client import build_inputs
 from llava_node.launcher import TritonNode, TritonNodeConfig
+from llava_wire.messages import build_inputs
 
 QUESTION = (
     "Describe this picture in detail: the objects you can see, their colours and positions, "
@@ -155,7 +155,7 @@ async def run_load(
     """``streams`` concurrent requests; aggregate rate over the run (or a time window)."""
     import tritonclient.grpc.aio as grpcclient
 
-    from llava_node.client import engine_model
+    from llava_wire.protocol import engine_model
 
     client = grpcclient.InferenceServerClient(grpc_url)
     await client.is_server_ready()  # connect first: TTFT is the request's, not the TCP handshake's
@@ -494,7 +494,7 @@ def check_against_transformers(
             if finish is not None:
                 done.set()
 
-        def fail(self, message: str) -> None:
+        def fail(self, message: str, client_error: bool = False) -> None:
             print("engine failed:", message)
             done.set()
 

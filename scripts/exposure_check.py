@@ -64,10 +64,16 @@ if str(REPO) not in sys.path:  # run as a file: the project's packages come from
 
 import httpx  # noqa: E402
 
-from control_plane.stack import free_port_block, stop_all  # noqa: E402
 from llava_node.client import stream_generate  # noqa: E402
-from llava_node.launcher import TritonNode, TritonNodeConfig, free_port, resolve_checkpoint  # noqa: E402
-from llava_node.protocol import CLIENT_ERROR_PREFIX  # noqa: E402
+from llava_node.launcher import (  # noqa: E402  # noqa: E402
+    TritonNode,
+    TritonNodeConfig,
+    free_port,
+    free_port_block,
+    resolve_checkpoint,
+    stop_all,
+)
+from llava_wire.protocol import CLIENT_ERROR_PREFIX  # noqa: E402
 
 MODEL = "llava"
 ENGINE_STEPS = ("llava", "llava_preprocess", "llava_engine")
@@ -804,7 +810,7 @@ async def astream(session: Any, url: str, body: dict[str, Any], rid: str, leave_
                             break
                 if out.left:
                     break
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         out.error = f"{type(exc).__name__}: {exc}"
     out.seconds = time.monotonic() - started
     return out
@@ -1792,7 +1798,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "commit": commit,
         "working_tree_modified_files": len(dirty.stdout.splitlines()),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 

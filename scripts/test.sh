@@ -21,7 +21,7 @@ echo "== ruff"
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .
 echo "== mypy"
-"$PY" -m mypy llava_node control_plane tests
+"$PY" -m mypy llava_wire llava_node control_plane llava_stack tests
 for model in model_repository/*/1/model.py; do  # each is a module named "model"
   "$PY" -m mypy "$model"
 done

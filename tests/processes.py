@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from control_plane.stack import free_port_block
-from llava_node.launcher import PROJECT_ROOT, TritonNode, TritonNodeConfig, free_port
+from llava_node.launcher import PROJECT_ROOT, TritonNode, TritonNodeConfig, free_port, free_port_block
 
 _HANDED_OUT: set[int] = set()
 

@@ -13,12 +13,11 @@ from fastapi import APIRouter, Request, status
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 
 from control_plane.api.deps import AdminDep, CPDep
 from control_plane.errors import NotFound
-from control_plane.schema import Heartbeat, WorkerEvent
-from control_plane.sql import QueryHandle, QueryResult, SqlInterrupted, run_readonly
+from control_plane.storage.history import worker_history
+from control_plane.storage.sql import QueryHandle, QueryResult, SqlInterrupted, run_readonly
 
 __all__ = ["router"]
 
@@ -55,29 +54,6 @@ async def list_workers(cp: CPDep) -> dict[str, Any]:
     return {"workers": [w.to_dict() for w in sorted(cp.store.all(), key=lambda w: w.id)]}
 
 
-def _history(cp: CPDep, worker_id: int) -> dict[str, Any]:
-    with cp.db.session() as s:
-        events = s.scalars(
-            select(WorkerEvent)
-            .where(WorkerEvent.worker_id == worker_id)
-            .order_by(WorkerEvent.id.desc())
-            .limit(20)
-        ).all()
-        beats = s.scalars(
-            select(Heartbeat).where(Heartbeat.worker_id == worker_id).order_by(Heartbeat.id.desc()).limit(10)
-        ).all()
-        return {
-            "events": [
-                {"at": e.at.isoformat() + "Z", "from": e.from_state, "to": e.to_state, "reason": e.reason}
-                for e in events
-            ],
-            "heartbeats": [
-                {"at": h.at.isoformat() + "Z", "ok": h.ok, "latency_ms": h.latency_ms, "error": h.error}
-                for h in beats
-            ],
-        }
-
-
 @router.get("/workers/{worker_id}")
 async def show_worker(worker_id: int, cp: CPDep) -> dict[str, Any]:
     """One worker, with its recent state changes and heartbeats."""
@@ -85,7 +61,7 @@ async def show_worker(worker_id: int, cp: CPDep) -> dict[str, Any]:
     if w is None:
         raise NotFound(f"no worker with id {worker_id}")
     await asyncio.to_thread(cp.writer.flush, READ_FLUSH_TIMEOUT_S)
-    history = await asyncio.to_thread(_history, cp, worker_id)
+    history = await asyncio.to_thread(worker_history, cp.db, worker_id)
     return {**w.to_dict(), **history}
 
 
@@ -120,7 +96,7 @@ class ModelAction(BaseModel):
 @router.get("/models")
 async def list_models(cp: CPDep) -> dict[str, Any]:
     """Every model the nodes list: its state on each node, pin, replicas, last use, last load error."""
-    return {"models": cp.models.describe()}
+    return {"models": cp.model_views.describe()}
 
 
 @router.get("/models/{model}")
@@ -128,32 +104,32 @@ async def show_model(model: str, cp: CPDep) -> dict[str, Any]:
     """One model, with its placements."""
     if model not in cp.store.known_models() and model not in cp.models.pinned:
         raise NotFound(f"no worker lists model {model!r}")
-    return cp.models.describe_model(model)
+    return cp.model_views.describe_model(model)
 
 
 @router.post("/models/{model}/load")
 async def load_model(model: str, cp: CPDep, body: ModelAction | None = None) -> dict[str, Any]:
     """Load a model on a worker (the best one if none is given); answers once it is loaded."""
-    return await cp.models.load(model, body.worker_id if body else None)
+    return await cp.model_admin.load(model, body.worker_id if body else None)
 
 
 @router.post("/models/{model}/unload")
 async def unload_model(model: str, cp: CPDep, body: ModelAction | None = None) -> dict[str, Any]:
     """Unload a model from a worker (from every worker if none is given). Refused for a
     pinned model, or below the model's minimum replicas."""
-    return await cp.models.unload(model, body.worker_id if body else None)
+    return await cp.model_admin.unload(model, body.worker_id if body else None)
 
 
 @router.post("/models/{model}/pin")
 async def pin_model(model: str, cp: CPDep) -> dict[str, Any]:
     """Pin a model: it is never unloaded, neither when idle nor by an unload call."""
-    return cp.models.pin(model)
+    return cp.model_admin.pin(model)
 
 
 @router.delete("/models/{model}/pin")
 async def unpin_model(model: str, cp: CPDep) -> dict[str, Any]:
     """Unpin a model."""
-    return cp.models.unpin(model)
+    return cp.model_admin.unpin(model)
 
 
 @router.get("/status")
@@ -174,7 +150,7 @@ async def control_plane_status(cp: CPDep) -> dict[str, Any]:
         "admission": {
             "waiting": cp.service.admission.waiting,
             "rejected": cp.service.admission.rejected,
-            "circuits_opened": cp.service.breaker.opened,
+            "circuits_opened": cp.breaker.opened,
         },
         "lifecycle_rounds": cp.models.rounds,
         # dropped: every row lost, by any reason; lost: by reason (see db.BatchWriter)

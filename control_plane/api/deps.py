@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from control_plane.app import ControlPlane
+from control_plane.container import ControlPlane
 from control_plane.errors import Forbidden, Unauthorized
 
 __all__ = [

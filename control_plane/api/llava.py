@@ -18,12 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from control_plane.api.deps import CPDep, WorkerCredentialDep, require_api_key_for_llava
 from control_plane.api.errors import llava_frame
 from control_plane.api.streaming import ClientWatch, TokenStreamResponse, start_stream
+from control_plane.api.text_checks import INT64_MAX, Text, utf8_size
 from control_plane.errors import BadRequest, NotFound, ServiceError
-from control_plane.fleet import MAX_SPEED
-from control_plane.health import clamp_load
-from control_plane.service import GenerateRequest
-from control_plane.store import WorkerState
-from control_plane.text_checks import INT64_MAX, Text, utf8_size
+from control_plane.fleet.registry import MAX_SPEED
+from control_plane.fleet.workers import WorkerState
+from control_plane.nodes.triton import clamp_load
+from control_plane.serving.service import GenerateRequest
 
 __all__ = ["router", "workers_router"]
 
@@ -157,13 +157,10 @@ async def get_worker_address(request: Request, cp: CPDep) -> dict[str, str]:
     not for the first bytes of a stream). If that fails, ``error`` says why.
     """
     body = await parse_body(request, ModelQuery)
-    worker = cp.router.choose(cp.store.candidates(body.model))
-    if worker is None and body.model in cp.store.servable_models():
-        try:
-            await cp.models.ensure_loaded(body.model)
-        except ServiceError as exc:
-            return {"address": "", "error": exc.message}
-        worker = cp.router.choose(cp.store.candidates(body.model))
+    try:
+        worker = await cp.service.pick_worker(body.model)
+    except ServiceError as exc:
+        return {"address": "", "error": exc.message}
     if worker is None:
         return {"address": ""}
     return {"address": f"{_base_url(request, cp.settings.public_url)}/workers/{worker.id}"}
@@ -180,15 +177,7 @@ async def receive_heart_beat(request: Request, cp: CPDep, _admin: WorkerCredenti
     worker = cp.store.by_name(body.worker_name)
     if worker is None:
         return {"exist": False}
-    worker.queue_length = clamp_load(body.queue_length)
-    cp.store.record_heartbeat(
-        worker,
-        ok=True,
-        latency_ms=None,
-        server_ready=worker.state is WorkerState.HEALTHY,
-        error=None,
-        source="push",
-    )
+    cp.store.record_push(worker, clamp_load(body.queue_length))
     return {"exist": True}
 
 

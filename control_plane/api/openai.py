@@ -17,12 +17,12 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from control_plane.api.deps import CPDep, require_api_key
+from control_plane.api.images import ImageFetcher
+from control_plane.api.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
 from control_plane.api.streaming import ClientWatch, StartedStream, TokenStreamResponse, start_stream
+from control_plane.api.text_checks import utf8_size
 from control_plane.errors import BadRequest, ServiceError
-from control_plane.images import ImageFetcher
-from control_plane.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
-from control_plane.service import GenerateRequest
-from control_plane.text_checks import utf8_size
+from control_plane.serving.service import GenerateRequest
 
 __all__ = ["ChunkEvents", "router"]
 
@@ -45,7 +45,7 @@ async def list_models(cp: CPDep) -> dict[str, Any]:
                 "created": 0,
                 "owned_by": "llava-triton",
                 "ready": name in ready,
-                "state": cp.models.model_state(name),
+                "state": cp.model_views.model_state(name),
             }
             for name in cp.store.servable_models()
         ],

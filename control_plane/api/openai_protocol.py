@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from control_plane.text_checks import INT32_MAX, INT64_MAX, Text
+from control_plane.api.text_checks import INT32_MAX, INT64_MAX, Text
 
 __all__ = [
     "ChatCompletionRequest",

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from llava_node.client import Chunk
+from llava_wire.messages import Chunk
 
 __all__ = ["ClientGone", "ClientWatch", "StartedStream", "TokenStreamResponse", "start_stream"]
 

@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from control_plane.background import BackgroundLoop
-from control_plane.fleet import Fleet
-from control_plane.store import WorkerState
+from control_plane.fleet.registry import Fleet
+from control_plane.fleet.workers import WorkerState
 
 __all__ = ["DnsDiscovery", "parse_target"]
 

@@ -34,8 +34,8 @@ from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from control_plane.db import Database
-from control_plane.schema import PollLease, utcnow
+from control_plane.storage.db import Database
+from control_plane.storage.schema import PollLease, utcnow
 
 __all__ = ["LeaseManager"]
 

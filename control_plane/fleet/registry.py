@@ -12,19 +12,18 @@ import asyncio
 import logging
 from typing import Any
 
-import aiohttp
-
 from control_plane.errors import BadRequest, Conflict
-from control_plane.health import HealthPoller, discover_endpoints
-from control_plane.proxy import TritonPool
-from control_plane.store import WorkerInfo, WorkerStore
-from control_plane.worker_addresses import (
+from control_plane.fleet.addresses import (
     AddressPolicy,
     host_of,
     normalize_grpc_url,
     normalize_metrics_url,
     normalize_worker_url,
 )
+from control_plane.fleet.health import HealthPoller
+from control_plane.fleet.store import WorkerStore
+from control_plane.fleet.workers import WorkerInfo
+from control_plane.nodes.client import NodeClient
 
 __all__ = ["MAX_SPEED", "Fleet"]
 
@@ -37,17 +36,11 @@ class Fleet:
     """Adds and removes workers; every addition is polled at once."""
 
     def __init__(
-        self,
-        store: WorkerStore,
-        poller: HealthPoller,
-        pool: TritonPool,
-        session: aiohttp.ClientSession,
-        policy: AddressPolicy,
+        self, store: WorkerStore, poller: HealthPoller, nodes: NodeClient, policy: AddressPolicy
     ) -> None:
         self.store = store
         self.poller = poller
-        self.pool = pool
-        self.session = session
+        self.nodes = nodes
         self.policy = policy
         self._refresh: asyncio.Task[None] | None = None
 
@@ -80,7 +73,7 @@ class Fleet:
             return existing, False
         await self.policy.check(host_of(name), "worker URL")
         if grpc_url is None or metrics_url is None:
-            found_grpc, found_metrics = await discover_endpoints(self.session, name)
+            found_grpc, found_metrics = await self.nodes.discover(name)
             grpc_url = grpc_url or found_grpc
             metrics_url = metrics_url if metrics_url is not None else found_metrics
         await self.policy.check(host_of(grpc_url), "gRPC address")
@@ -127,18 +120,8 @@ class Fleet:
         """Remove a worker; its history stays in the database."""
         info = await asyncio.to_thread(self.store.remove, worker_id, reason)
         if info is not None:
-            await self.forget(info)
+            await self.poller.forget(info)
         return info
-
-    async def forget(self, info: WorkerInfo) -> None:
-        """Let go of what this replica keeps for a removed worker (its lease, its channel)."""
-        leases = self.poller.leases
-        if leases is not None:
-            try:
-                await asyncio.to_thread(leases.release, [info.id])
-            except Exception as exc:  # it lapses on its own
-                log.warning("could not release the poll lease of worker %s: %s", info.id, exc)
-        await self.pool.drop(info.grpc_url)
 
     async def refresh(self) -> None:
         """Poll every worker now (LLaVA's /refresh_all_workers); callers that come while a

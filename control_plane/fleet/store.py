@@ -13,120 +13,21 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.db import BatchWriter, Database
 from control_plane.errors import BadRequest
-from control_plane.schema import Heartbeat, Worker, WorkerEvent, utcnow
-from control_plane.worker_addresses import normalize_worker_url
+from control_plane.fleet.addresses import normalize_worker_url
+from control_plane.fleet.workers import ModelStatus, WorkerInfo, WorkerState, is_served_model
+from control_plane.nodes.client import PollResult
+from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.schema import Heartbeat, Worker, WorkerEvent, utcnow
 
-__all__ = [
-    "SyncResult",
-    "WorkerInfo",
-    "WorkerState",
-    "WorkerStore",
-    "is_served_model",
-]
-
-# Steps of an ensemble are not addressed by clients: llava_preprocess, llava_engine.
-STEP_SUFFIXES = ("_preprocess", "_engine")
-
-
-def is_served_model(name: str) -> bool:
-    """Whether clients address this model (an ensemble), not one of its steps."""
-    return not name.endswith(STEP_SUFFIXES)
-
+__all__ = ["SyncResult", "WorkerStore"]
 
 log = logging.getLogger(__name__)
-
-
-class WorkerState(str, Enum):
-    """A worker's health, as the poller sees it."""
-
-    UNKNOWN = "unknown"  # registered, not polled yet
-    HEALTHY = "healthy"  # polls succeed: eligible for routing
-    UNHEALTHY = "unhealthy"  # recent polls failed: out of routing, still polled
-    OFFLINE = "offline"  # failing for longer than the expiry: not listed, still polled
-    REMOVED = "removed"  # removed by an admin: not polled
-
-
-@dataclass
-class ModelStatus:
-    """One model on one node."""
-
-    ready: bool
-    state: str = ""
-    reason: str = ""
-
-
-@dataclass
-class WorkerInfo:
-    """The live view of one worker."""
-
-    id: int
-    name: str
-    http_url: str
-    grpc_url: str
-    metrics_url: str
-    labels: dict[str, Any] = field(default_factory=dict)
-    speed: int = 1
-    source: str = "admin"
-    state: WorkerState = WorkerState.UNKNOWN
-    models: dict[str, ModelStatus] = field(default_factory=dict)
-    queue_length: int = 0  # waiting on the node (node metrics or pushed heartbeat)
-    active: int = 0  # generating on the node (node metrics)
-    inflight: int = 0  # this control plane's open streams to it
-    model_inflight: dict[str, int] = field(default_factory=dict)  # the same, per model
-    model_last_used: dict[str, float] = field(default_factory=dict)  # model -> monotonic time
-    consecutive_failures: int = 0  # failed polls in a row
-    request_failures: int = 0  # failed requests in a row (circuit breaker)
-    breaker_open_until: float = 0.0  # monotonic time before which polls may not restore it
-    failing_since: float | None = None  # monotonic time of the first failed poll in a row
-    last_error: str = ""
-    last_poll_latency_ms: float | None = None
-    registered_at: datetime = field(default_factory=utcnow)
-    last_seen_at: datetime | None = None
-    last_push_at: float | None = None
-
-    def ready_models(self) -> list[str]:
-        """Models this node has ready."""
-        return sorted(name for name, m in self.models.items() if m.ready and is_served_model(name))
-
-    def can_serve(self, model: str) -> bool:
-        """Healthy and with ``model`` ready."""
-        status = self.models.get(model)
-        return self.state is WorkerState.HEALTHY and status is not None and status.ready
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form for the admin API."""
-        return {
-            "id": self.id,
-            "name": self.name,
-            "http_url": self.http_url,
-            "grpc_url": self.grpc_url,
-            "metrics_url": self.metrics_url,
-            "labels": self.labels,
-            "speed": self.speed,
-            "source": self.source,
-            "state": self.state.value,
-            "models": {
-                name: {"ready": m.ready, "state": m.state, "reason": m.reason}
-                for name, m in self.models.items()
-            },
-            "queue_length": self.queue_length,
-            "active": self.active,
-            "inflight": self.inflight,
-            "model_inflight": {m: n for m, n in self.model_inflight.items() if n},
-            "consecutive_failures": self.consecutive_failures,
-            "last_error": self.last_error,
-            "last_poll_latency_ms": self.last_poll_latency_ms,
-            "registered_at": self.registered_at.isoformat() + "Z",
-            "last_seen_at": self.last_seen_at.isoformat() + "Z" if self.last_seen_at else None,
-        }
 
 
 @dataclass
@@ -187,7 +88,7 @@ class WorkerStore:
     """All workers, in memory, with their rows kept up to date in the database.
 
     With several control-plane replicas on one database, each worker's live state is
-    written by the replica that polls it (see :mod:`control_plane.leases`); the others
+    written by the replica that polls it (see :mod:`control_plane.fleet.leases`); the others
     take it from the ``workers`` rows with :meth:`sync`, which also brings in workers
     registered and removed through other replicas: :meth:`read_rows`, then :meth:`apply_rows`.
     """
@@ -488,6 +389,45 @@ class WorkerStore:
                 "last_seen_at": info.last_seen_at,
             },
         )
+
+    def record_poll(self, info: WorkerInfo, res: PollResult) -> None:
+        """Take what a poll found into the live view (the poller then decides the state:
+        :meth:`set_state`, and records the heartbeat: :meth:`record_heartbeat`).
+
+        A poll that could not read the index marks every model unreachable: no request
+        is sent to a node that did not answer, even before it counts as unhealthy."""
+        info.last_poll_latency_ms = res.latency_ms
+        if res.models is not None:
+            info.models = res.models
+        if res.queued is not None and res.active is not None:
+            info.queue_length, info.active = res.queued, res.active
+        if res.ok:
+            info.consecutive_failures = 0
+            info.failing_since = None
+            info.last_error = ""
+            return
+        info.consecutive_failures += 1
+        info.failing_since = info.failing_since or time.monotonic()
+        info.last_error = res.error
+        if res.models is None:
+            info.models = {n: ModelStatus(ready=False, state="UNREACHABLE") for n in info.models}
+
+    def record_push(self, info: WorkerInfo, queue_length: int) -> None:
+        """A heartbeat a worker pushed (LLaVA's protocol): its queue length, clamped by the caller."""
+        info.queue_length = queue_length
+        self.record_heartbeat(
+            info,
+            ok=True,
+            latency_ms=None,
+            server_ready=info.state is WorkerState.HEALTHY,
+            error=None,
+            source="push",
+        )
+
+    def mark_models(self, info: WorkerInfo, names: Iterable[str], status: ModelStatus) -> None:
+        """Set models' states ahead of the next poll (a load or unload this control plane made)."""
+        for name in names:
+            info.models[name] = ModelStatus(status.ready, status.state, status.reason)
 
     def adjust_inflight(self, info: WorkerInfo, delta: int, model: str | None = None) -> None:
         """Count a stream opened (+1) or ended (-1) to this worker (and ``model`` on it:

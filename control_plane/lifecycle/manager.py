@@ -36,132 +36,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import quote
-
-import aiohttp
-from sqlalchemy import select
 
 from control_plane.config import Settings
-from control_plane.db import BatchWriter
-from control_plane.errors import (
-    ColdStartTimeout,
-    Conflict,
-    ModelLoadFailed,
-    NodeFailed,
-    NotFound,
-    NoWorker,
-    UnknownModel,
-)
-from control_plane.metrics import ControlPlaneMetrics
-from control_plane.schema import ModelEvent, utcnow
-from control_plane.store import STEP_SUFFIXES, ModelStatus, WorkerInfo, WorkerState, WorkerStore
+from control_plane.errors import ColdStartTimeout, ModelLoadFailed, NodeFailed, NoWorker
+from control_plane.fleet.store import WorkerStore
+from control_plane.fleet.workers import STEP_SUFFIXES, ModelStatus, WorkerInfo, WorkerState
+from control_plane.lifecycle.events import ModelEventLog, stored_pins
+from control_plane.lifecycle.placement import Failure, Key, labels_match
+from control_plane.nodes.client import NodeCallError, NodeClient
 
-__all__ = ["ModelManager", "clean_node_error", "labels_match", "placement_state"]
+__all__ = ["ModelManager"]
 
 log = logging.getLogger(__name__)
 
-UNLOAD_BODY = {"parameters": {"unload_dependents": True}}
-# Unloading a model that does not exist is a no-op that answers 200 in explicit mode
-# and 503 "explicit model load / unload is not allowed" in the other modes.
-PROBE_MODEL = "__control_plane_mode_probe__"
-NOT_EXPLICIT = "explicit model load / unload is not allowed"
 UNLOAD_TIMEOUT_S = 30.0
-
-Key = tuple[str, int]  # (model, worker id)
-
-
-def clean_node_error(body: str) -> str:
-    """The cause in a Triton error body: its ``error`` text, without Python tracebacks."""
-    text = body
-    with contextlib.suppress(ValueError):
-        parsed = json.loads(body)
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-            text = parsed["error"]
-    lines: list[str] = []
-    in_traceback = False
-    for line in text.splitlines():
-        if line.strip() == "At:":
-            in_traceback = True
-            continue
-        if in_traceback and (line.startswith(" ") or not line.strip()):
-            continue
-        in_traceback = False
-        if line.strip():
-            lines.append(line.strip())
-    message = " ".join(lines).strip().rstrip(";").strip()
-    return message[:1500] or "(the node gave no reason)"
-
-
-def labels_match(labels: Mapping[str, Any], required: Mapping[str, Any]) -> bool:
-    """Whether a worker's labels carry every required label with the same value."""
-    return all(k in labels and str(labels[k]) == str(v) for k, v in required.items())
-
-
-def _failed(status: ModelStatus) -> bool:
-    return status.state == "UNAVAILABLE" and bool(status.reason) and status.reason != "unloaded"
-
-
-def placement_state(
-    status: ModelStatus,
-    steps: Iterable[ModelStatus] = (),
-    *,
-    loading: bool = False,
-    unloading: bool = False,
-    failed: bool = False,
-) -> str:
-    """A model's state on one node, in words: loaded, loading, unloading, failed,
-    unreachable or unloaded. ``steps``: its steps' states (a failed load leaves the
-    ensemble without a state and the failed step ``UNAVAILABLE`` with the reason)."""
-    if loading or status.state == "LOADING":
-        return "loading"
-    if unloading or status.state == "UNLOADING":
-        return "unloading"
-    if status.ready:
-        return "loaded"
-    if status.state == "UNREACHABLE":
-        return "unreachable"
-    if failed or _failed(status) or any(_failed(s) for s in steps):
-        return "failed"
-    return "unloaded"
-
-
-@dataclass
-class _Failure:
-    at: float  # monotonic
-    worker_id: int
-    message: str
 
 
 class ModelManager:
     """The model lifecycle policy: cold starts, idle unloads, scale-out, pins, admin actions."""
 
     def __init__(
-        self,
-        settings: Settings,
-        store: WorkerStore,
-        writer: BatchWriter,
-        session: aiohttp.ClientSession,
-        metrics: ControlPlaneMetrics | None = None,
+        self, settings: Settings, store: WorkerStore, nodes: NodeClient, events: ModelEventLog
     ) -> None:
         self.settings = settings
         self.store = store
-        self.writer = writer
-        self.session = session
-        self.metrics = metrics
+        self.nodes = nodes
+        self.events = events
         self.pinned: set[str] = set(settings.pinned_models)
         self._loads: dict[Key, asyncio.Task[WorkerInfo]] = {}  # loads in flight, one per placement
         self._cold: dict[str, asyncio.Task[WorkerInfo]] = {}  # cold starts in flight, one per model
         self._unloading: set[Key] = set()
         self._ready_since: dict[Key, float] = {}  # when a placement was seen or made ready
         self._loaded_at: dict[Key, float] = {}  # our own successful loads
-        self._failed: dict[Key, _Failure] = {}  # the last failed load per placement
+        self._failed: dict[Key, Failure] = {}  # the last failed load per placement
         self._explicit: dict[int, bool] = {}  # worker id -> takes explicit loads (probed)
         self._background: set[asyncio.Task[Any]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -185,7 +95,7 @@ class ModelManager:
     # -- start and stop -------------------------------------------------------------------
     async def start(self) -> None:
         """Read the pins, run a first round (learning each node's mode), then run rounds."""
-        stored = await asyncio.to_thread(self._stored_pins)
+        stored = await asyncio.to_thread(stored_pins, self.store.db)
         self.pinned = stored | set(self.settings.pinned_models)
         await self.run_once()
         self._task = asyncio.create_task(self._run(), name="model-lifecycle")
@@ -199,21 +109,6 @@ class ModelManager:
             with contextlib.suppress(BaseException):
                 await t
         self._task = None
-
-    def _stored_pins(self) -> set[str]:
-        with self.store.db.session() as s:
-            rows = s.execute(
-                select(ModelEvent.model, ModelEvent.event)
-                .where(ModelEvent.event.in_(("pinned", "unpinned")))
-                .order_by(ModelEvent.id)
-            ).all()
-        pinned: set[str] = set()
-        for model, event in rows:
-            if event == "pinned":
-                pinned.add(model)
-            else:
-                pinned.discard(model)
-        return pinned
 
     async def _run(self) -> None:
         while True:
@@ -292,21 +187,16 @@ class ModelManager:
             self._spawn(self._unload(model, w, reason), f"unload {model} from {w.id}")
 
     async def _probe(self, w: WorkerInfo) -> None:
-        url = f"{w.http_url}/v2/repository/models/{PROBE_MODEL}/unload"
-        timeout = aiohttp.ClientTimeout(total=self.settings.poll_timeout_s)
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            async with self.session.post(url, json={}, timeout=timeout) as r:
-                body = await r.text()
-                if r.status == 200:
-                    self._explicit[w.id] = True
-                elif NOT_EXPLICIT in body:
-                    self._explicit[w.id] = False
-                    log.info(
-                        "worker %s is not in explicit model-control mode: its models stay as they are", w.name
-                    )
+        explicit = await self.nodes.explicit_mode(w.http_url, self.settings.poll_timeout_s)
+        if explicit is not None:
+            self._explicit[w.id] = explicit
+            if not explicit:
+                log.info(
+                    "worker %s is not in explicit model-control mode: its models stay as they are", w.name
+                )
 
     # -- placement ------------------------------------------------------------------------
-    def _recent_failure(self, key: Key, now: float) -> _Failure | None:
+    def _recent_failure(self, key: Key, now: float) -> Failure | None:
         failure = self._failed.get(key)
         if failure is not None and now - failure.at < self.settings.load_retry_after_s:
             return failure
@@ -398,26 +288,20 @@ class ModelManager:
         s = self.settings
         key = (model, worker.id)
         log.info("loading model %s on worker %s (%s)", model, worker.name, reason)
-        self._record(model, worker.id, "load_requested", reason)
+        self.events.record(model, worker.id, "load_requested", reason)
         started = time.monotonic()
-        url = f"{worker.http_url}/v2/repository/models/{quote(model, safe='')}/load"
         error: str | None = None
         try:
-            timeout = aiohttp.ClientTimeout(total=s.model_load_timeout_s)
-            async with self.session.post(url, json={}, timeout=timeout) as r:
-                if r.status != 200:
-                    error = clean_node_error(await r.text())
-                    if NOT_EXPLICIT in error:
-                        self._explicit[worker.id] = False
-        except asyncio.TimeoutError:
-            error = f"the node did not finish loading within {s.model_load_timeout_s:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
-            error = f"the node could not be reached: {exc}"
+            await self.nodes.load(worker.http_url, model, s.model_load_timeout_s)
+        except NodeCallError as exc:
+            error = exc.message
+            if exc.not_explicit:
+                self._explicit[worker.id] = False
         elapsed = time.monotonic() - started
         if error is not None:
-            self._failed[key] = _Failure(time.monotonic(), worker.id, error)
-            self._record(model, worker.id, "load_failed", error, elapsed * 1000.0)
-            self._count_load(model, "failed", elapsed)
+            self._failed[key] = Failure(time.monotonic(), worker.id, error)
+            self.events.record(model, worker.id, "load_failed", error, elapsed * 1000.0)
+            self.events.count_load(model, "failed", elapsed)
             log.warning("model %s failed to load on worker %s: %s", model, worker.name, error)
             raise ModelLoadFailed(
                 f"model {model!r} could not be loaded on worker {worker.name}: {error}", param="model"
@@ -426,16 +310,15 @@ class ModelManager:
         self._mark(worker, model, ready=True, state="READY")
         now = time.monotonic()
         self._ready_since[key] = self._loaded_at[key] = now
-        self._record(model, worker.id, "loaded", reason, elapsed * 1000.0)
-        self._count_load(model, "loaded", elapsed)
+        self.events.record(model, worker.id, "loaded", reason, elapsed * 1000.0)
+        self.events.count_load(model, "loaded", elapsed)
         log.info("model %s loaded on worker %s in %.1f s", model, worker.name, elapsed)
         return worker
 
     def _mark(self, worker: WorkerInfo, model: str, *, ready: bool, state: str) -> None:
         """Set the model (and its steps) in the live view, ahead of the next poll."""
-        for name in (model, *(model + suffix for suffix in STEP_SUFFIXES)):
-            if name == model or name in worker.models:
-                worker.models[name] = ModelStatus(ready=ready, state=state)
+        names = [n for n in (model, *(model + x for x in STEP_SUFFIXES)) if n == model or n in worker.models]
+        self.store.mark_models(worker, names, ModelStatus(ready=ready, state=state))
 
     def _revive(self, model: str) -> bool:
         """A poll that started before our load finished can report the model not ready;
@@ -513,249 +396,22 @@ class ModelManager:
     async def _unload(self, model: str, worker: WorkerInfo, reason: str) -> None:
         """Unload ``model`` and its steps (call :meth:`_begin_unload` first)."""
         key = (model, worker.id)
-        url = f"{worker.http_url}/v2/repository/models/{quote(model, safe='')}/unload"
         error: str | None = None
         try:
-            timeout = aiohttp.ClientTimeout(total=UNLOAD_TIMEOUT_S)
-            async with self.session.post(url, json=UNLOAD_BODY, timeout=timeout) as r:
-                if r.status != 200:
-                    error = clean_node_error(await r.text())
-        except asyncio.TimeoutError:
-            error = f"the node did not answer within {UNLOAD_TIMEOUT_S:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
-            error = f"the node could not be reached: {exc}"
+            await self.nodes.unload(worker.http_url, model, UNLOAD_TIMEOUT_S)
+        except NodeCallError as exc:
+            error = exc.message
         finally:
             self._unloading.discard(key)
         if error is not None:
-            self._record(model, worker.id, "unload_failed", error)
+            self.events.record(model, worker.id, "unload_failed", error)
             log.warning("unloading model %s from worker %s failed: %s", model, worker.name, error)
             raise NodeFailed(f"unloading model {model!r} from worker {worker.name} failed: {error}")
         self._ready_since.pop(key, None)
         self._loaded_at.pop(key, None)
-        self._record(model, worker.id, "unloaded", reason)
-        if self.metrics is not None:
-            self.metrics.model_unloads.labels(model).inc()
+        self.events.record(model, worker.id, "unloaded", reason)
+        self.events.count_unload(model)
         log.info("model %s unloaded from worker %s: %s", model, worker.name, reason)
-
-    # -- admin actions --------------------------------------------------------------------
-    def _servable_or_404(self, model: str) -> None:
-        servable = self.store.servable_models()
-        if model not in servable:
-            raise UnknownModel(
-                f"no healthy worker lists model {model!r} (models: {', '.join(servable) or 'none'})",
-                param="model",
-            )
-
-    def _worker_or_404(self, worker_id: int) -> WorkerInfo:
-        w = self.store.get(worker_id)
-        if w is None:
-            raise NotFound(f"no worker with id {worker_id}")
-        return w
-
-    async def load(self, model: str, worker_id: int | None = None) -> dict[str, Any]:
-        """Load ``model`` on a worker (the best one if not given) and wait until it is loaded."""
-        self._servable_or_404(model)
-        if worker_id is not None:
-            worker = self._worker_or_404(worker_id)
-            if worker.state is not WorkerState.HEALTHY:
-                raise Conflict(f"worker {worker.id} ({worker.name}) is {worker.state.value}")
-            if model not in worker.models:
-                raise NotFound(f"worker {worker.id} ({worker.name}) has no model {model!r} in its repository")
-            if self._explicit.get(worker.id) is False:
-                raise Conflict(f"worker {worker.id} ({worker.name}) is not in explicit model-control mode")
-            if self._unloading_on(model, worker):
-                raise Conflict(
-                    f"model {model!r} is still unloading on worker {worker.id} ({worker.name}); "
-                    "load it again once the unload has finished"
-                )
-            if worker.can_serve(model):
-                return {"model": model, "worker_id": worker.id, "worker": worker.name, "state": "loaded"}
-        else:
-            found = self.best_node(model)
-            if found is None:
-                if any(w.can_serve(model) for w in self.store.all()):
-                    raise Conflict(f"model {model!r} is loaded on every worker that can take it")
-                raise NoWorker(self._why_no_node(model), param="model")
-            worker = found
-        started = time.monotonic()
-        await asyncio.shield(self._start_load(model, worker, "admin"))
-        return {
-            "model": model,
-            "worker_id": worker.id,
-            "worker": worker.name,
-            "state": "loaded",
-            "duration_ms": round((time.monotonic() - started) * 1000.0, 1),
-        }
-
-    async def unload(self, model: str, worker_id: int | None = None) -> dict[str, Any]:
-        """Unload ``model`` from a worker (from every worker if not given)."""
-        if model in self.pinned:
-            raise Conflict(f"model {model!r} is pinned; unpin it first")
-        ready = [w for w in self.store.all() if w.can_serve(model)]
-        if worker_id is not None:
-            worker = self._worker_or_404(worker_id)
-            if not worker.can_serve(model):
-                raise Conflict(f"model {model!r} is not loaded on worker {worker.id} ({worker.name})")
-            targets = [worker]
-        else:
-            if not ready:
-                if model not in self.store.known_models():
-                    raise UnknownModel(f"no worker lists model {model!r}", param="model")
-                raise Conflict(f"model {model!r} is not loaded on any worker")
-            targets = ready
-        for w in targets:
-            if self._explicit.get(w.id) is False:
-                raise Conflict(f"worker {w.id} ({w.name}) is not in explicit model-control mode")
-        left, minimum = len(ready) - len(targets), self.min_replicas(model)
-        if left < minimum:
-            raise Conflict(
-                f"unloading would leave model {model!r} with {left} replica(s), below its minimum of "
-                f"{minimum} (LLAVA_CP_MODEL_MIN_REPLICAS)"
-            )
-        for w in targets:
-            self._begin_unload(model, w)
-        results = await asyncio.gather(
-            *(self._unload(model, w, "admin") for w in targets), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return {"model": model, "unloaded_from": [w.id for w in targets]}
-
-    def pin(self, model: str) -> dict[str, Any]:
-        """Pin ``model``: it is never unloaded (neither for idleness nor by admins)."""
-        if model not in self.store.known_models():
-            raise UnknownModel(f"no worker lists model {model!r}", param="model")
-        if model not in self.pinned:
-            self.pinned.add(model)
-            self._record(model, None, "pinned", "admin")
-        return self.describe_model(model)
-
-    def unpin(self, model: str) -> dict[str, Any]:
-        """Unpin ``model``: idle replicas above its minimum are unloaded again."""
-        if model in self.pinned:
-            self.pinned.discard(model)
-            self._record(model, None, "unpinned", "admin")
-        elif model not in self.store.known_models():
-            raise UnknownModel(f"no worker lists model {model!r}", param="model")
-        return self.describe_model(model)
-
-    # -- views ----------------------------------------------------------------------------
-    def model_state(self, model: str) -> str:
-        """``loaded`` (ready somewhere), ``loading``, ``failed`` (last load failed) or ``unloaded``."""
-        states = [p["state"] for p in self._placements(model)]
-        if "loaded" in states:
-            return "loaded"
-        if "loading" in states or model in self._cold:
-            return "loading"
-        if "failed" in states:
-            return "failed"
-        return "unloaded"
-
-    def _placements(self, model: str) -> list[dict[str, Any]]:
-        now, wall = time.monotonic(), datetime.now(timezone.utc)
-        out = []
-        for w in sorted(self.store.all(), key=lambda w: w.id):
-            status = w.models.get(model)
-            if status is None:
-                continue
-            key = (model, w.id)
-            steps = [w.models[model + x] for x in STEP_SUFFIXES if model + x in w.models]
-            failure = self._failed.get(key)
-            state = placement_state(
-                status,
-                steps,
-                loading=key in self._loads,
-                unloading=key in self._unloading,
-                failed=failure is not None,
-            )
-            last_used = w.model_last_used.get(model)
-            since = max(self._ready_since.get(key, now), last_used or 0.0)
-            reason = next((st.reason for st in (status, *steps) if _failed(st)), "")
-            if state == "failed" and failure is not None:
-                reason = failure.message
-            out.append(
-                {
-                    "worker_id": w.id,
-                    "worker": w.name,
-                    "worker_state": w.state.value,
-                    "state": state,
-                    "triton_state": status.state,
-                    "reason": clean_node_error(reason) if state == "failed" and reason else "",
-                    "inflight": w.model_inflight.get(model, 0),
-                    "last_used_at": _iso(wall - timedelta(seconds=now - last_used)) if last_used else None,
-                    "idle_s": round(now - since, 1) if state == "loaded" else None,
-                    "explicit": self._explicit.get(w.id),
-                }
-            )
-        return out
-
-    def describe_model(self, model: str) -> dict[str, Any]:
-        """One model: its settings and its state on every node (the admin API's view)."""
-        placements = self._placements(model)
-        used = [p["last_used_at"] for p in placements if p["last_used_at"]]
-        failures = [f for (m, _), f in self._failed.items() if m == model]
-        last = max(failures, key=lambda f: f.at, default=None)
-        return {
-            "model": model,
-            "servable": model in self.store.servable_models(),
-            "state": self.model_state(model),
-            "pinned": model in self.pinned,
-            "default": model == self.settings.default_model,
-            "min_replicas": self.min_replicas(model),
-            "max_replicas": self.max_replicas(model),
-            "required_labels": self.required_labels(model),
-            "replicas": sum(p["state"] == "loaded" for p in placements),
-            "loading": sum(p["state"] == "loading" for p in placements),
-            "inflight": sum(p["inflight"] for p in placements),
-            "last_used_at": max(used) if used else None,
-            "last_load_error": (
-                {
-                    "worker_id": last.worker_id,
-                    "message": last.message,
-                    "age_s": round(time.monotonic() - last.at, 1),
-                }
-                if last
-                else None
-            ),
-            "placements": placements,
-        }
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Every model any node lists (and every pinned one)."""
-        names: Iterable[str] = sorted(set(self.store.known_models()) | self.pinned)
-        return [self.describe_model(m) for m in names]
-
-    # -- records --------------------------------------------------------------------------
-    def _record(
-        self,
-        model: str,
-        worker_id: int | None,
-        event: str,
-        reason: str = "",
-        duration_ms: float | None = None,
-    ) -> None:
-        self.writer.insert(
-            ModelEvent,
-            {
-                "model": model[:256],
-                "worker_id": worker_id,
-                "at": utcnow(),
-                "event": event,
-                "duration_ms": duration_ms,
-                "reason": reason[:2000],
-            },
-        )
-
-    def _count_load(self, model: str, outcome: str, seconds: float) -> None:
-        if self.metrics is not None:
-            self.metrics.model_loads.labels(model, outcome).inc()
-            if outcome == "loaded":
-                self.metrics.model_load_seconds.observe(seconds)
-
-
-def _iso(t: datetime) -> str:
-    return t.replace(tzinfo=None).isoformat() + "Z"
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

@@ -1,12 +1,11 @@
-"""Backpressure and circuit breaking: what keeps the fleet serving under overload and faults.
+"""Backpressure: what keeps the fleet serving under overload.
 
-* Each worker takes at most ``max_inflight_per_worker`` streams from this control plane.
-  A request that finds every worker for its model full waits in one bounded FIFO queue,
-  up to a timeout; a full queue or a timeout is an immediate "overloaded" answer (HTTP
-  429 with ``Retry-After``, or LLaVA error code 4). Memory stays bounded under any load.
-* A worker whose requests fail ``breaker_threshold`` times in a row leaves routing at
-  once (circuit open), without waiting for the poller; after ``breaker_cooldown_s`` a
-  successful poll brings it back half-open: one more failure opens the circuit again.
+Each worker takes at most ``max_inflight_per_worker`` streams from this control plane.
+A request that finds every worker for its model full waits in one bounded FIFO queue,
+up to a timeout; a full queue or a timeout is an immediate "overloaded" answer (HTTP 429
+with ``Retry-After``, or LLaVA error code 4). Memory stays bounded under any load. (The
+circuit breaker, which takes failing workers out of routing, is in
+:mod:`control_plane.fleet.breaker`.)
 """
 
 from __future__ import annotations
@@ -15,13 +14,12 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from control_plane.errors import Overloaded
-from control_plane.store import WorkerInfo, WorkerState, WorkerStore
+from control_plane.fleet.workers import WorkerInfo
 
-__all__ = ["Admission", "CircuitBreaker"]
+__all__ = ["Admission"]
 
 log = logging.getLogger(__name__)
 
@@ -92,40 +90,3 @@ class Admission:
     def _wake(self) -> None:
         if self._waiters:
             self._waiters[0].set()
-
-
-class CircuitBreaker:
-    """Takes a worker out of routing after consecutive request failures."""
-
-    def __init__(self, store: WorkerStore, threshold: int, cooldown_s: float) -> None:
-        self.store = store
-        self.threshold = max(1, threshold)
-        self.cooldown_s = cooldown_s
-        self.opened = 0
-
-    def success(self, worker: WorkerInfo) -> None:
-        """A request to ``worker`` streamed."""
-        worker.request_failures = 0
-
-    def failure(self, worker: WorkerInfo, reason: str) -> None:
-        """A request to ``worker`` failed on the node's side."""
-        worker.request_failures += 1
-        if worker.request_failures >= self.threshold and worker.state is WorkerState.HEALTHY:
-            self.opened += 1
-            worker.breaker_open_until = time.monotonic() + self.cooldown_s
-            self.store.set_state(
-                worker,
-                WorkerState.UNHEALTHY,
-                f"circuit open: {worker.request_failures} requests in a row failed ({reason})",
-            )
-
-    def may_close(self, worker: WorkerInfo) -> bool:
-        """Whether a successful poll may bring ``worker`` back (the cooldown has passed).
-
-        It comes back half-open: one more failure opens the circuit again.
-        """
-        if time.monotonic() < worker.breaker_open_until:
-            return False
-        if worker.request_failures >= self.threshold:
-            worker.request_failures = self.threshold - 1
-        return True

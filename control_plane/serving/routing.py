@@ -10,7 +10,7 @@ import random
 from collections.abc import Sequence
 
 from control_plane.config import DispatchPolicy
-from control_plane.store import WorkerInfo
+from control_plane.fleet.workers import WorkerInfo
 
 __all__ = ["Router"]
 

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import tritonclient.grpc.aio as grpcclient
-
-from control_plane.admission import Admission, CircuitBreaker
 from control_plane.config import Settings
-from control_plane.db import BatchWriter
 from control_plane.errors import BadRequest, NodeFailed, NoWorker, UnknownModel, WorkerUnreachable
+from control_plane.fleet.breaker import CircuitBreaker
+from control_plane.fleet.store import WorkerStore
+from control_plane.fleet.workers import WorkerInfo
 from control_plane.metrics import ControlPlaneMetrics
-from control_plane.proxy import NodeStreamError, TritonPool
-from control_plane.routing import Router
-from control_plane.schema import RequestRecord, utcnow
-from control_plane.store import WorkerInfo, WorkerStore
-from llava_node.client import Chunk, build_inputs
+from control_plane.nodes.client import GenerationInputs, NodeClient, NodeStreamError
+from control_plane.serving.admission import Admission
+from control_plane.serving.routing import Router
+from control_plane.storage.db import BatchWriter
+from control_plane.storage.schema import RequestRecord, utcnow
+from llava_wire.messages import Chunk
 
 __all__ = ["GenerateRequest", "GenerationService"]
 
@@ -50,6 +50,19 @@ class GenerateRequest:
     request_id: str = ""
     pinned_worker: int | None = None
 
+    def inputs(self) -> GenerationInputs:
+        """The ensemble's inputs for this request."""
+        return GenerationInputs(
+            prompt=self.prompt,
+            messages=self.messages,
+            images=self.images,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=self.seed,
+        )
+
 
 @dataclass
 class _Record:
@@ -64,6 +77,9 @@ class _Record:
     worker_id: int | None = None
 
 
+ColdStart = Callable[[str], Awaitable[None]]
+
+
 class GenerationService:
     """Routes, streams and records generations."""
 
@@ -72,24 +88,26 @@ class GenerationService:
         settings: Settings,
         store: WorkerStore,
         router: Router,
-        pool: TritonPool,
+        nodes: NodeClient,
         writer: BatchWriter,
         metrics: ControlPlaneMetrics,
+        breaker: CircuitBreaker,
+        cold_start: ColdStart | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.router = router
-        self.pool = pool
+        self.nodes = nodes
         self.writer = writer
         self.metrics = metrics
+        self.breaker = breaker
+        # Loads a model that is ready nowhere (lifecycle.ModelManager.ensure_loaded); None: no cold starts.
+        self.cold_start = cold_start
         self._running_ids: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.admission = Admission(
             settings.max_inflight_per_worker, settings.max_waiting, settings.queue_timeout_s
         )
-        self.breaker = CircuitBreaker(store, settings.breaker_threshold, settings.breaker_cooldown_s)
-        # Cold start (lifecycle.ModelManager.ensure_loaded): load a model that is ready nowhere.
-        self.ensure_loaded: Callable[[str], Awaitable[None]] | None = None
 
     def new_request_id(self, given: str | None) -> str:
         """The Triton request id: the client's (if unused right now) or a fresh one."""
@@ -138,9 +156,9 @@ class GenerationService:
         try:
             worker = await self.admission.wait_for_room(pick, req.model)
         except NoWorker:
-            if self.ensure_loaded is None:
+            if self.cold_start is None:
                 raise
-            await self.ensure_loaded(req.model)
+            await self.cold_start(req.model)
             worker = await self.admission.wait_for_room(pick, req.model)
         self.store.adjust_inflight(worker, +1, req.model)  # before any await: pick and count are atomic
         return worker
@@ -149,18 +167,15 @@ class GenerationService:
         self.store.adjust_inflight(worker, -1, model)
         self.admission.release()
 
-    def _inputs(self, req: GenerateRequest) -> list[Any]:
-        return build_inputs(
-            grpcclient,
-            prompt=req.prompt,
-            messages=req.messages,
-            images=req.images,
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            stop=req.stop,
-            seed=req.seed,
-        )
+    async def pick_worker(self, model: str) -> WorkerInfo | None:
+        """A worker with room for one more stream of ``model`` (LLaVA's
+        ``/get_worker_address``: the stream itself comes later, to that worker); a model
+        ready nowhere is loaded first (a cold start). None when no worker serves it."""
+        candidates = [w for w in self.store.candidates(model) if self.admission.has_room(w)]
+        if not candidates and self.cold_start is not None and model in self.store.servable_models():
+            await self.cold_start(model)
+            candidates = [w for w in self.store.candidates(model) if self.admission.has_room(w)]
+        return self.router.choose(candidates)
 
     async def stream(self, req: GenerateRequest) -> AsyncGenerator[Chunk, None]:
         """Stream a generation from a healthy node; raises a :class:`ServiceError`.
@@ -178,14 +193,14 @@ class GenerationService:
         status, error = "error", None
         worker: WorkerInfo | None = None
         try:
-            inputs = self._inputs(req)
+            inputs = req.inputs()
             exclude: set[int] = set()
             while True:
                 worker = await self._acquire(req, exclude)
                 rec.attempts += 1
                 rec.worker_id = worker.id
                 try:
-                    async for chunk in self.pool.stream(
+                    async for chunk in self.nodes.stream(
                         worker.grpc_url,
                         req.model,
                         inputs,
@@ -248,7 +263,7 @@ class GenerationService:
             deadline = time.monotonic() + self.settings.cancel_retry_s
             while True:
                 try:
-                    n = await self.pool.cancel(worker.grpc_url, req.model, req.request_id)
+                    n = await self.nodes.cancel(worker.grpc_url, req.model, req.request_id)
                     log.info("cancelled %s on %s (%d running)", req.request_id, worker.name, n)
                     return
                 except Exception as exc:

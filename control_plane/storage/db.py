@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from control_plane.schema import Base
+from control_plane.storage.schema import Base
 
 __all__ = ["LOSS_REASONS", "VIEWS", "BatchWriter", "Database"]
 

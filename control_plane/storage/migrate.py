@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 from sqlalchemy import func, insert, select, text
 
-from control_plane.db import Database
-from control_plane.schema import Base, PollLease
+from control_plane.storage.db import Database
+from control_plane.storage.schema import Base, PollLease
 
 __all__ = ["copy_database"]
 

@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import Delete, Table, bindparam, delete, select
 
 from control_plane.background import BackgroundLoop
-from control_plane.db import Database
-from control_plane.schema import Heartbeat, RequestRecord, utcnow
+from control_plane.storage.db import Database
+from control_plane.storage.schema import Heartbeat, RequestRecord, utcnow
 
 __all__ = ["RetentionLoop", "RetentionPolicy"]
 

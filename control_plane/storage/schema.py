@@ -6,7 +6,7 @@ with example queries, in ``docs/schema.md``; change it only by adding columns.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
@@ -26,7 +26,7 @@ __all__ = [
 
 def utcnow() -> datetime:
     """The current time in UTC, as stored in every timestamp column."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):

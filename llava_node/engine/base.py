@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from llava_node.protocol import (
+from llava_wire.protocol import (
     CLIENT_ERROR_PREFIX,
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,
@@ -87,7 +87,7 @@ class GenerationRequest:
     @property
     def greedy(self) -> bool:
         """LLaVA's convention: a temperature at or below 0.001 means greedy decoding."""
-        from llava_node.protocol import GREEDY_TEMPERATURE
+        from llava_wire.protocol import GREEDY_TEMPERATURE
 
         return self.temperature <= GREEDY_TEMPERATURE
 

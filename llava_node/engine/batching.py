@@ -51,8 +51,8 @@ import torch
 
 from llava_node.engine.base import Engine, GenerationRequest, RequestLimits, safe_fail
 from llava_node.engine.runner import LlavaRunner, PendingTokens, PromptChunk
-from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
 from llava_node.textstream import SequenceText
+from llava_wire.protocol import CLIENT_ERROR_PREFIX, FinishReason
 
 __all__ = [
     "AUTO_STREAM_BATCH",

@@ -18,8 +18,8 @@ import torch
 
 from llava_node.engine.base import Engine, GenerationRequest, RequestLimits, safe_fail
 from llava_node.engine.loading import LoadedModel
-from llava_node.protocol import FinishReason
 from llava_node.textstream import SequenceText
+from llava_wire.protocol import FinishReason
 
 __all__ = ["HFGenerateEngine"]
 

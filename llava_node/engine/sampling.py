@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from llava_node.protocol import GREEDY_TEMPERATURE
+from llava_wire.protocol import GREEDY_TEMPERATURE
 
 __all__ = ["hash_uniform", "sample_tokens", "split_seed"]
 

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from control_plane.app import create_app
 from control_plane.config import Settings
-from control_plane.db import Database
 from control_plane.errors import BadRequest, ServiceError
-from control_plane.sql import run_readonly
+from control_plane.main import create_app
+from control_plane.storage.db import Database
+from control_plane.storage.sql import run_readonly
 from llava_node.launcher import PROJECT_ROOT
 from tests.postgres import PostgresServer
 
@@ -203,7 +203,7 @@ def test_runaway_queries_leave_the_app_and_its_default_executor_free(tmp_path: P
 
 
 async def test_a_query_whose_client_left_is_interrupted(tmp_path: Path) -> None:
-    from control_plane.sql import QueryHandle, SqlExecutor, SqlInterrupted
+    from control_plane.storage.sql import QueryHandle, SqlExecutor, SqlInterrupted
 
     url = _db(tmp_path).url
     executor = SqlExecutor(1)
@@ -307,7 +307,7 @@ def test_postgresql_rows_stream_under_the_limits(postgres: PostgresServer, pg_ur
 
 
 def test_postgresql_queries_are_cancelled_on_the_server(postgres: PostgresServer, pg_url: str) -> None:
-    from control_plane.sql import QueryHandle, SqlInterrupted
+    from control_plane.storage.sql import QueryHandle, SqlInterrupted
 
     handle = QueryHandle()
     threading.Timer(0.5, handle.cancel, args=("the control plane is stopping",)).start()

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from control_plane.app import create_app
 from control_plane.config import DispatchPolicy, Settings
-from control_plane.db import BatchWriter, Database
 from control_plane.errors import BadRequest
-from control_plane.health import parse_load
-from control_plane.routing import Router
-from control_plane.schema import Heartbeat, Worker
-from control_plane.sql import ReadOnlyViolation, run_readonly
-from control_plane.store import WorkerInfo, WorkerState
-from control_plane.worker_addresses import normalize_worker_url
+from control_plane.fleet.addresses import normalize_worker_url
+from control_plane.fleet.workers import WorkerInfo, WorkerState
+from control_plane.main import create_app
+from control_plane.nodes.triton import parse_load
+from control_plane.serving.routing import Router
+from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.schema import Heartbeat, Worker
+from control_plane.storage.sql import ReadOnlyViolation, run_readonly
 
 ADMIN = "admin-secret"
 

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from control_plane.db import BatchWriter, Database
-from control_plane.schema import Heartbeat, RequestRecord, Worker, WorkerEvent, utcnow
+from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.schema import Heartbeat, RequestRecord, Worker, WorkerEvent, utcnow
 
 
 def _db(tmp_path: Path) -> Database:
@@ -146,7 +146,7 @@ def test_one_bad_row_costs_only_itself(tmp_path: Path, caplog: pytest.LogCapture
         s.add(WorkerEvent(worker_id=1, from_state="unknown", to_state="healthy", reason="x"))
 
     try:
-        with caplog.at_level(logging.WARNING, logger="control_plane.db"):
+        with caplog.at_level(logging.WARNING, logger="control_plane.storage.db"):
             for i in range(6):
                 writer.insert(RequestRecord, _request(i))
                 writer.insert(Heartbeat, {"worker_id": 1, "at": utcnow(), "ok": True, "server_ready": True})
@@ -243,8 +243,8 @@ def test_a_database_that_is_away_gives_the_batch_up_at_once(tmp_path: Path, kind
 def test_status_and_metrics_show_lost_rows(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from control_plane.app import create_app
     from control_plane.config import Settings
+    from control_plane.main import create_app
 
     settings = Settings(data_dir=tmp_path, poll_interval_s=60, lease_period_s=120)
     with TestClient(create_app(settings)) as c:

@@ -7,9 +7,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from control_plane.db import Database
-from control_plane.schema import Heartbeat, ModelEvent, RequestRecord, Worker, WorkerEvent, utcnow
-from control_plane.sql import run_readonly
+from control_plane.storage.db import Database
+from control_plane.storage.schema import Heartbeat, ModelEvent, RequestRecord, Worker, WorkerEvent, utcnow
+from control_plane.storage.sql import run_readonly
 from llava_node.launcher import PROJECT_ROOT
 from tests.control_plane.conftest import sql_statements
 from tests.postgres import PostgresServer

@@ -9,9 +9,9 @@ from typing import Any, cast
 
 import pytest
 
-from control_plane.discovery import DnsDiscovery, parse_target, resolve_ipv4
-from control_plane.fleet import Fleet
-from control_plane.store import WorkerState
+from control_plane.fleet.discovery import DnsDiscovery, parse_target, resolve_ipv4
+from control_plane.fleet.registry import Fleet
+from control_plane.fleet.workers import WorkerState
 from llava_node.launcher import TritonNode
 from tests.control_plane.conftest import admin_get, llava_stream, wait_for
 from tests.processes import ControlPlaneProcess

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from control_plane.app import create_app
 from control_plane.config import Settings
-from control_plane.health import MAX_REPORTED_LOAD, parse_index, parse_load
-from control_plane.lifecycle import ModelManager
-from control_plane.store import ModelStatus, WorkerStore
-from control_plane.worker_addresses import AddressPolicy, normalize_grpc_url, normalize_worker_url
+from control_plane.fleet.addresses import AddressPolicy, normalize_grpc_url, normalize_worker_url
+from control_plane.fleet.store import WorkerStore
+from control_plane.fleet.workers import ModelStatus
+from control_plane.lifecycle.manager import ModelManager
+from control_plane.main import create_app
+from control_plane.nodes.triton import MAX_REPORTED_LOAD, parse_index, parse_load
 from tests.control_plane.test_lifecycle_policy import manager, store, worker  # noqa: F401
 
 ADMIN = "admin-secret"

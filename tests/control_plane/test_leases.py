@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from control_plane.db import Database
-from control_plane.leases import LeaseManager
-from control_plane.schema import PollLease, Worker, utcnow
+from control_plane.fleet.leases import LeaseManager
+from control_plane.storage.db import Database
+from control_plane.storage.schema import PollLease, Worker, utcnow
 from tests.postgres import PostgresServer
 
 WORKERS = 6

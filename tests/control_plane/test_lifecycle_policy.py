@@ -11,9 +11,13 @@ from typing import Any, cast
 import pytest
 
 from control_plane.config import Settings
-from control_plane.db import BatchWriter, Database
-from control_plane.lifecycle import ModelManager, _Failure, clean_node_error, labels_match, placement_state
-from control_plane.store import ModelStatus, WorkerInfo, WorkerState, WorkerStore
+from control_plane.fleet.store import WorkerStore
+from control_plane.fleet.workers import ModelStatus, WorkerInfo, WorkerState
+from control_plane.lifecycle.events import ModelEventLog
+from control_plane.lifecycle.manager import ModelManager
+from control_plane.lifecycle.placement import Failure, labels_match, placement_state
+from control_plane.nodes.triton import clean_node_error
+from control_plane.storage.db import BatchWriter, Database
 
 TRACEBACK_ERROR = json.dumps(
     {
@@ -84,7 +88,7 @@ def worker(store: WorkerStore, wid: int, models: dict[str, bool], **kwargs: Any)
 
 
 def manager(store: WorkerStore, **settings: Any) -> ModelManager:
-    return ModelManager(Settings(**settings), store, store.writer, cast(Any, None))
+    return ModelManager(Settings(**settings), store, cast(Any, None), ModelEventLog(store.writer))
 
 
 def test_best_node_prefers_fewer_models_then_less_load_and_honours_labels(store: WorkerStore) -> None:
@@ -120,11 +124,11 @@ def test_a_recent_failure_ranks_a_node_last_and_backs_off_when_all_failed(store:
     second = worker(store, 2, {"a": False})
     m = manager(store, load_retry_after_s=30)
     now = time.monotonic()
-    m._failed[("a", first.id)] = _Failure(now, first.id, "boom")
+    m._failed[("a", first.id)] = Failure(now, first.id, "boom")
     assert m.best_node("a") is second and not m._backing_off("a")
-    m._failed[("a", second.id)] = _Failure(now, second.id, "boom")
+    m._failed[("a", second.id)] = Failure(now, second.id, "boom")
     assert m._backing_off("a")
-    m._failed[("a", first.id)] = _Failure(now - 60, first.id, "long ago")
+    m._failed[("a", first.id)] = Failure(now - 60, first.id, "long ago")
     assert m.best_node("a") is first and not m._backing_off("a")
 
 

@@ -10,8 +10,9 @@ import time
 import httpx
 import pytest
 
-from llava_node.client import GenerationResult, stream_generate
+from llava_node.client import stream_generate
 from llava_node.launcher import TritonNode
+from llava_wire.messages import GenerationResult
 from tests.control_plane.conftest import WORKER_TOKEN, admin_get, llava_stream, wait_for
 from tests.media import image_b64, image_bytes
 from tests.processes import ControlPlaneProcess

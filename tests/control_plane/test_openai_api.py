@@ -13,8 +13,9 @@ import httpx
 import openai
 import pytest
 
-from llava_node.client import GenerationResult, stream_generate
+from llava_node.client import stream_generate
 from llava_node.launcher import TritonNode
+from llava_wire.messages import GenerationResult
 from tests.control_plane.conftest import llava_stream, sql, wait_for
 from tests.media import image_bytes
 from tests.processes import ControlPlaneProcess

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from control_plane.proxy import _Watchdog
+from control_plane.nodes.watchdog import Watchdog
 
 
 class FakeCall:
@@ -18,7 +18,7 @@ class FakeCall:
 
 async def test_expires_when_a_wait_outlasts_its_timeout() -> None:
     call = FakeCall()
-    w = _Watchdog(call)
+    w = Watchdog(call)
     start = asyncio.get_running_loop().time()
     w.arm(0.05)
     await asyncio.sleep(0.15)
@@ -29,7 +29,7 @@ async def test_expires_when_a_wait_outlasts_its_timeout() -> None:
 
 async def test_many_short_waits_never_expire_and_keep_one_timer() -> None:
     call = FakeCall()
-    w = _Watchdog(call)
+    w = Watchdog(call)
     for _ in range(30):  # 30 waits of 10 ms under a 50 ms timeout: 300 ms in all
         w.arm(0.05)
         await asyncio.sleep(0.01)
@@ -40,7 +40,7 @@ async def test_many_short_waits_never_expire_and_keep_one_timer() -> None:
 
 async def test_time_between_waits_does_not_count() -> None:
     call = FakeCall()
-    w = _Watchdog(call)
+    w = Watchdog(call)
     w.arm(0.05)
     await asyncio.sleep(0.01)
     w.disarm()
@@ -56,7 +56,7 @@ async def test_time_between_waits_does_not_count() -> None:
 async def test_a_shorter_timeout_takes_effect_at_once() -> None:
     """The first wait (first token) has a long timeout, the next ones a short one."""
     call = FakeCall()
-    w = _Watchdog(call)
+    w = Watchdog(call)
     loop = asyncio.get_running_loop()
     w.arm(60.0)
     await asyncio.sleep(0.01)
@@ -71,7 +71,7 @@ async def test_a_shorter_timeout_takes_effect_at_once() -> None:
 
 async def test_close_stops_the_timer() -> None:
     call = FakeCall()
-    w = _Watchdog(call)
+    w = Watchdog(call)
     w.arm(0.02)
     w.close()
     await asyncio.sleep(0.06)

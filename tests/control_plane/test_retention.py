@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event, func, insert, select
 
-from control_plane.app import create_app
 from control_plane.config import Settings
-from control_plane.db import Database
-from control_plane.schema import Heartbeat, RequestRecord, Worker, utcnow
+from control_plane.main import create_app
+from control_plane.storage.db import Database
+from control_plane.storage.schema import Heartbeat, RequestRecord, Worker, utcnow
 from tests.postgres import PostgresServer
 
 
@@ -79,7 +79,7 @@ def counts(db: Database) -> tuple[int, int]:
 
 
 def retention(db: Database, **kwargs: Any) -> Any:
-    from control_plane.retention import RetentionLoop
+    from control_plane.storage.retention import RetentionLoop
 
     settings = Settings(**{"heartbeat_retention_days": 14, "request_retention_days": 30, **kwargs})
     return RetentionLoop.from_settings(db, settings)
@@ -185,7 +185,7 @@ def test_the_loop_starts_and_stops_with_the_app(tmp_path: Path, database_url: st
 
 def test_sqlite_writer_and_retention_share_the_file(tmp_path: Path) -> None:
     """The batch writer keeps writing while retention deletes (SQLite: one writer at a time)."""
-    from control_plane.db import BatchWriter
+    from control_plane.storage.db import BatchWriter
 
     db = Database(f"sqlite:///{tmp_path / 'w.db'}")
     db.create_schema()

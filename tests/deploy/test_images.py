@@ -23,10 +23,8 @@ from tests.deploy.conftest import ROOT, dockerfile_args, dockerfile_instructions
 
 NODE_DOCKERFILE = ROOT / "deploy" / "triton-node.Dockerfile"
 CP_DOCKERFILE = ROOT / "Dockerfile"
-PROJECT_PACKAGES = ("llava_node", "control_plane")
+PROJECT_PACKAGES = ("llava_wire", "llava_node", "control_plane", "llava_stack")
 PROVIDED_BY_TRITON = {"triton_python_backend_utils"}
-# the `stack` command starts local nodes from the nvidia-pytriton wheel: not in the image
-NOT_IN_THE_CONTROL_PLANE_IMAGE = {"control_plane.stack"}
 # top-level module -> the requirement that provides it
 REQUIREMENT_OF = {
     "torch": "torch",
@@ -131,10 +129,13 @@ def test_the_node_image_is_nvidias_triton_with_the_python_the_args_say() -> None
     assert args["TRITON_PYTHON"] == triton_python(args["TRITON_VERSION"])
 
 
-def test_the_node_image_carries_the_models_and_llava_node_on_the_python_path() -> None:
+def test_the_node_image_carries_the_models_and_the_node_code_on_the_python_path() -> None:
     copies = dict(c.split()[:2][::-1] for c in dockerfile_instructions(NODE_DOCKERFILE, "COPY"))
     assert copies["/models/"] == "model_repository/"
     assert copies["/opt/llava/llava_node/"] == "llava_node/"
+    assert copies["/opt/llava/llava_wire/"] == "llava_wire/"
+    files, _ = model_code()
+    assert {f.relative_to(ROOT).parts[0] for f in files} <= {"model_repository", "llava_node", "llava_wire"}
     env = " ".join(dockerfile_instructions(NODE_DOCKERFILE, "ENV"))
     assert "PYTHONPATH=/opt/llava" in env and "LLAVA_CHECKPOINT=/checkpoints/llava" in env
     cmd = json.loads(dockerfile_instructions(NODE_DOCKERFILE, "CMD")[0])
@@ -164,22 +165,16 @@ def test_the_node_requirements_cover_the_model_codes_imports() -> None:
 
 
 def test_the_control_plane_image_covers_its_imports_and_postgresql() -> None:
-    start = sorted((ROOT / "control_plane").rglob("*.py"))
-    start = [
-        p
-        for p in start
-        if p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
-        not in NOT_IN_THE_CONTROL_PLANE_IMAGE
-    ]
-    files, third_party = import_closure(start, exclude=NOT_IN_THE_CONTROL_PLANE_IMAGE)
-    assert not any("engine" in f.parts for f in files)  # no torch in the control plane
+    files, third_party = import_closure(sorted((ROOT / "control_plane").rglob("*.py")))
+    # the control plane stands on the wire package alone: no node code, no torch
+    assert {f.relative_to(ROOT).parts[0] for f in files} == {"control_plane", "llava_wire"}
     unknown = third_party - set(REQUIREMENT_OF)
     assert not unknown, f"add {unknown} to REQUIREMENT_OF and deploy/control-plane.requirements.txt"
     listed = requirements(ROOT / "deploy" / "control-plane.requirements.txt")
     assert {REQUIREMENT_OF[m] for m in third_party} | {"psycopg"} <= listed
-    assert not {"torch", "transformers", "nvidia-pytriton"} & listed
+    assert not {"torch", "transformers", "nvidia-pytriton"} & (listed | third_party)
     copies = {c.split()[0] for c in dockerfile_instructions(CP_DOCKERFILE, "COPY")}
-    assert {"control_plane/", "llava_node/"} <= copies
+    assert {"control_plane/", "llava_wire/"} <= copies and "llava_node/" not in copies
     assert json.loads(dockerfile_instructions(CP_DOCKERFILE, "ENTRYPOINT")[0]) == [
         "python",
         "-m",

@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from control_plane.discovery import parse_target
+from control_plane.fleet.discovery import parse_target
 from tests.deploy.conftest import NODE_ENV, ROOT, SETTINGS_ENV, load_yaml, load_yaml_documents
 
 K8S = ROOT / "deploy" / "kubernetes"

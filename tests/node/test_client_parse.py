@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from llava_node.client import Chunk, parse_infer_response, parse_response
+from llava_wire.messages import Chunk, parse_infer_response, parse_response
 
 OUTPUTS: dict[str, tuple[str, Any]] = {
     "text_output": ("BYTES", np.object_),

@@ -17,7 +17,7 @@ from llava_node.engine.batching import MAX_CHUNK_BACKLOG_STEPS, BatchingEngine
 from llava_node.engine.hf_generate import HFGenerateEngine
 from llava_node.engine.loading import LoadedModel, load_llava
 from llava_node.engine.runner import LlavaRunner, RunnerConfig
-from llava_node.protocol import CLIENT_ERROR_PREFIX, FinishReason
+from llava_wire.protocol import CLIENT_ERROR_PREFIX, FinishReason
 
 
 class CollectingSink:

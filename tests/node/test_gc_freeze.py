@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from llava_node.gc_freeze import freeze_startup_objects
+from llava_wire.gc_freeze import freeze_startup_objects
 
 
 def test_freeze_startup_objects_takes_what_exists_out_of_collections() -> None:
@@ -31,7 +31,7 @@ def test_unfreezing_at_shutdown_lets_the_interpreter_free_extension_objects() ->
     # control plane's `stack` command builds the tiny checkpoint) were reported leaked
     # by nanobind after Ctrl-C.
     pytest.importorskip("triton")
-    prefix = "import triton; from llava_node.gc_freeze import *; freeze_startup_objects()"
+    prefix = "import triton; from llava_wire.gc_freeze import *; freeze_startup_objects()"
     frozen = subprocess.run([sys.executable, "-c", prefix], capture_output=True, text=True, timeout=120)
     if "leaked" not in frozen.stderr:
         pytest.skip("this triton reports no leaked objects at exit, frozen or not")

@@ -20,9 +20,10 @@ import tritonclient.grpc as grpcclient
 from numpy.typing import NDArray
 from tritonclient.utils import InferenceServerException
 
-from llava_node.client import GenerationResult, build_inputs, parse_response, stream_generate
+from llava_node.client import stream_generate
 from llava_node.launcher import TritonNode
-from llava_node.protocol import CLIENT_ERROR_PREFIX
+from llava_wire.messages import GenerationResult, build_inputs, parse_response
+from llava_wire.protocol import CLIENT_ERROR_PREFIX
 from tests.media import image_bytes
 
 PROMPT = "USER: <image>\nWhat is in this picture? ASSISTANT:"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from llava_node.protocol import FinishReason
 from llava_node.textstream import IncrementalDetokenizer, SequenceText, StopMatcher
+from llava_wire.protocol import FinishReason
 
 
 @pytest.fixture(scope="module")

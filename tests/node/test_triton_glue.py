@@ -28,7 +28,7 @@ from llava_node.engine.loading import load_llava
 from llava_node.engine.runner import LlavaRunner, RunnerConfig
 from llava_node.launcher import PROJECT_ROOT
 from llava_node.preprocess import Preprocessor
-from llava_node.protocol import CLIENT_ERROR_PREFIX
+from llava_wire.protocol import CLIENT_ERROR_PREFIX
 
 FINAL = 1
 

@@ -17,9 +17,10 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from llava_node.client import GenerationResult, build_inputs, cancel, stream_generate
+from llava_node.client import cancel, stream_generate
 from llava_node.engine.loading import load_llava
 from llava_node.launcher import NodeStartError, TritonNode, TritonNodeConfig
+from llava_wire.messages import GenerationResult, build_inputs
 from tests.media import bomb_png, image_bytes
 
 PROMPT = "USER: <image>\nWhat is in this picture? ASSISTANT:"

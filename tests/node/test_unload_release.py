@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcaio
 
-from llava_node.client import build_inputs
 from llava_node.launcher import TritonNode
+from llava_wire.messages import build_inputs
 from tests.processes import node_config
 
 STREAMS = 24

@@ -40,17 +40,18 @@ from torch.utils.dlpack import from_dlpack, to_dlpack  # type: ignore[attr-defin
 
 from llava_node.engine import EngineOptions, GenerationRequest, build_engine
 from llava_node.engine.loading import checkpoint_from_env
-from llava_node.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
-from llava_node.protocol import (
+from llava_node.triton_io import param, text, text_list
+from llava_wire.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
+from llava_wire.protocol import (
     CLIENT_ERROR_PREFIX,
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    ENGINE_METRICS,
     FinishReason,
     InvalidRequest,
     error_text,
 )
-from llava_node.triton_io import param, text, text_list
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_PERIOD_S = 1.0
@@ -367,52 +368,8 @@ class TritonPythonModel:
     # -- metrics ---------------------------------------------------------------------
     def _init_metrics(self) -> None:
         labels = {"model": self.model_name}
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        fams = {
-            "tokens_generated": ("llava_engine_generated_tokens_total", "Tokens generated", counter),
-            "requests_finished": ("llava_engine_requests_finished_total", "Requests finished", counter),
-            "requests_cancelled": ("llava_engine_requests_cancelled_total", "Requests cancelled", counter),
-            "requests_failed": ("llava_engine_requests_failed_total", "Requests failed", counter),
-            "tokens_after_cancel": (
-                "llava_engine_tokens_after_cancel_total",
-                "Tokens computed for requests after they were cancelled",
-                counter,
-            ),
-            "decode_steps": ("llava_engine_decode_steps_total", "Batched decode steps run", counter),
-            "mixed_steps": (
-                "llava_engine_mixed_steps_total",
-                "Decode steps that also carried a chunk of a prompt",
-                counter,
-            ),
-            "requests_started": ("llava_engine_requests_started_total", "Requests started", counter),
-            "first_token_seconds": (
-                "llava_engine_time_to_first_token_seconds_total",
-                "Time from a request's arrival at the engine to its first token sent, summed",
-                counter,
-            ),
-            "queue_seconds": (
-                "llava_engine_queue_seconds_total",
-                "Time from a request's arrival at the engine to the start of its prefill, summed",
-                counter,
-            ),
-            "prefill_seconds": (
-                "llava_engine_prefill_seconds_total",
-                "Engine time spent on prompts (vision tower and prefill)",
-                counter,
-            ),
-            "decode_wait_seconds": (
-                "llava_engine_decode_wait_seconds_total",
-                "Engine time spent waiting for a decode step's tokens from the device",
-                counter,
-            ),
-            "token_handling_seconds": (
-                "llava_engine_token_handling_seconds_total",
-                "Engine time spent handling tokens on the host (detokenizing, sending)",
-                counter,
-            ),
-            "active": ("llava_engine_active_requests", "Requests generating now", gauge),
-            "queue": ("llava_engine_queued_requests", "Requests waiting to start", gauge),
-        }
+        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
+        fams = {key: (name, desc, kinds[kind]) for key, (name, desc, kind) in ENGINE_METRICS.items()}
         # A Metric stays valid only while its MetricFamily object lives: keep both.
         self._families = {
             key: pb_utils.MetricFamily(name=name, description=desc, kind=kind)

@@ -17,10 +17,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llava_node.engine.loading import checkpoint_from_env
-from llava_node.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 from llava_node.preprocess import InvalidRequest, Limits, Preprocessor, RawRequest
-from llava_node.protocol import CLIENT_ERROR_PREFIX, error_text
 from llava_node.triton_io import bytes_list, param, scalar, text, text_list
+from llava_wire.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
+from llava_wire.protocol import CLIENT_ERROR_PREFIX, error_text
 
 
 class TritonPythonModel:

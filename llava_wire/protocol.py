@@ -1,8 +1,9 @@
-"""The tensor interface of the ``llava`` ensemble: names, types and defaults.
+"""The interface of the ``llava`` ensemble: tensor names, types and defaults, step and
+metric names, finish reasons, the client-error prefix.
 
-This module is the single place that names the tensors the models and clients
-exchange; the model configs in ``model_repository/`` use the same names, and the
-README documents them for tritonclient users.
+This module is the single place that names them: the models in ``model_repository/``,
+the node package and the control plane all import them from here, and the README
+documents them for tritonclient users.
 
 Inputs of ``llava`` (all optional except that one of ``prompt`` / ``messages`` is needed):
 
@@ -48,21 +49,30 @@ import re
 from enum import Enum
 
 __all__ = [
+    "ACTIVE_METRIC",
+    "CANCEL_INPUT",
+    "CANCEL_OUTPUT",
     "CLIENT_ERROR_PREFIX",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_P",
     "ENGINE_INPUTS",
+    "ENGINE_METRICS",
     "ENSEMBLE_INPUTS",
     "GREEDY_TEMPERATURE",
     "MAX_STOP_LENGTH",
     "MAX_STOP_STRINGS",
     "MAX_TEMPERATURE",
     "OUTPUTS",
+    "QUEUE_METRIC",
+    "STEP_SUFFIXES",
     "FinishReason",
     "InvalidRequest",
     "check_text",
+    "engine_model",
     "error_text",
+    "is_served_model",
+    "preprocess_model",
 ]
 
 # Ensemble inputs: (name, Triton dtype, shape)
@@ -142,6 +152,82 @@ def error_text(message: str) -> str:
     if len(text) > MAX_ERROR_CHARS:
         text = text[:MAX_ERROR_CHARS] + " [...]"
     return text
+
+
+# An ensemble NAME is served through its steps NAME_preprocess and NAME_engine; clients
+# address only the ensemble.
+STEP_SUFFIXES = ("_preprocess", "_engine")
+
+
+def engine_model(model: str) -> str:
+    """The engine step of an ensemble: ``llava`` -> ``llava_engine``."""
+    return f"{model}_engine"
+
+
+def preprocess_model(model: str) -> str:
+    """The preprocessing step of an ensemble: ``llava`` -> ``llava_preprocess``."""
+    return f"{model}_preprocess"
+
+
+def is_served_model(name: str) -> bool:
+    """Whether clients address this model (an ensemble), not one of its steps."""
+    return not name.endswith(STEP_SUFFIXES)
+
+
+# The engine's cancel call: an inference request to the engine step with only this
+# input (the Triton request id to stop); its one output says how many were running.
+CANCEL_INPUT = "cancel_request_id"
+CANCEL_OUTPUT = "cancelled_requests"
+
+# The engine's Prometheus metrics (Triton custom metrics, on each node's metrics port,
+# labelled by the engine model): key -> (name, help, kind).
+ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
+    "tokens_generated": ("llava_engine_generated_tokens_total", "Tokens generated", "counter"),
+    "requests_finished": ("llava_engine_requests_finished_total", "Requests finished", "counter"),
+    "requests_cancelled": ("llava_engine_requests_cancelled_total", "Requests cancelled", "counter"),
+    "requests_failed": ("llava_engine_requests_failed_total", "Requests failed", "counter"),
+    "tokens_after_cancel": (
+        "llava_engine_tokens_after_cancel_total",
+        "Tokens computed for requests after they were cancelled",
+        "counter",
+    ),
+    "decode_steps": ("llava_engine_decode_steps_total", "Batched decode steps run", "counter"),
+    "mixed_steps": (
+        "llava_engine_mixed_steps_total",
+        "Decode steps that also carried a chunk of a prompt",
+        "counter",
+    ),
+    "requests_started": ("llava_engine_requests_started_total", "Requests started", "counter"),
+    "first_token_seconds": (
+        "llava_engine_time_to_first_token_seconds_total",
+        "Time from a request's arrival at the engine to its first token sent, summed",
+        "counter",
+    ),
+    "queue_seconds": (
+        "llava_engine_queue_seconds_total",
+        "Time from a request's arrival at the engine to the start of its prefill, summed",
+        "counter",
+    ),
+    "prefill_seconds": (
+        "llava_engine_prefill_seconds_total",
+        "Engine time spent on prompts (vision tower and prefill)",
+        "counter",
+    ),
+    "decode_wait_seconds": (
+        "llava_engine_decode_wait_seconds_total",
+        "Engine time spent waiting for a decode step's tokens from the device",
+        "counter",
+    ),
+    "token_handling_seconds": (
+        "llava_engine_token_handling_seconds_total",
+        "Engine time spent handling tokens on the host (detokenizing, sending)",
+        "counter",
+    ),
+    "active": ("llava_engine_active_requests", "Requests generating now", "gauge"),
+    "queue": ("llava_engine_queued_requests", "Requests waiting to start", "gauge"),
+}
+ACTIVE_METRIC = ENGINE_METRICS["active"][0]
+QUEUE_METRIC = ENGINE_METRICS["queue"][0]
 
 
 class FinishReason(str, Enum):
