@@ -20,9 +20,10 @@ from control_plane.lifecycle.views import ModelViews
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.nodes.client import NodeClient
 from control_plane.serving.service import GenerationService
-from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.db import Database
 from control_plane.storage.retention import RetentionLoop
 from control_plane.storage.sql import SqlExecutor
+from control_plane.storage.writer import BatchWriter
 
 __all__ = ["ControlPlane"]
 

@@ -35,10 +35,11 @@ from control_plane.nodes.client import NodeClient
 from control_plane.nodes.triton import TritonNodeClient
 from control_plane.serving.routing import Router
 from control_plane.serving.service import GenerationService
-from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.db import Database
 from control_plane.storage.history import fail_abandoned_requests
 from control_plane.storage.retention import RetentionLoop
 from control_plane.storage.sql import SqlExecutor
+from control_plane.storage.writer import BatchWriter
 from llava_wire.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 
 __all__ = ["create_app"]

@@ -22,7 +22,7 @@ from control_plane.api.text_checks import INT64_MAX, Text, utf8_size
 from control_plane.errors import BadRequest, NotFound, ServiceError
 from control_plane.fleet.registry import MAX_SPEED
 from control_plane.fleet.workers import WorkerState
-from control_plane.nodes.triton import clamp_load
+from control_plane.nodes.parsing import clamp_load
 from control_plane.serving.service import GenerateRequest
 
 __all__ = ["router", "workers_router"]

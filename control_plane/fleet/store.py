@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from control_plane.errors import BadRequest
 from control_plane.fleet.addresses import normalize_worker_url
 from control_plane.fleet.workers import ModelStatus, WorkerInfo, WorkerState, is_served_model
 from control_plane.nodes.client import PollResult
-from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.db import Database
 from control_plane.storage.schema import Heartbeat, Worker, WorkerEvent, utcnow
+from control_plane.storage.worker_rows import all_rows, live_rows, mark_removed, upsert_registration
+from control_plane.storage.writer import BatchWriter
 
 __all__ = ["SyncResult", "WorkerStore"]
 
@@ -107,10 +108,8 @@ class WorkerStore:
     # -- loading and registration (blocking: call from a thread) ----------------------------
     def load(self) -> list[WorkerInfo]:
         """Read the registered (not removed) workers from the database."""
-        with self.db.session() as s:
-            rows = s.scalars(select(Worker).where(Worker.removed_at.is_(None))).all()
         loaded = []
-        for row in rows:
+        for row in live_rows(self.db):
             info = _info_from_row(row, WorkerState.UNKNOWN)
             self._add(info)
             loaded.append(info)
@@ -118,8 +117,7 @@ class WorkerStore:
 
     def read_rows(self) -> list[Worker]:
         """Every ``workers`` row, removed ones included (blocking: call from a thread)."""
-        with self.db.session() as s:
-            return list(s.scalars(select(Worker)).all())
+        return all_rows(self.db)
 
     def apply_rows(
         self, rows: Iterable[Worker], skip: Callable[[int], bool] = lambda _id: False
@@ -200,43 +198,8 @@ class WorkerStore:
     def _register_row(
         self, name: str, fields: dict[str, Any], labels: dict[str, Any] | None, source: str
     ) -> tuple[WorkerInfo, bool]:
-        now = utcnow()
-        with self.db.session() as s:
-            row = s.scalars(select(Worker).where(Worker.name == name)).one_or_none()
-            if row is not None and row.removed_at is None:
-                # registered already, through another replica: take it as it is
-                for key, value in fields.items():
-                    setattr(row, key, value)
-                if labels is not None:
-                    row.labels = dict(labels)
-                s.flush()
-                return _info_from_row(row), False
-            if row is None:
-                row = Worker(name=name, registered_at=now)
-                s.add(row)
-            row.http_url = name
-            row.grpc_url = fields["grpc_url"]
-            row.metrics_url = fields["metrics_url"]
-            row.labels = dict(labels or {})
-            row.speed = fields["speed"]
-            row.source = source
-            row.state = WorkerState.UNKNOWN.value
-            row.models = {}
-            row.queue_length = 0
-            row.removed_at = None
-            row.registered_at = now
-            s.flush()
-            s.add(
-                WorkerEvent(
-                    worker_id=row.id,
-                    at=now,
-                    from_state="",
-                    to_state="unknown",
-                    reason=f"registered ({source})",
-                    replica=self.replica or None,
-                )
-            )
-            return _info_from_row(row, WorkerState.UNKNOWN), True
+        row, created = upsert_registration(self.db, name, fields, labels, source, self.replica)
+        return (_info_from_row(row, WorkerState.UNKNOWN), True) if created else (_info_from_row(row), False)
 
     def remove(self, worker_id: int, reason: str = "removed by admin") -> WorkerInfo | None:
         """Take a worker out of the fleet (its history stays)."""
@@ -247,26 +210,7 @@ class WorkerStore:
                 self._removed[worker_id] = info.registered_at
         if info is None:
             return None
-        now = utcnow()
-        with self.db.session() as s:
-            # conditional, so that replicas removing the same worker at once record it once
-            result = s.execute(
-                update(Worker)
-                .where(Worker.id == worker_id, Worker.removed_at.is_(None))
-                .values(removed_at=now, state=WorkerState.REMOVED.value)
-                .execution_options(synchronize_session=False)
-            )
-            if getattr(result, "rowcount", 0):
-                s.add(
-                    WorkerEvent(
-                        worker_id=worker_id,
-                        at=now,
-                        from_state=info.state.value,
-                        to_state="removed",
-                        reason=reason,
-                        replica=self.replica or None,
-                    )
-                )
+        mark_removed(self.db, worker_id, info.state.value, reason, self.replica)
         info.state = WorkerState.REMOVED
         return info
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from control_plane.metrics import ControlPlaneMetrics
-from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.db import Database
 from control_plane.storage.schema import ModelEvent, utcnow
+from control_plane.storage.writer import BatchWriter
 
 __all__ = ["ModelEventLog", "stored_pins"]
 

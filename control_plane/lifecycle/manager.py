@@ -45,7 +45,7 @@ from control_plane.errors import ColdStartTimeout, ModelLoadFailed, NodeFailed, 
 from control_plane.fleet.store import WorkerStore
 from control_plane.fleet.workers import STEP_SUFFIXES, ModelStatus, WorkerInfo, WorkerState
 from control_plane.lifecycle.events import ModelEventLog, stored_pins
-from control_plane.lifecycle.placement import Failure, Key, labels_match
+from control_plane.lifecycle.placement import Failure, Key, PlacementPolicy
 from control_plane.nodes.client import NodeCallError, NodeClient
 
 __all__ = ["ModelManager"]
@@ -55,42 +55,21 @@ log = logging.getLogger(__name__)
 UNLOAD_TIMEOUT_S = 30.0
 
 
-class ModelManager:
-    """The model lifecycle policy: cold starts, idle unloads, scale-out, pins, admin actions."""
+class ModelManager(PlacementPolicy):
+    """The model lifecycle: cold starts, idle unloads, scale-out, pins (placement rules: the base class)."""
 
     def __init__(
         self, settings: Settings, store: WorkerStore, nodes: NodeClient, events: ModelEventLog
     ) -> None:
-        self.settings = settings
-        self.store = store
+        super().__init__(settings, store)
         self.nodes = nodes
         self.events = events
         self.pinned: set[str] = set(settings.pinned_models)
-        self._loads: dict[Key, asyncio.Task[WorkerInfo]] = {}  # loads in flight, one per placement
         self._cold: dict[str, asyncio.Task[WorkerInfo]] = {}  # cold starts in flight, one per model
-        self._unloading: set[Key] = set()
-        self._ready_since: dict[Key, float] = {}  # when a placement was seen or made ready
         self._loaded_at: dict[Key, float] = {}  # our own successful loads
-        self._failed: dict[Key, Failure] = {}  # the last failed load per placement
-        self._explicit: dict[int, bool] = {}  # worker id -> takes explicit loads (probed)
         self._background: set[asyncio.Task[Any]] = set()
         self._task: asyncio.Task[None] | None = None
         self.rounds = 0
-
-    # -- settings per model ---------------------------------------------------------------
-    def min_replicas(self, model: str) -> int:
-        """Replicas never unloaded for idleness (and loaded when missing)."""
-        default = 1 if model == self.settings.default_model else 0
-        return max(0, self.settings.model_min_replicas.get(model, default))
-
-    def max_replicas(self, model: str) -> int | None:
-        """Most replicas scale-out goes to; None: one per eligible node."""
-        n = self.settings.model_max_replicas.get(model, self.settings.default_max_replicas)
-        return n if n > 0 else None
-
-    def required_labels(self, model: str) -> dict[str, str]:
-        """Worker labels a node needs to be given this model."""
-        return dict(self.settings.model_labels.get(model, {}))
 
     # -- start and stop -------------------------------------------------------------------
     async def start(self) -> None:
@@ -194,73 +173,6 @@ class ModelManager:
                 log.info(
                     "worker %s is not in explicit model-control mode: its models stay as they are", w.name
                 )
-
-    # -- placement ------------------------------------------------------------------------
-    def _recent_failure(self, key: Key, now: float) -> Failure | None:
-        failure = self._failed.get(key)
-        if failure is not None and now - failure.at < self.settings.load_retry_after_s:
-            return failure
-        return None
-
-    def _loadable_on(self, model: str) -> list[WorkerInfo]:
-        """Healthy workers that could be given ``model``: they list it, don't have it
-        ready, loading or unloading, answered their last poll, accept explicit loads and
-        carry its labels.
-
-        A node whose last poll failed may be frozen (a load sent to one hung 49.5 s); a
-        model still unloading there would get a second engine beside the old one, which
-        holds its memory until it has finished."""
-        labels = self.required_labels(model)
-        return [
-            w
-            for w in self.store.all()
-            if w.state is WorkerState.HEALTHY
-            and w.consecutive_failures == 0
-            and model in w.models
-            and not w.can_serve(model)
-            and not self._unloading_on(model, w)
-            and (model, w.id) not in self._loads
-            and self._explicit.get(w.id) is not False
-            and labels_match(w.labels, labels)
-        ]
-
-    def _unloading_on(self, model: str, w: WorkerInfo) -> bool:
-        """Whether ``model`` or one of its steps is being unloaded on ``w``."""
-        if (model, w.id) in self._unloading:
-            return True
-        names = (model, *(model + suffix for suffix in STEP_SUFFIXES))
-        return any(w.models[n].state == "UNLOADING" for n in names if n in w.models)
-
-    def best_node(self, model: str) -> WorkerInfo | None:
-        """The worker a new replica of ``model`` goes to (see the module docstring)."""
-        now = time.monotonic()
-        loading_on: dict[int, int] = {}
-        for _, wid in self._loads:
-            loading_on[wid] = loading_on.get(wid, 0) + 1
-
-        def rank(w: WorkerInfo) -> tuple[bool, int, int, int]:
-            failed = self._recent_failure((model, w.id), now) is not None
-            models = len(w.ready_models()) + loading_on.get(w.id, 0)
-            return failed, models, w.inflight + w.queue_length, w.id
-
-        candidates = self._loadable_on(model)
-        return min(candidates, key=rank) if candidates else None
-
-    def _backing_off(self, model: str) -> bool:
-        """Whether the model failed lately on every worker it could be loaded on."""
-        now = time.monotonic()
-        candidates = self._loadable_on(model)
-        return bool(candidates) and all(self._recent_failure((model, w.id), now) for w in candidates)
-
-    def _why_no_node(self, model: str) -> str:
-        listing = [w for w in self.store.all() if w.state is WorkerState.HEALTHY and model in w.models]
-        labels = self.required_labels(model)
-        why = []
-        if labels and not any(labels_match(w.labels, labels) for w in listing):
-            why.append(f"it needs workers labelled {labels}")
-        if listing and all(self._explicit.get(w.id) is False for w in listing):
-            why.append("its workers do not run in explicit model-control mode")
-        return f"no healthy worker can load model {model!r}" + (f" ({'; '.join(why)})" if why else "")
 
     # -- loading --------------------------------------------------------------------------
     def _load_on_best(self, model: str, reason: str) -> asyncio.Task[WorkerInfo] | None:
@@ -384,6 +296,11 @@ class ModelManager:
                 param="model",
             )
         worker = self.best_node(model)
+        while worker is None and self._unloading_somewhere(model):
+            # an unload is finishing (Triton drains its requests first): load once it is done;
+            # loading beside it would start a second engine (the caller's timeout bounds this)
+            await asyncio.sleep(self.settings.poll_interval_s)
+            worker = self.best_node(model)
         if worker is None:
             raise NoWorker(self._why_no_node(model), param="model")
         return await asyncio.shield(self._start_load(model, worker, "cold start"))
@@ -409,6 +326,8 @@ class ModelManager:
             raise NodeFailed(f"unloading model {model!r} from worker {worker.name} failed: {error}")
         self._ready_since.pop(key, None)
         self._loaded_at.pop(key, None)
+        # Still "UNLOADING" in the live view until a poll says otherwise: Triton answers the
+        # unload call before its engine has finished (it drains its requests first).
         self.events.record(model, worker.id, "unloaded", reason)
         self.events.count_unload(model)
         log.info("model %s unloaded from worker %s: %s", model, worker.name, reason)

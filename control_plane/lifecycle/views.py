@@ -10,7 +10,7 @@ from typing import Any
 from control_plane.fleet.workers import STEP_SUFFIXES
 from control_plane.lifecycle.manager import ModelManager
 from control_plane.lifecycle.placement import load_failed, placement_state
-from control_plane.nodes.triton import clean_node_error
+from control_plane.nodes.parsing import clean_node_error
 
 __all__ = ["ModelViews"]
 

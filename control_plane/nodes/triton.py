@@ -1,18 +1,13 @@
 """The :class:`NodeClient` of real Triton nodes: HTTP (aiohttp) for polls and model
 control, gRPC (``tritonclient.grpc.aio``, one reused channel per node) for streams.
-
-Everything read from a node is bounded and parsed defensively (a broken or hostile node
-must not overflow the store's integers, skew routing without bound or break a poll
-round): a repository index and a metrics page are a few kB; reported loads are clamped.
+Everything read from a node is bounded and parsed defensively (:mod:`.parsing`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,31 +20,28 @@ from tritonclient.utils import InferenceServerException
 
 from control_plane.nodes.client import (
     GenerationInputs,
-    ModelStatus,
     NodeCallError,
     NodeStreamError,
     PollResult,
 )
+from control_plane.nodes.parsing import (
+    MAX_INDEX_BYTES,
+    MAX_METRICS_BYTES,
+    clean_node_error,
+    describe_error,
+    node_message,
+    parse_index,
+    parse_load,
+    read_bounded,
+)
 from control_plane.nodes.watchdog import Watchdog
 from llava_wire.messages import Chunk, build_inputs, cancel_inputs, parse_infer_response
-from llava_wire.protocol import ACTIVE_METRIC, CANCEL_OUTPUT, CLIENT_ERROR_PREFIX, QUEUE_METRIC, engine_model
+from llava_wire.protocol import CANCEL_OUTPUT, engine_model
 
-__all__ = [
-    "MAX_REPORTED_LOAD",
-    "TritonNodeClient",
-    "clamp_load",
-    "clean_node_error",
-    "parse_index",
-    "parse_load",
-]
+__all__ = ["TritonNodeClient"]
 
 log = logging.getLogger(__name__)
 
-# What a node reports is clamped to this (a broken or hostile node must not overflow the
-# store's integers or skew routing without bound).
-MAX_REPORTED_LOAD = 1_000_000
-MAX_INDEX_BYTES = 4 << 20
-MAX_METRICS_BYTES = 4 << 20
 UNLOAD_BODY = {"parameters": {"unload_dependents": True}}
 # Unloading a model that does not exist is a no-op that answers 200 in explicit mode
 # and 503 "explicit model load / unload is not allowed" in the other modes.
@@ -62,96 +54,6 @@ _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, 
 # (the leaked request holds its model, which then never finishes unloading), and gRPC
 # cancels a call that is garbage-collected before it ended.
 DRAIN_TIMEOUT_S = 5.0
-
-
-def clamp_load(value: float) -> int:
-    """A reported queue length or request count as an int in [0, MAX_REPORTED_LOAD]."""
-    if not math.isfinite(value):
-        return MAX_REPORTED_LOAD if value > 0 else 0
-    return int(min(max(value, 0.0), MAX_REPORTED_LOAD))
-
-
-def parse_load(metrics_text: str) -> tuple[int, int]:
-    """(queued, active) summed over a node's engine models, from its metrics page;
-    malformed values count as 0, and each sum is clamped (:func:`clamp_load`)."""
-    queued = active = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith(QUEUE_METRIC):
-            queued += _sample_value(line)
-        elif line.startswith(ACTIVE_METRIC):
-            active += _sample_value(line)
-    return clamp_load(queued), clamp_load(active)
-
-
-def _sample_value(line: str) -> float:
-    try:
-        value = float(line.rsplit(" ", 1)[-1])
-    except ValueError:
-        return 0.0
-    return value if math.isfinite(value) else 0.0
-
-
-def parse_index(body: bytes) -> dict[str, ModelStatus]:
-    """Each model's state from a node's ``/v2/repository/index`` answer; raises ValueError
-    when it is not the list of objects Triton sends."""
-    entries = json.loads(body)
-    if not isinstance(entries, list):
-        raise ValueError("the repository index is not a JSON list")
-    models: dict[str, ModelStatus] = {}
-    for m in entries:
-        name = m.get("name") if isinstance(m, dict) else None
-        if not isinstance(name, str) or not name or len(name) > 256:
-            raise ValueError("the repository index has an entry without a valid model name")
-        state, reason = m.get("state", ""), m.get("reason", "")
-        state = state if isinstance(state, str) else ""
-        reason = reason if isinstance(reason, str) else ""
-        models[name] = ModelStatus(ready=state == "READY", state=state[:64], reason=reason[:2000])
-    return models
-
-
-def clean_node_error(body: str) -> str:
-    """The cause in a Triton error body: its ``error`` text, without Python tracebacks."""
-    text = body
-    with contextlib.suppress(ValueError):
-        parsed = json.loads(body)
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-            text = parsed["error"]
-    lines: list[str] = []
-    in_traceback = False
-    for line in text.splitlines():
-        if line.strip() == "At:":
-            in_traceback = True
-            continue
-        if in_traceback and (line.startswith(" ") or not line.strip()):
-            continue
-        in_traceback = False
-        if line.strip():
-            lines.append(line.strip())
-    message = " ".join(lines).strip().rstrip(";").strip()
-    return message[:1500] or "(the node gave no reason)"
-
-
-def _node_message(text: str) -> tuple[str, bool]:
-    """The client-facing part of a node's error text, and whether it blames the request."""
-    i = text.find(CLIENT_ERROR_PREFIX)
-    if i >= 0:
-        return text[i + len(CLIENT_ERROR_PREFIX) :], True
-    return text, False
-
-
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    data = await response.content.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"the node sent more than {limit} bytes")
-    return data
-
-
-def _describe(exc: BaseException, timeout_s: float) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"no answer within {timeout_s:g} s"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connection failed: {exc.os_error or exc}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 class TritonNodeClient:
@@ -188,7 +90,7 @@ class TritonNodeClient:
                 f"{http_url}/v2/repository/index", json={}, timeout=timeout
             ) as index:
                 if index.status == 200:
-                    res.models = parse_index(await _read_bounded(index, MAX_INDEX_BYTES))
+                    res.models = parse_index(await read_bounded(index, MAX_INDEX_BYTES))
             res.latency_ms = (time.perf_counter() - started) * 1000.0
             res.ok = res.server_ready
             if not res.server_ready and res.models is not None:
@@ -197,13 +99,13 @@ class TritonNodeClient:
             if not res.ok:
                 res.error = "server not ready (/v2/health/ready did not answer 200)"
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            res.error = _describe(exc, timeout_s)
+            res.error = describe_error(exc, timeout_s)
             return res
         if metrics_url:
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
                 async with self.session.get(metrics_url, timeout=timeout) as m:
                     if m.status == 200:
-                        page = await _read_bounded(m, MAX_METRICS_BYTES)
+                        page = await read_bounded(m, MAX_METRICS_BYTES)
                         res.queued, res.active = parse_load(page.decode("utf-8", "replace"))
         return res
 
@@ -235,7 +137,7 @@ class TritonNodeClient:
         url = f"{http_url}/v2/repository/models/{PROBE_MODEL}/unload"
         with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
             async with self.session.post(url, json={}, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-                body = await _read_bounded(r, 1 << 16)
+                body = await read_bounded(r, 1 << 16)
                 if r.status == 200:
                     return True
                 if NOT_EXPLICIT.encode() in body:
@@ -246,7 +148,7 @@ class TritonNodeClient:
         try:
             async with self.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
                 if r.status != 200:
-                    error = clean_node_error((await _read_bounded(r, 1 << 20)).decode("utf-8", "replace"))
+                    error = clean_node_error((await read_bounded(r, 1 << 20)).decode("utf-8", "replace"))
                     raise NodeCallError(error, not_explicit=NOT_EXPLICIT in error)
         except TimeoutError:
             raise NodeCallError(f"the node did not finish {doing} within {timeout_s:g} s") from None
@@ -334,7 +236,7 @@ class TritonNodeClient:
                     watchdog.disarm()
                 if error is not None:
                     finished = True
-                    message, client_error = _node_message(str(error.message()))
+                    message, client_error = node_message(str(error.message()))
                     raise NodeStreamError(message, client_error=client_error)
                 response = result.get_response()
                 final = response.parameters.get("triton_final_response")

@@ -24,8 +24,8 @@ from control_plane.metrics import ControlPlaneMetrics
 from control_plane.nodes.client import GenerationInputs, NodeClient, NodeStreamError
 from control_plane.serving.admission import Admission
 from control_plane.serving.routing import Router
-from control_plane.storage.db import BatchWriter
 from control_plane.storage.schema import RequestRecord, utcnow
+from control_plane.storage.writer import BatchWriter
 from llava_wire.messages import Chunk
 
 __all__ = ["GenerateRequest", "GenerationService"]

@@ -19,16 +19,59 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from llava_node.engine.runner import LlavaRunner
 
 __all__ = ["DecodeGraphs", "ImageFeatureGraph", "MixedGraphs", "PrefillGraphs"]
 
 log = logging.getLogger(__name__)
+
+
+class LlavaRunner(Protocol):
+    """What the graphs use of :class:`llava_node.engine.runner.LlavaRunner` (a protocol, so
+    that this module, which the runner imports, does not import the runner back)."""
+
+    cfg: Any  # RunnerConfig
+    loaded: Any  # LoadedModel
+    device: torch.device
+    dtype: torch.dtype
+    dummy_slot: int
+    hidden: int
+    max_batch: int
+    max_seq_len: int
+
+    def mixed_layout(
+        self,
+        slots: Sequence[int],
+        chunks: Sequence[Any],
+        *,
+        batch: int | None = None,
+        rows: int | None = None,
+        ends: int | None = None,
+    ) -> Any:
+        """The runner's MixedLayout of a step."""
+        ...
+
+    def upload(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on the device."""
+        ...
+
+    def decode_step(self, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
+        """One decode step's tokens."""
+        ...
+
+    def image_features_eager(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower and projector, eagerly."""
+        ...
+
+    def padded_prefill_logits(self, x: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A padded prefill's last logits."""
+        ...
+
+    def mixed_step(self, *args: Any, **kwargs: Any) -> Any:
+        """One mixed step (decode rows and prompt chunks)."""
+        ...
 
 
 class DecodeGraphs:

@@ -15,11 +15,12 @@ from control_plane.errors import BadRequest
 from control_plane.fleet.addresses import normalize_worker_url
 from control_plane.fleet.workers import WorkerInfo, WorkerState
 from control_plane.main import create_app
-from control_plane.nodes.triton import parse_load
+from control_plane.nodes.parsing import parse_load
 from control_plane.serving.routing import Router
-from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.db import Database
 from control_plane.storage.schema import Heartbeat, Worker
 from control_plane.storage.sql import ReadOnlyViolation, run_readonly
+from control_plane.storage.writer import BatchWriter
 
 ADMIN = "admin-secret"
 

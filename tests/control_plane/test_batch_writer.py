@@ -13,8 +13,9 @@ import pytest
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from control_plane.storage.db import BatchWriter, Database
+from control_plane.storage.db import Database
 from control_plane.storage.schema import Heartbeat, RequestRecord, Worker, WorkerEvent, utcnow
+from control_plane.storage.writer import BatchWriter
 
 
 def _db(tmp_path: Path) -> Database:

@@ -19,7 +19,7 @@ from control_plane.fleet.store import WorkerStore
 from control_plane.fleet.workers import ModelStatus
 from control_plane.lifecycle.manager import ModelManager
 from control_plane.main import create_app
-from control_plane.nodes.triton import MAX_REPORTED_LOAD, parse_index, parse_load
+from control_plane.nodes.parsing import MAX_REPORTED_LOAD, parse_index, parse_load
 from tests.control_plane.test_lifecycle_policy import manager, store, worker  # noqa: F401
 
 ADMIN = "admin-secret"

@@ -16,8 +16,9 @@ from control_plane.fleet.workers import ModelStatus, WorkerInfo, WorkerState
 from control_plane.lifecycle.events import ModelEventLog
 from control_plane.lifecycle.manager import ModelManager
 from control_plane.lifecycle.placement import Failure, labels_match, placement_state
-from control_plane.nodes.triton import clean_node_error
-from control_plane.storage.db import BatchWriter, Database
+from control_plane.nodes.parsing import clean_node_error
+from control_plane.storage.db import Database
+from control_plane.storage.writer import BatchWriter
 
 TRACEBACK_ERROR = json.dumps(
     {

@@ -185,7 +185,7 @@ def test_the_loop_starts_and_stops_with_the_app(tmp_path: Path, database_url: st
 
 def test_sqlite_writer_and_retention_share_the_file(tmp_path: Path) -> None:
     """The batch writer keeps writing while retention deletes (SQLite: one writer at a time)."""
-    from control_plane.storage.db import BatchWriter
+    from control_plane.storage.writer import BatchWriter
 
     db = Database(f"sqlite:///{tmp_path / 'w.db'}")
     db.create_schema()

@@ -1,4 +1,4 @@
-"""Read-only SQL over the worker history, for admins (CLI and admin API).
+"""Running one read-only, bounded query over the worker history (SQLite or PostgreSQL).
 
 Read-only by construction, not by inspecting the text: on SQLite the connection is
 opened read-only (``mode=ro``) with ``query_only`` on and an authorizer that allows
@@ -20,49 +20,38 @@ event loop's default executor; a running query can be interrupted from another t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
-import os
-import signal
 import sqlite3
-import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
-from datetime import time as dtime
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from control_plane.errors import BadRequest, Overloaded, ServiceError
-
-__all__ = [
-    "DEFAULT_MAX_RESULT_BYTES",
-    "DEFAULT_TIMEOUT_S",
-    "UNSAFE_FUNCTIONS",
-    "QueryHandle",
-    "QueryResult",
-    "ReadOnlyViolation",
-    "SqlBusy",
-    "SqlExecutor",
-    "SqlInterrupted",
-    "SqlTimeout",
-    "format_table",
-    "json_value",
-    "run_readonly",
-]
+from control_plane.errors import BadRequest, ServiceError
+from control_plane.storage.sql.results import (
+    QueryHandle,
+    QueryResult,
+    ReadOnlyViolation,
+    SqlInterrupted,
+    SqlTimeout,
+    row_size,
+)
 
 DEFAULT_TIMEOUT_S = 30.0
+
+
 DEFAULT_MAX_RESULT_BYTES = 8 * 1024 * 1024
 
 # PRAGMAs whose argument names a table or index: they only read.
+
+
 _LOOKUP_PRAGMAS = frozenset(
     {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
 )
 # PRAGMAs that only read when called without a value (with one, most of them set it).
+
+
 _READ_PRAGMAS = _LOOKUP_PRAGMAS | frozenset(
     {
         "table_list",
@@ -77,6 +66,8 @@ _READ_PRAGMAS = _LOOKUP_PRAGMAS | frozenset(
         "compile_options",
     }
 )
+
+
 _ALLOWED = {
     sqlite3.SQLITE_SELECT,
     sqlite3.SQLITE_READ,
@@ -86,6 +77,8 @@ _ALLOWED = {
 # SQL functions that reach past the data: native pointers, native code, files, the
 # connection's configuration. The rest of SQLite's functions only compute on values (their
 # cost is bounded by the time limit, their results by the length limit).
+
+
 UNSAFE_FUNCTIONS = frozenset(
     {
         "fts3_tokenizer",  # returns a native pointer (an address in this process); with two arguments installs one
@@ -103,87 +96,13 @@ UNSAFE_FUNCTIONS = frozenset(
 # The progress handler runs every this many virtual-machine steps (about every 2 ms): often
 # enough to stop on time, rarely enough that runaway queries on several threads do not keep
 # taking the GIL from the event loop (every 10,000 steps, six of them slowed /health to 1 s).
+
+
 _PROGRESS_STEPS = 100_000
 # Rows fetched from the driver at a time while counting the answer's size.
+
+
 _FETCH_CHUNK = 256
-
-T = TypeVar("T")
-
-
-class ReadOnlyViolation(BadRequest):
-    """The query tried to change something."""
-
-
-class SqlTimeout(BadRequest):
-    """The query ran longer than the time limit (``sql_timeout_s``).
-
-    400, not 408: the query itself is what is too slow, so sending it again will not help,
-    and clients and proxies may repeat a request answered 408 on their own."""
-
-
-class SqlBusy(Overloaded):
-    """As many admin queries as allowed (``sql_max_concurrent``) are running: 429, at once."""
-
-
-class SqlInterrupted(ServiceError):
-    """The query was stopped from outside: the control plane is stopping, or its client left."""
-
-    status_code = 503
-    openai_type = "service_unavailable"
-
-
-@dataclass
-class QueryResult:
-    """Columns, rows, and whether (and why) rows were cut: ``truncated_reason`` is
-    ``max_rows`` or ``max_result_bytes``."""
-
-    columns: list[str]
-    rows: list[tuple[Any, ...]]
-    truncated: bool
-    truncated_reason: str | None = None
-    result_bytes: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """The admin API's answer: every value JSON-safe (see :func:`json_value`);
-        ``truncated_reason`` only when the rows were cut."""
-        body: dict[str, Any] = {
-            "columns": self.columns,
-            "rows": [[json_value(v) for v in row] for row in self.rows],
-            "truncated": self.truncated,
-        }
-        if self.truncated:
-            body["truncated_reason"] = self.truncated_reason
-        return body
-
-
-class QueryHandle:
-    """Stops a running query from another thread: the reason is kept, and the driver is
-    told at once (``sqlite3.Connection.interrupt``, PostgreSQL's cancel request)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._interrupt: Callable[[], None] | None = None
-        self.reason: str | None = None
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether :meth:`cancel` was called."""
-        return self.reason is not None
-
-    def bind(self, interrupt: Callable[[], None] | None) -> None:
-        """Set (or clear, with None) what stops the query now running."""
-        with self._lock:
-            self._interrupt = interrupt
-
-    def cancel(self, reason: str) -> None:
-        """Stop the query (if one runs) and keep ``reason``; the first reason stays."""
-        with self._lock:
-            if self.reason is None:
-                self.reason = reason
-            interrupt = self._interrupt
-        if interrupt is not None:
-            with contextlib.suppress(Exception):  # the query ended and its connection closed meanwhile
-                interrupt()
 
 
 def _sqlite_path(url: str) -> str:
@@ -249,7 +168,7 @@ def _collect(
         for row in chunk:
             if len(rows) >= limits.max_rows:
                 return rows, "max_rows", size
-            n = _row_size(row)
+            n = row_size(row)
             if size + n > limits.max_bytes:
                 return rows, "max_result_bytes", size
             rows.append(tuple(row))
@@ -444,244 +363,3 @@ def _describe_columns(raw: Any, query: str) -> list[str]:
         return [described.fname(i).decode() for i in range(described.nfields)]
     except Exception:  # only the column names of an empty answer are lost
         return []
-
-
-def json_value(value: Any) -> Any:
-    """``value`` as JSON can hold it: BLOBs (bytes) as ``{"blob_hex": "...", "bytes": n}``;
-    infinities and NaN (which JSON lacks) as the strings ``"Infinity"``, ``"-Infinity"``,
-    ``"NaN"``; decimals as numbers, timestamps as ISO 8601, intervals as seconds; anything
-    else the driver returns as its text."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-        return {"blob_hex": data.hex(), "bytes": len(data)}
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            return json_value(float(value))
-        return int(value) if int(value.as_tuple().exponent) >= 0 else float(value)
-    if isinstance(value, (datetime, date, dtime)):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_value(v) for v in value]
-    return str(value)
-
-
-def _value_size(value: Any) -> int:
-    """About how many bytes ``value`` takes in the JSON answer (cheap, never much under)."""
-    if value is None or isinstance(value, bool):
-        return 5
-    if isinstance(value, str):
-        return (len(value) if value.isascii() else len(value.encode("utf-8", "replace"))) + 2
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return 2 * len(value) + 32  # as hex, in its marker object
-    if isinstance(value, dict):
-        return 2 + sum(_value_size(str(k)) + _value_size(v) + 2 for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return 2 + sum(_value_size(v) + 1 for v in value)
-    if isinstance(value, (int, float, Decimal)):
-        return 24
-    return len(str(value)) + 2
-
-
-def _row_size(row: Sequence[Any]) -> int:
-    return 3 + sum(_value_size(v) + 1 for v in row)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return f"X'{bytes(value).hex().upper()}'"  # SQL's BLOB literal: never raw bytes on a terminal
-    return str(value)
-
-
-def format_table(result: QueryResult) -> str:
-    """Rows as an aligned text table (BLOBs as SQL literals ``X'0A1B'``)."""
-    cells = [[_cell(v) for v in row] for row in result.rows]
-    widths = [len(c) for c in result.columns]
-    for row in cells:
-        widths = [max(w, len(v)) for w, v in zip(widths, row, strict=False)]
-
-    def line(values: Sequence[str]) -> str:
-        return " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)).rstrip()
-
-    out = [line(result.columns), "-+-".join("-" * w for w in widths)]
-    out += [line(r) for r in cells]
-    cut = f", truncated at {result.truncated_reason or 'max_rows'}" if result.truncated else ""
-    out.append(f"({len(cells)} row{'s' if len(cells) != 1 else ''}{cut})")
-    return "\n".join(out)
-
-
-class SqlExecutor:
-    """Runs the admin API's queries on ``max_concurrent`` threads of their own.
-
-    Never the event loop's default executor (6 threads on a 2-core host), which polling,
-    registration and the lifespan use: however many queries run, those keep their threads.
-    A query beyond ``max_concurrent`` is answered at once (:class:`SqlBusy`, 429), never
-    queued. A query whose client leaves is interrupted; :meth:`aclose` interrupts every
-    running query, so that stopping the control plane does not wait for one.
-    """
-
-    def __init__(self, max_concurrent: int = 2, on_outcome: Callable[[str], None] | None = None) -> None:
-        self.max_concurrent = max(1, max_concurrent)
-        self.on_outcome = on_outcome
-        self._pool = ThreadPoolExecutor(max_workers=self.max_concurrent, thread_name_prefix="admin-sql")
-        self._lock = threading.Lock()
-        self._running: set[QueryHandle] = set()
-        self._futures: set[asyncio.Future[Any]] = set()  # of the running jobs (for aclose)
-        self._closed = False
-        self.outcomes: dict[str, int] = dict.fromkeys(("ok", "error", "timeout", "busy", "interrupted"), 0)
-
-    @property
-    def running(self) -> int:
-        """Queries whose threads are running now."""
-        with self._lock:
-            return len(self._running)
-
-    def describe(self) -> dict[str, Any]:
-        """Counts for ``/admin/status``."""
-        return {"max_concurrent": self.max_concurrent, "running": self.running, **self.outcomes}
-
-    def _count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        if self.on_outcome is not None:
-            self.on_outcome(outcome)
-
-    async def run(
-        self,
-        job: Callable[[QueryHandle], T],
-        *,
-        disconnected: Callable[[], Awaitable[bool]] | None = None,
-        poll_s: float = 0.25,
-    ) -> T:
-        """Run ``job(handle)`` on one of the threads; ``disconnected`` is asked every
-        ``poll_s`` while it runs, and the query is interrupted once it says True."""
-        handle = QueryHandle()
-        with self._lock:
-            if self._closed:
-                busy: ServiceError | None = SqlInterrupted("the control plane is stopping")
-            elif len(self._running) >= self.max_concurrent:
-                busy = SqlBusy(
-                    f"{len(self._running)} admin SQL queries are running, the most allowed at once "
-                    "(sql_max_concurrent): try again when one has ended"
-                )
-            else:
-                busy = None
-                self._running.add(handle)
-        if busy is not None:
-            self._count("busy" if isinstance(busy, SqlBusy) else "interrupted")
-            raise busy
-        try:
-            future = asyncio.wrap_future(self._pool.submit(self._call, job, handle))
-        except RuntimeError:  # the pool was shut down meanwhile
-            with self._lock:
-                self._running.discard(handle)
-            self._count("interrupted")
-            raise SqlInterrupted("the control plane is stopping") from None
-        future.add_done_callback(_retrieve)  # no "exception never retrieved" when nobody awaits it
-        self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
-        try:
-            while True:
-                done, _ = await asyncio.wait({future}, timeout=poll_s if disconnected else None)
-                if done:
-                    break
-                if disconnected is not None and await disconnected():
-                    handle.cancel("the client went away")
-                    disconnected = None  # the thread ends at its next progress check
-            result = future.result()
-        except asyncio.CancelledError:
-            handle.cancel("the request was cancelled")
-            raise
-        except SqlTimeout:
-            self._count("timeout")
-            raise
-        except SqlInterrupted:
-            self._count("interrupted")
-            raise
-        except BaseException:
-            self._count("error")
-            raise
-        self._count("ok")
-        return result
-
-    def _call(self, job: Callable[[QueryHandle], T], handle: QueryHandle) -> T:
-        try:
-            return job(handle)
-        finally:
-            with self._lock:
-                self._running.discard(handle)
-
-    def interrupt_all(self, reason: str) -> int:
-        """Interrupt every running query; how many there were."""
-        with self._lock:
-            handles = list(self._running)
-        for h in handles:
-            h.cancel(reason)
-        return len(handles)
-
-    def _stopping(self) -> None:
-        with self._lock:
-            self._closed = True
-        self.interrupt_all("the control plane is stopping")
-
-    def interrupt_on_signals(
-        self, loop: asyncio.AbstractEventLoop, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)
-    ) -> Callable[[], None]:
-        """Interrupt the running queries (and refuse new ones) as soon as the process is
-        told to stop, then hand the signal on to the handler that was there (uvicorn's).
-
-        The lifespan's shutdown comes too late for that: uvicorn first waits for every
-        open request to be answered, so a query whose client is still connected would hold
-        the process up to its time limit. Returns what puts the previous handlers back.
-        Only in the main thread (where signals are handled); elsewhere (TestClient) a no-op.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous: dict[int, Any] = {}
-
-        def handler(signum: int, frame: Any) -> None:
-            # Not the lock here (the interrupted code may hold it): on the loop, soon.
-            with contextlib.suppress(RuntimeError):  # the loop is closed already
-                loop.call_soon_threadsafe(self._stopping)
-            before = previous.get(signum)
-            if callable(before):
-                before(signum, frame)
-            elif before == signal.SIG_DFL:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-
-        for sig in signals:
-            previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, handler)
-
-        def restore() -> None:
-            for sig, before in previous.items():
-                if signal.getsignal(sig) is handler and before is not None:
-                    signal.signal(sig, before)
-
-        return restore
-
-    async def aclose(self, timeout_s: float = 5.0) -> None:
-        """Refuse new queries, interrupt the running ones and wait (up to ``timeout_s``)
-        until their threads have given them up."""
-        with self._lock:
-            self._closed = True
-        self.interrupt_all("the control plane is stopping")
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._futures:
-            await asyncio.wait(set(self._futures), timeout=timeout_s)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()

@@ -1,0 +1,124 @@
+"""Reading what a node answers, defensively: a broken or hostile node must not overflow the
+store's integers, skew routing without bound or break a poll round. A repository index and a
+metrics page are a few kB; reported loads are clamped; error bodies lose their tracebacks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+
+import aiohttp
+
+from control_plane.nodes.client import ModelStatus
+from llava_wire.protocol import ACTIVE_METRIC, CLIENT_ERROR_PREFIX, QUEUE_METRIC
+
+__all__ = [
+    "MAX_INDEX_BYTES",
+    "MAX_METRICS_BYTES",
+    "MAX_REPORTED_LOAD",
+    "clamp_load",
+    "clean_node_error",
+    "describe_error",
+    "node_message",
+    "parse_index",
+    "parse_load",
+    "read_bounded",
+]
+
+# What a node reports is clamped to this (a broken or hostile node must not overflow the
+# store's integers or skew routing without bound).
+MAX_REPORTED_LOAD = 1_000_000
+MAX_INDEX_BYTES = 4 << 20
+MAX_METRICS_BYTES = 4 << 20
+
+
+def clamp_load(value: float) -> int:
+    """A reported queue length or request count as an int in [0, MAX_REPORTED_LOAD]."""
+    if not math.isfinite(value):
+        return MAX_REPORTED_LOAD if value > 0 else 0
+    return int(min(max(value, 0.0), MAX_REPORTED_LOAD))
+
+
+def parse_load(metrics_text: str) -> tuple[int, int]:
+    """(queued, active) summed over a node's engine models, from its metrics page;
+    malformed values count as 0, and each sum is clamped (:func:`clamp_load`)."""
+    queued = active = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(QUEUE_METRIC):
+            queued += _sample_value(line)
+        elif line.startswith(ACTIVE_METRIC):
+            active += _sample_value(line)
+    return clamp_load(queued), clamp_load(active)
+
+
+def _sample_value(line: str) -> float:
+    try:
+        value = float(line.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+def parse_index(body: bytes) -> dict[str, ModelStatus]:
+    """Each model's state from a node's ``/v2/repository/index`` answer; raises ValueError
+    when it is not the list of objects Triton sends."""
+    entries = json.loads(body)
+    if not isinstance(entries, list):
+        raise ValueError("the repository index is not a JSON list")
+    models: dict[str, ModelStatus] = {}
+    for m in entries:
+        name = m.get("name") if isinstance(m, dict) else None
+        if not isinstance(name, str) or not name or len(name) > 256:
+            raise ValueError("the repository index has an entry without a valid model name")
+        state, reason = m.get("state", ""), m.get("reason", "")
+        state = state if isinstance(state, str) else ""
+        reason = reason if isinstance(reason, str) else ""
+        models[name] = ModelStatus(ready=state == "READY", state=state[:64], reason=reason[:2000])
+    return models
+
+
+def clean_node_error(body: str) -> str:
+    """The cause in a Triton error body: its ``error`` text, without Python tracebacks."""
+    text = body
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+            text = parsed["error"]
+    lines: list[str] = []
+    in_traceback = False
+    for line in text.splitlines():
+        if line.strip() == "At:":
+            in_traceback = True
+            continue
+        if in_traceback and (line.startswith(" ") or not line.strip()):
+            continue
+        in_traceback = False
+        if line.strip():
+            lines.append(line.strip())
+    message = " ".join(lines).strip().rstrip(";").strip()
+    return message[:1500] or "(the node gave no reason)"
+
+
+def node_message(text: str) -> tuple[str, bool]:
+    """The client-facing part of a node's error text, and whether it blames the request."""
+    i = text.find(CLIENT_ERROR_PREFIX)
+    if i >= 0:
+        return text[i + len(CLIENT_ERROR_PREFIX) :], True
+    return text, False
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    data = await response.content.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"the node sent more than {limit} bytes")
+    return data
+
+
+def describe_error(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed: {exc.os_error or exc}"
+    return f"{type(exc).__name__}: {exc}"

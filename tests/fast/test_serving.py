@@ -1,0 +1,225 @@
+"""Serving on fake nodes: retries and backoff, the circuit breaker, stalls, cancellation when
+the client leaves, queueing and 429."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from control_plane.fleet.workers import WorkerState
+from tests.fast.harness import Harness, eventually, node
+
+# -- retries and backoff -------------------------------------------------------------------------
+
+
+async def test_a_node_that_refuses_before_the_first_token_is_retried_on_another(tmp_path: Path) -> None:
+    bad, good = node(9000, fail_before_first="unreachable"), node(9010)
+    async with Harness(tmp_path, [bad, good], dispatch_policy="round_robin").running() as h:
+        for _ in range(4):  # round robin puts some on the bad node first
+            r = await h.llava()
+            assert r.status == 200 and r.frames()[-1]["error_code"] == 0
+            assert r.frames()[-1]["text"].endswith("Hello, world!")
+        assert bad.streams and all(s.error for s in bad.streams)
+        rows = await h.rows("SELECT attempts, status FROM requests ORDER BY started_at")
+        assert {row["status"] for row in rows} == {"ok"} and max(row["attempts"] for row in rows) == 2
+
+
+async def test_retries_back_off(tmp_path: Path) -> None:
+    bad, good = node(9000, fail_before_first="unreachable"), node(9010)
+    async with Harness(
+        tmp_path, [bad, good], retry_backoff_s=0.3, dispatch_policy="round_robin"
+    ).running() as h:
+        times = []
+        for _ in range(2):
+            started = time.monotonic()
+            assert (await h.llava()).status == 200
+            times.append(time.monotonic() - started)
+        assert max(times) >= 0.3  # the one that met the bad node waited before its retry
+        assert min(times) < 0.3
+
+
+async def test_when_every_attempt_fails_the_client_gets_one_clear_error(tmp_path: Path) -> None:
+    nodes = [node(9000 + 10 * i, fail_before_first="unreachable") for i in range(3)]
+    async with Harness(tmp_path, nodes, max_attempts=3, breaker_threshold=100).running() as h:
+        r = await h.chat()
+        assert r.status == 502 and r.json()["error"]["code"] == "worker_unreachable"
+        r = await h.llava()
+        assert r.status == 502 and r.frames() == [{"text": r.frames()[0]["text"], "error_code": 3}]
+        assert sum(len(n.streams) for n in nodes) == 6
+
+
+async def test_a_node_error_after_the_first_token_ends_the_stream_with_one_error(tmp_path: Path) -> None:
+    flaky = node(9000, fail_after=2)
+    async with Harness(tmp_path, [flaky]).running() as h:
+        r = await h.llava()
+        frames = r.frames()
+        assert r.status == 200 and [f["error_code"] for f in frames] == [0, 0, 1]
+        assert "generation failed on the node" in frames[-1]["text"]
+        events = (await h.chat(stream=True)).events()
+        assert "error" in events[-2] and events[-1] == "[DONE]"
+        assert len(flaky.streams) == 2  # not retried: tokens had reached the client
+
+
+async def test_a_request_the_node_rejects_is_the_clients_400_and_is_not_retried(tmp_path: Path) -> None:
+    picky, other = node(9000, fail_before_first="client"), node(9010, fail_before_first="client")
+    async with Harness(tmp_path, [picky, other], breaker_threshold=1).running() as h:
+        r = await h.chat()
+        assert r.status == 400 and r.json()["error"]["message"] == "the prompt is empty"
+        assert len(picky.streams) + len(other.streams) == 1
+        assert h.worker(picky).state is WorkerState.HEALTHY and h.worker(other).state is WorkerState.HEALTHY
+
+
+# -- the circuit breaker -------------------------------------------------------------------------
+
+
+async def test_consecutive_node_errors_open_the_circuit(tmp_path: Path) -> None:
+    sick, well = node(9000, fail_after=0), node(9010)
+    async with Harness(
+        tmp_path, [sick, well], breaker_threshold=3, dispatch_policy="round_robin"
+    ).running() as h:
+        for _ in range(8):
+            await h.llava()
+        assert h.worker(sick).state is WorkerState.UNHEALTHY
+        assert len(sick.streams) == 3  # out of routing after its third failure
+        before = len(well.streams)
+        for _ in range(3):
+            assert (await h.llava()).frames()[-1]["error_code"] == 0
+        assert len(well.streams) == before + 3
+
+
+async def test_after_the_cooldown_a_poll_brings_it_back_half_open(tmp_path: Path) -> None:
+    sick, well = node(9000, fail_after=0), node(9010)
+    settings: dict[str, Any] = {
+        "breaker_threshold": 2,
+        "breaker_cooldown_s": 0.3,
+        "dispatch_policy": "round_robin",
+    }
+    async with Harness(tmp_path, [sick, well], **settings).running() as h:
+        for _ in range(4):
+            await h.llava()
+        assert h.worker(sick).state is WorkerState.UNHEALTHY
+        await asyncio.sleep(0.1)
+        assert h.worker(sick).state is WorkerState.UNHEALTHY  # polls succeed, but the cooldown holds
+        await eventually(lambda: h.worker(sick).state is WorkerState.HEALTHY, 2, "back after the cooldown")
+        for _ in range(3):  # half open: one more failure opens it again
+            await h.llava()
+        assert h.worker(sick).state is WorkerState.UNHEALTHY
+
+
+async def test_client_mistakes_never_open_the_circuit(tmp_path: Path) -> None:
+    picky = node(9000, fail_before_first="client")
+    async with Harness(tmp_path, [picky], breaker_threshold=2).running() as h:
+        for _ in range(12):
+            assert (await h.llava()).status == 400
+        assert h.worker(picky).state is WorkerState.HEALTHY
+
+
+# -- stalls -------------------------------------------------------------------------------------
+
+
+async def test_a_stream_that_stalls_is_ended_and_cancelled_on_the_node(tmp_path: Path) -> None:
+    stuck = node(9000, stall_after=2)
+    async with Harness(tmp_path, [stuck], stall_timeout_s=0.3).running() as h:
+        started = time.monotonic()
+        r = await h.llava()
+        assert 0.3 <= time.monotonic() - started < 2
+        frames = r.frames()
+        assert [f["error_code"] for f in frames[-1:]] == [3] and "sent nothing for 0.3 s" in frames[-1][
+            "text"
+        ]
+        await eventually(lambda: stuck.cancels == [stuck.streams[0].request_id], what="a cancel call")
+
+
+async def test_a_node_silent_before_the_first_token_is_left_for_another(tmp_path: Path) -> None:
+    silent, good = node(9000, stall_after=0), node(9010)
+    async with Harness(
+        tmp_path, [silent, good], first_token_timeout_s=0.2, dispatch_policy="round_robin"
+    ).running() as h:
+        for _ in range(2):
+            r = await h.llava()
+            assert r.frames()[-1]["error_code"] == 0
+        assert len(silent.streams) == 1 and silent.cancels == [silent.streams[0].request_id]
+
+
+# -- cancellation when the client leaves --------------------------------------------------------
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_the_generation(tmp_path: Path) -> None:
+    slow = node(9000, tokens=["x"] * 200, token_delay_s=0.01)
+    async with Harness(tmp_path, [slow]).running() as h:
+        r = await h.llava(disconnect_after=3, headers={"X-Request-Id": "leaver"})
+        assert r.status == 200 and len(r.frames()) == 3
+        await eventually(lambda: slow.cancels == ["leaver"], what="a cancel call")
+        await eventually(lambda: h.worker(slow).inflight == 0, what="the slot freed")
+        rows = await h.rows("SELECT status, error FROM requests")
+        assert rows == [{"status": "cancelled", "error": "the client went away"}]
+
+
+async def test_an_openai_stream_whose_client_leaves_is_cancelled(tmp_path: Path) -> None:
+    slow = node(9000, tokens=["x"] * 200, token_delay_s=0.01)
+    async with Harness(tmp_path, [slow]).running() as h:
+        await h.chat(stream=True, disconnect_after=4, headers={"X-Request-Id": "sse"})
+        await eventually(lambda: slow.cancels == ["sse"], what="a cancel call")
+
+
+async def test_a_non_streamed_request_whose_client_leaves_is_cancelled(tmp_path: Path) -> None:
+    slow = node(9000, tokens=["x"] * 200, token_delay_s=0.01)
+    async with Harness(tmp_path, [slow]).running() as h:
+        r = await h.chat(disconnect_at=0.2, headers={"X-Request-Id": "whole"})
+        assert r.chunks == []  # nothing was sent to a client that had gone
+        await eventually(lambda: slow.cancels == ["whole"], what="a cancel call")
+        assert slow.streams[0].sent < 200
+
+
+async def test_a_client_that_leaves_while_queued_gives_its_place_up(tmp_path: Path) -> None:
+    busy = node(9000, tokens=["x"] * 40, token_delay_s=0.01)
+    async with Harness(tmp_path, [busy], max_inflight_per_worker=1).running() as h:
+        first = asyncio.create_task(h.llava())
+        await eventually(lambda: h.worker(busy).inflight == 1)
+        r = await h.llava(disconnect_at=0.05)
+        assert r.status == 0  # it never got a response: it had left
+        assert h.cp.service.admission.waiting == 0
+        await first
+        assert len(busy.streams) == 1  # the one that left never reached the node
+
+
+# -- queueing and 429 ---------------------------------------------------------------------------
+
+
+async def test_a_request_waits_for_a_slot_and_a_full_queue_is_429(tmp_path: Path) -> None:
+    busy = node(9000, tokens=["x"] * 30, token_delay_s=0.01)
+    async with Harness(tmp_path, [busy], max_inflight_per_worker=1, max_waiting=1).running() as h:
+        first = asyncio.create_task(h.llava())
+        await eventually(lambda: h.worker(busy).inflight == 1)
+        second = asyncio.create_task(h.llava())
+        await eventually(lambda: h.cp.service.admission.waiting == 1)
+        third = await h.chat()
+        assert third.status == 429 and int(third.headers["retry-after"]) >= 1
+        assert third.json()["error"]["code"] == "overloaded"
+        assert (await first).frames()[-1]["error_code"] == 0
+        assert (await second).frames()[-1]["error_code"] == 0  # served once the first ended
+
+
+async def test_a_wait_past_the_queue_timeout_is_429(tmp_path: Path) -> None:
+    busy = node(9000, tokens=["x"] * 100, token_delay_s=0.01)
+    async with Harness(tmp_path, [busy], max_inflight_per_worker=1, queue_timeout_s=0.1).running() as h:
+        first = asyncio.create_task(h.llava())
+        await eventually(lambda: h.worker(busy).inflight == 1)
+        r = await h.llava()
+        assert (
+            r.status == 429 and r.frames()[0]["error_code"] == 4 and "within 0.1 s" in r.frames()[0]["text"]
+        )
+        await first
+
+
+async def test_waiters_are_served_first_come_first_served(tmp_path: Path) -> None:
+    busy = node(9000, tokens=["x"] * 5, token_delay_s=0.01)
+    async with Harness(tmp_path, [busy], max_inflight_per_worker=1).running() as h:
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(h.llava(headers={"X-Request-Id": f"r{i}"})))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        assert [s.request_id for s in busy.streams] == ["r0", "r1", "r2", "r3"]
