@@ -109,7 +109,6 @@ class Settings(BaseSettings):
     poll_timeout_s: float = 1.5
     unhealthy_after_failures: int = 2
     offline_after_s: float = 30.0  # LLaVA drops a worker silent for 30 s
-    push_heartbeat_timeout_s: float = 45.0
     lease_period_s: float = Field(
         10.0,
         description="How long a replica's claim to poll a node lasts without renewal; another replica "
@@ -131,7 +130,6 @@ class Settings(BaseSettings):
         "token under asyncio (docs/performance.md)",
     )
     dispatch_policy: DispatchPolicy = DispatchPolicy.SHORTEST_QUEUE
-    connect_timeout_s: float = 5.0
     first_token_timeout_s: float = 120.0
     stall_timeout_s: float = 60.0  # a stream with no token for this long is ended and cancelled
     cancel_retry_s: float = 60.0  # how long to keep asking a silent node to cancel

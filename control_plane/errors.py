@@ -17,6 +17,7 @@ __all__ = [
     "NodeFailed",
     "NotFound",
     "Overloaded",
+    "PayloadTooLarge",
     "ServiceError",
     "Unauthorized",
     "UnknownModel",
@@ -51,6 +52,13 @@ class BadRequest(ServiceError):
     status_code = 400
     llava_code = LLAVA_BAD_REQUEST
     openai_type = "invalid_request_error"
+
+
+class PayloadTooLarge(BadRequest):
+    """The request body is larger than the limit."""
+
+    status_code = 413
+    openai_code = "request_too_large"
 
 
 class Unauthorized(ServiceError):

@@ -174,7 +174,6 @@ def create_app(settings: Settings | None = None, node_client: NodeClient | None 
     ``node_client``: how it talks to nodes; default a :class:`TritonNodeClient` made (and
     closed) by the lifespan."""
     from control_plane.api import admin, errors, llava, openai
-    from control_plane.api.limits import BodySizeLimit
 
     settings = settings or Settings()
     app = FastAPI(
@@ -185,9 +184,9 @@ def create_app(settings: Settings | None = None, node_client: NodeClient | None 
     )
     app.state.settings = settings
     app.state.node_client = node_client
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     app.include_router(llava.router)
+    app.include_router(llava.streams)
     app.include_router(llava.workers_router)
     app.include_router(openai.router)
     app.include_router(admin.router)

@@ -119,6 +119,22 @@ def test_control_plane_modules_are_small() -> None:
     assert not big, big
 
 
+def test_preprocessing_needs_no_engine_code() -> None:
+    """llava_preprocess (CPU instances) needs the tokenizer and the image processor, not
+    the engine (it had imported the engine package, and so torch, for a path helper)."""
+    known = modules()
+    todo = [ROOT / "model_repository" / "llava_preprocess" / "1" / "model.py"]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += [known[m] for m in imports_of(path, known)]
+    reached = {module_name(p) for p in seen if p.is_relative_to(ROOT / "llava_node")}
+    assert reached and not any(m.startswith("llava_node.engine") for m in reached), reached
+
+
 def _imported_by(code: str) -> set[str]:
     """Top-level modules a fresh interpreter has imported after running ``code``."""
     probe = code + "\nimport sys\nprint(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
@@ -168,3 +184,16 @@ import control_plane.cli, control_plane.server, control_plane.nodes.triton, cont
     )
     imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
     assert "control_plane" in imported and not imported & set(NODE_SIDE), imported & set(NODE_SIDE)
+
+
+def test_the_architecture_document_names_every_module() -> None:
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    missing = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT / pkg).as_posix()
+            if path.name == "__init__.py" and rel != "engine/__init__.py":
+                continue
+            if f"`{rel}" not in doc and f"`{pkg}/{rel}`" not in doc and f" `{rel}`" not in doc:
+                missing.append(f"{pkg}/{rel}")
+    assert not missing, f"docs/architecture.md does not name: {missing}"

@@ -15,19 +15,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from control_plane.api.deps import AdminDep, CPDep
+from control_plane.api.errors import plain_error
+from control_plane.api.routes import family_route
 from control_plane.errors import NotFound
 from control_plane.storage.history import worker_history
 from control_plane.storage.sql import QueryHandle, QueryResult, SqlInterrupted, run_readonly
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[AdminDep], route_class=family_route(plain_error)
+)
 
 # Admin reads first wait for the writes queued before them (batched: up to the flush
 # interval), so that a query sees what this control plane has done; bounded, in case the
 # database is slow.
 READ_FLUSH_TIMEOUT_S = 5.0
-public = APIRouter(tags=["operations"])
+public = APIRouter(tags=["operations"], route_class=family_route(plain_error))
 
 
 class WorkerIn(BaseModel):

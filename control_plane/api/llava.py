@@ -9,14 +9,17 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncIterator
+from enum import Enum
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from control_plane.api.deps import CPDep, WorkerCredentialDep, require_api_key_for_llava
-from control_plane.api.errors import llava_frame
+from control_plane.api.errors import llava_error, llava_frame, plain_error
+from control_plane.api.routes import family_route, validation_message
 from control_plane.api.streaming import ClientWatch, TokenStreamResponse, start_stream
 from control_plane.api.text_checks import INT64_MAX, Text, utf8_size
 from control_plane.errors import BadRequest, NotFound, ServiceError
@@ -25,11 +28,18 @@ from control_plane.fleet.workers import WorkerState
 from control_plane.nodes.parsing import clamp_load
 from control_plane.serving.service import GenerateRequest
 
-__all__ = ["router", "workers_router"]
+__all__ = ["router", "streams", "workers_router"]
 
-router = APIRouter(tags=["LLaVA controller protocol"], dependencies=[Depends(require_api_key_for_llava)])
+_TAGS: list[str | Enum] = ["LLaVA controller protocol"]
+router = APIRouter(
+    tags=_TAGS, dependencies=[Depends(require_api_key_for_llava)], route_class=family_route(plain_error)
+)
+# The generation streams answer errors in LLaVA's frames.
+streams = APIRouter(
+    tags=_TAGS, dependencies=[Depends(require_api_key_for_llava)], route_class=family_route(llava_error)
+)
 # Workers' pushes take the worker (or admin) token, not a client's API key.
-workers_router = APIRouter(tags=["LLaVA controller protocol"])
+workers_router = APIRouter(tags=_TAGS, route_class=family_route(plain_error))
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -46,18 +56,8 @@ async def parse_body(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
-        raise BadRequest(_validation_text(exc)) from None
-
-
-def _validation_text(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        msg = str(err.get("msg")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts)
+        message, param = validation_message(RequestValidationError(exc.errors()))
+        raise BadRequest(message, param=param) from None
 
 
 class RegisterWorker(BaseModel):
@@ -284,7 +284,7 @@ async def _stream_frames(req: GenerateRequest, cp: CPDep, request: Request) -> R
     )
 
 
-@router.post("/worker_generate_stream", openapi_extra=_body_doc(GenerateParams))
+@streams.post("/worker_generate_stream", openapi_extra=_body_doc(GenerateParams))
 async def worker_generate_stream(
     request: Request, cp: CPDep, x_request_id: str | None = Header(None)
 ) -> Response:
@@ -293,7 +293,7 @@ async def worker_generate_stream(
     return await _stream_frames(_to_request(params, cp, x_request_id, None), cp, request)
 
 
-@router.post("/workers/{worker_id}/worker_generate_stream", openapi_extra=_body_doc(GenerateParams))
+@streams.post("/workers/{worker_id}/worker_generate_stream", openapi_extra=_body_doc(GenerateParams))
 async def pinned_generate_stream(
     worker_id: int, request: Request, cp: CPDep, x_request_id: str | None = Header(None)
 ) -> Response:

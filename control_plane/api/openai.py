@@ -17,8 +17,10 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from control_plane.api.deps import CPDep, require_api_key
+from control_plane.api.errors import openai_error
 from control_plane.api.images import ImageFetcher
 from control_plane.api.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
+from control_plane.api.routes import family_route
 from control_plane.api.streaming import ClientWatch, StartedStream, TokenStreamResponse, start_stream
 from control_plane.api.text_checks import utf8_size
 from control_plane.errors import BadRequest, ServiceError
@@ -27,7 +29,12 @@ from control_plane.serving.service import GenerateRequest
 __all__ = ["ChunkEvents", "router"]
 
 
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["OpenAI-compatible API"],
+    dependencies=[Depends(require_api_key)],
+    route_class=family_route(openai_error),
+)
 
 
 @router.get("/models")

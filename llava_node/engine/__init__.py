@@ -7,11 +7,11 @@ CUDA graphs on a GPU. ``hf_generate``: transformers' ``generate``, the baseline.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from llava_node.engine.base import Engine, EngineStats, GenerationRequest, OutputSink
 from llava_node.engine.loading import load_llava, pick_device
+from llava_node.engine.options import ENGINE_KINDS, EngineOptions
 
 __all__ = [
     "Engine",
@@ -23,29 +23,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-ENGINE_KINDS = ("auto", "batching", "hf_generate")
-
-
-@dataclass
-class EngineOptions:
-    """Engine settings, from the model's config parameters or environment."""
-
-    kind: str = "auto"
-    device: str = "auto"
-    max_batch: int = 0  # 0: 8 on the CPU, 64 on a GPU
-    max_seq_len: int = 0
-    kv_cache_fraction: float = 0.9
-    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: float8 e4m3 (see kv_cache.py)
-    page_size: int = 16
-    cuda_graphs: bool = True
-    hf_workers: int = 1
-    stream_interval: int = 0  # 0: auto (see BatchingEngine); n: a response every n tokens
-    fused_kernels: bool | None = None  # None: on a GPU (Triton kernels for prefill and decode)
-    # prompt tokens per mixed step while others decode; 0: whole prompts; -1: auto (256 on
-    # a GPU, where a decode step is bound by reading the weights; 0 on the CPU, where it
-    # is not, so chunks would only delay first tokens)
-    prefill_chunk: int = -1
 
 
 def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:

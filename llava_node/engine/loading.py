@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["LoadedModel", "checkpoint_from_env", "load_llava", "pick_device"]
-
-CHECKPOINT_ENV = "LLAVA_CHECKPOINT"
-
-
-def checkpoint_from_env(parameter: str | None) -> Path:
-    """The checkpoint directory: the model parameter if set, else ``$LLAVA_CHECKPOINT``."""
-    value = (parameter or "").strip() or os.environ.get(CHECKPOINT_ENV, "").strip()
-    if not value:
-        raise ValueError(
-            "no checkpoint configured: set the model parameter 'checkpoint' or the "
-            f"environment variable {CHECKPOINT_ENV} to a llava-hf checkpoint directory"
-        )
-    path = Path(value).expanduser()
-    if not (path / "config.json").is_file():
-        raise ValueError(f"checkpoint directory {path} has no config.json (is it a llava-hf checkpoint?)")
-    return path
+__all__ = ["LoadedModel", "load_llava", "pick_device"]
 
 
 def pick_device(preference: str = "auto") -> tuple[torch.device, torch.dtype]:

@@ -1,58 +1,61 @@
-"""BodySizeLimit at the ASGI level: announced and streamed bodies."""
+"""The request-body limit: 413 before any handler reads the body, in each API family's shape,
+whether the body is announced by Content-Length or streamed in chunks."""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Iterator
+from pathlib import Path
 
-from control_plane.api.limits import BodySizeLimit
+import pytest
+from fastapi.testclient import TestClient
 
+from control_plane.config import Settings
+from control_plane.main import create_app
+from control_plane.nodes.fake import FakeNodeClient
 
-def _scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
-    return {"type": "http", "path": "/v1/chat/completions", "method": "POST", "headers": headers}
-
-
-async def _run(limit: int, headers: list[tuple[bytes, bytes]], chunks: list[bytes]) -> tuple[list[Any], Any]:
-    seen: dict[str, Any] = {}
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        seen["send"] = send
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-
-    messages = [
-        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)
-    ]
-    sent: list[Any] = []
-
-    async def receive() -> Any:
-        return messages.pop(0)
-
-    async def send(message: Any) -> None:
-        sent.append(message)
-
-    await BodySizeLimit(app, limit)(_scope(headers), receive, send)
-    return sent, seen.get("send") is send
+LIMIT = 2000
 
 
-async def test_an_announced_body_within_the_limit_goes_straight_through() -> None:
-    sent, same_send = await _run(100, [(b"content-length", b"5")], [b"hello"])
-    assert sent[0]["status"] == 200 and sent[1]["body"] == b"hello"
-    assert same_send  # no wrapper on the response path
+@pytest.fixture()
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(data_dir=tmp_path, max_body_bytes=LIMIT, poll_interval_s=60, lease_period_s=120)
+    with TestClient(create_app(settings, node_client=FakeNodeClient())) as c:
+        yield c
 
 
-async def test_an_announced_body_above_the_limit_is_413() -> None:
-    sent, _ = await _run(3, [(b"content-length", b"5")], [b"hello"])
-    assert sent[0]["status"] == 413
+def chunked(payload: bytes) -> Iterator[bytes]:
+    for i in range(0, len(payload), 500):
+        yield payload[i : i + 500]
 
 
-async def test_a_streamed_body_is_counted() -> None:
-    sent, _ = await _run(100, [], [b"he", b"llo"])
-    assert sent[0]["status"] == 200 and sent[1]["body"] == b"hello"
-    sent, _ = await _run(3, [], [b"he", b"llo"])
-    assert sent[0]["status"] == 413
+BIG = json.dumps({"model": "llava", "prompt": "x" * (2 * LIMIT), "query": "x" * (2 * LIMIT)}).encode()
+SMALL = json.dumps({"model": "llava", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_oversized_body_gets_413_in_each_familys_shape(client: TestClient, streamed: bool) -> None:
+    def post(path: str) -> object:
+        return client.post(path, content=chunked(BIG) if streamed else BIG)
+
+    openai = post("/v1/chat/completions")
+    assert openai.status_code == 413  # type: ignore[attr-defined]
+    assert openai.json()["error"]["code"] == "request_too_large"  # type: ignore[attr-defined]
+    llava = post("/worker_generate_stream")
+    assert llava.status_code == 413  # type: ignore[attr-defined]
+    frame = json.loads(llava.content.rstrip(b"\0"))  # type: ignore[attr-defined]
+    assert frame["error_code"] == 5 and f"limit of {LIMIT} bytes" in frame["text"]
+    admin = post("/admin/sql")
+    assert admin.status_code == 413 and f"limit of {LIMIT} bytes" in admin.json()["detail"]  # type: ignore[attr-defined]
+
+
+def test_a_body_within_the_limit_reaches_its_handler_streamed_or_not(client: TestClient) -> None:
+    for content in (SMALL, chunked(SMALL)):
+        r = client.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+        # no node serves llava here: the handler ran and said so
+        assert r.status_code == 404 and "no worker serves model 'llava'" in r.json()["error"]["message"]
+
+
+def test_errors_outside_every_route_are_plain(client: TestClient) -> None:
+    assert client.get("/v1/nothing-here").json() == {"detail": "Not Found"}
+    assert client.get("/worker_generate_stream").status_code == 405

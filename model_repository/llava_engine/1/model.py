@@ -38,8 +38,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack  # type: ignore[attr-defined]
 
+from llava_node.checkpoints import checkpoint_from_env
 from llava_node.engine import EngineOptions, GenerationRequest, build_engine
-from llava_node.engine.loading import checkpoint_from_env
 from llava_node.triton_io import param, text, text_list
 from llava_wire.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 from llava_wire.protocol import (
@@ -108,39 +108,6 @@ def _generation_request(request: Any, sink: TritonSink) -> GenerationRequest:
         stop=text_list(pb_utils, request, "gen_stop"),
         sink=sink,
     )
-
-
-def _tristate(value: str) -> bool | None:
-    """``auto`` (None), or a boolean."""
-    v = value.strip().lower()
-    if v == "auto":
-        return None
-    if v in ("1", "true", "yes", "0", "false", "no"):
-        return v in ("1", "true", "yes")
-    raise ValueError(f"expected auto, true or false, not {value!r}")
-
-
-def _prefill_chunk(value: str) -> int:
-    """``auto`` (-1: chunks on a GPU only) or a number of prompt tokens per step (0: off)."""
-    if value.strip().lower() == "auto":
-        return -1
-    try:
-        tokens = int(value)
-    except ValueError:
-        tokens = -1
-    if tokens < 0:
-        raise ValueError(f"prefill_chunk must be 'auto' or a number of tokens (0: off), not {value!r}")
-    return tokens
-
-
-def _stream_interval(value: str) -> int:
-    """``auto`` (0) or a number of tokens per response."""
-    if value.strip().lower() == "auto":
-        return 0
-    n = int(value)
-    if n < 1:
-        raise ValueError(f"stream_interval must be 'auto' or a positive number of tokens, not {value!r}")
-    return n
 
 
 def _numeric(name: str, value: torch.Tensor) -> Any:
@@ -342,21 +309,7 @@ class TritonPythonModel:
         self.model_name = args["model_name"]
         checkpoint = checkpoint_from_env(param(config, "checkpoint"))
 
-        def opt(key: str, env: str, default: str) -> str:
-            return param(config, key, env, default)
-
-        options = EngineOptions(
-            kind=opt("engine", "LLAVA_ENGINE", "auto"),
-            device=opt("device", "LLAVA_DEVICE", "auto"),
-            max_batch=int(opt("max_batch", "LLAVA_MAX_BATCH", "0")),
-            max_seq_len=int(opt("max_seq_len", "LLAVA_MAX_SEQ_LEN", "0")),
-            kv_cache_fraction=float(opt("kv_cache_fraction", "LLAVA_KV_CACHE_FRACTION", "0.9")),
-            kv_cache_dtype=opt("kv_cache_dtype", "LLAVA_KV_CACHE_DTYPE", "auto"),
-            cuda_graphs=opt("cuda_graphs", "LLAVA_CUDA_GRAPHS", "true").lower() in ("1", "true", "yes"),
-            stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
-            fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),
-            prefill_chunk=_prefill_chunk(opt("prefill_chunk", "LLAVA_PREFILL_CHUNK", "auto")),
-        )
+        options = EngineOptions.from_model_config(lambda key, env, default: param(config, key, env, default))
         self.engine = build_engine(checkpoint, options)
         self.log.info("llava_engine ready: %s, checkpoint %s", self.engine.describe(), checkpoint)
         self.sinks = SinkRegistry()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from llava_node.engine.loading import checkpoint_from_env
+from llava_node.checkpoints import checkpoint_from_env
 from llava_node.preprocess import InvalidRequest, Limits, Preprocessor, RawRequest
 from llava_node.triton_io import bytes_list, param, scalar, text, text_list
 from llava_wire.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
