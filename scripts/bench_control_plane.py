@@ -67,7 +67,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -82,9 +81,9 @@ sys.path.insert(0, str(REPO))
 from llava_node.launcher import (  # noqa: E402
     TritonNode,
     TritonNodeConfig,
-    free_port,
     free_port_block,
 )
+from llava_stack.processes import ControlPlaneProcess, StartedGroups  # noqa: E402
 
 QUESTION = (
     "Tell me a long story about a lighthouse keeper who finds a message in a bottle, "
@@ -156,72 +155,30 @@ def _post_json(url: str, body: Any, timeout_s: float = 30.0) -> Any:
         return json.loads(r.read())
 
 
-class ControlPlaneProc:
-    """``python -m control_plane serve`` from a given source tree, stopped by PID."""
+def control_plane(
+    src: Path, data_dir: Path, workers: Sequence[str], env: dict[str, str], name: str
+) -> ControlPlaneProcess:
+    """``python -m control_plane serve`` from the source tree ``src`` (this one, or a baseline's)."""
+    return ControlPlaneProcess(
+        data_dir,
+        workers,
+        name=f"control plane {name}",
+        poll_interval_s=None,
+        env=env,
+        src=src,
+        groups=STARTED,
+    )
 
-    def __init__(
-        self, src: Path, data_dir: Path, workers: Sequence[str], env: dict[str, str], name: str
-    ) -> None:
-        self.src = src
-        self.data_dir = data_dir
-        self.workers = list(workers)
-        self.env = env
-        self.name = name
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir / "control-plane.log"
 
-    @property
-    def url(self) -> str:
-        """Base URL."""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        """Process id."""
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout_s: float = 60.0) -> ControlPlaneProc:
-        """Start it and wait for ``/health``."""
-        cmd = [sys.executable, "-m", "control_plane", "serve", "--port", str(self.port)]
-        cmd += ["--data-dir", str(self.data_dir), "--log-level", "warning"]
-        for w in self.workers:
-            cmd += ["--worker", w]
-        env = {**os.environ, "PYTHONPATH": str(self.src), **self.env}
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = started(
-                subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.src, start_new_session=True
-                )
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"control plane {self.name} exited:\n{self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                _get_json(f"{self.url}/health", 1.0)
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"control plane {self.name} did not start:\n{self.log_path.read_text()[-3000:]}")
-
-    def wait_healthy(self, count: int, timeout_s: float = 60.0) -> None:
-        """Wait until ``count`` workers are healthy."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = _get_json(f"{self.url}/admin/status")
-            if status["workers"].get("healthy", 0) >= count and status["models"]:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"control plane {self.name}: {count} workers not healthy in {timeout_s:g} s")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 20 s."""
-        proc, self.process = self.process, None
-        if proc is not None:
-            terminate(proc, 20.0)
+def wait_healthy(cp: ControlPlaneProcess, count: int, timeout_s: float = 60.0) -> None:
+    """Wait until ``count`` workers are healthy and a model is listed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = _get_json(f"{cp.url}/admin/status")
+        if status["workers"].get("healthy", 0) >= count and status["models"]:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{cp.name}: {count} workers not healthy in {timeout_s:g} s")
 
 
 def terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
@@ -237,35 +194,14 @@ def terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
 
 
 # Every process group this run starts (all are started in a new session), for the last
-# resort of on_stop_signal; a group is killed only while its leader is still our child.
-_STARTED: list[subprocess.Popen[bytes]] = []
-LAST_RESORT_S = 30.0
+# resort of its stop signals; a group is killed only while its leader is still our child.
+STARTED = StartedGroups()
 
 
 def started(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
-    """Record ``proc`` (the leader of a new session) for :func:`on_stop_signal`."""
-    _STARTED.append(proc)
+    """Record ``proc`` (the leader of a new session) for the stop signals."""
+    STARTED.track(proc)
     return proc
-
-
-def on_stop_signal(signum: int, _frame: Any) -> None:
-    """SIGTERM or SIGINT: unwind, so that the finally blocks stop the nodes and servers
-    this run started (the default action of SIGTERM would leave them running). An event
-    loop busy with thousands of streams can hold the exception up, so if the run has not
-    ended ``LAST_RESORT_S`` later, its process groups are killed and it exits."""
-
-    def last_resort() -> None:
-        time.sleep(LAST_RESORT_S)
-        for proc in _STARTED:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        os._exit(128 + signum)
-
-    threading.Thread(target=last_resort, name="last-resort", daemon=True).start()
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -682,7 +618,7 @@ def cp_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 async def streams_phase(
-    args: argparse.Namespace, nodes: Sequence[TritonNode], cps: dict[str, ControlPlaneProc]
+    args: argparse.Namespace, nodes: Sequence[TritonNode], cps: dict[str, ControlPlaneProcess]
 ) -> list[Run]:
     """Every repeat: every concurrency on every path, in a rotating order."""
     client = Client([n.grpc_url for n in nodes], args.max_tokens)
@@ -950,10 +886,10 @@ def poller_phase(args: argparse.Namespace, work: Path, metrics_text: str | None)
                 runs.append(run)
                 print("  " + poller_line(run), flush=True)
         if args.profile:
-            cp = ControlPlaneProc(REPO, work / "cp-poller-profile", [], _poller_env(args), "poller")
+            cp = control_plane(REPO, work / "cp-poller-profile", [], _poller_env(args), "poller")
             try:
                 _register_all(cp.start(), ports)
-                cp.wait_healthy(count, 120)
+                wait_healthy(cp, count, 120)
                 time.sleep(2 * args.poll_interval + 1)
                 profile_pid(cp.pid, Path(args.profile) / "poller.txt", args.profile_s)
             finally:
@@ -967,7 +903,7 @@ def _poller_env(args: argparse.Namespace) -> dict[str, str]:
     return {"LLAVA_CP_POLL_INTERVAL_S": str(args.poll_interval)}
 
 
-def _register_all(cp: ControlPlaneProc, ports: Sequence[int]) -> None:
+def _register_all(cp: ControlPlaneProcess, ports: Sequence[int]) -> None:
     """Every simulated node through the admin API, with explicit endpoints (no discovery)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -988,13 +924,13 @@ def poller_run(
 ) -> dict[str, Any]:
     """One control plane polling every simulated node: its CPU over the window."""
     count = len(ports)
-    cp = ControlPlaneProc(src, data_dir, [], _poller_env(args), "poller")
+    cp = control_plane(src, data_dir, [], _poller_env(args), "poller")
     try:
         cp.start()
         t = time.monotonic()
         _register_all(cp, ports)
         registered_s = time.monotonic() - t
-        cp.wait_healthy(count, 120)
+        wait_healthy(cp, count, 120)
         time.sleep(2 * args.poll_interval + 1)  # settle: a few whole rounds
         meter = CpuMeter(cp.pid)
         sim_meter = CpuMeter(sim_pid)
@@ -1110,7 +1046,7 @@ def summarize_collapsed(text: str, limit: int = 60) -> str:
 
 
 async def profile_streams(
-    args: argparse.Namespace, nodes: Sequence[TritonNode], cp: ControlPlaneProc
+    args: argparse.Namespace, nodes: Sequence[TritonNode], cp: ControlPlaneProcess
 ) -> dict[str, str]:
     """py-spy over the control plane while it serves 64 LLaVA, then 64 OpenAI streams."""
     client = Client([n.grpc_url for n in nodes], args.max_tokens)
@@ -1237,8 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, on_stop_signal)
-    signal.signal(signal.SIGINT, on_stop_signal)
+    STARTED.install()
     if args.simulate is not None:
         return simulate(args.simulate, args.poller_nodes, args.simulate_metrics)
     random.seed(0)
@@ -1271,15 +1206,15 @@ def main(argv: list[str] | None = None) -> int:
                 metrics_text = node_metrics_text(nodes[0].metrics_url)
                 if args.pin:
                     os.sched_setaffinity(0, args.pin_rest)
-                cps: dict[str, ControlPlaneProc] = {}
+                cps: dict[str, ControlPlaneProcess] = {}
                 try:
                     workers = [n.http_url for n in nodes]
-                    cps[""] = ControlPlaneProc(REPO, work / "cp", workers, env, "this").start()
+                    cps[""] = control_plane(REPO, work / "cp", workers, env, "this").start()
                     if args.baseline_src is not None:
                         src = args.baseline_src.resolve()
-                        cps["@base"] = ControlPlaneProc(src, work / "cp-base", workers, env, "base").start()
+                        cps["@base"] = control_plane(src, work / "cp-base", workers, env, "base").start()
                     for cp in cps.values():
-                        cp.wait_healthy(len(nodes))
+                        wait_healthy(cp, len(nodes))
                     if args.loadgen_nice:  # the load generator only: the servers are started
                         os.setpriority(os.PRIO_PROCESS, 0, args.loadgen_nice)
                         result["settings"]["loadgen_nice"] = args.loadgen_nice

@@ -73,6 +73,7 @@ from llava_node.launcher import (  # noqa: E402  # noqa: E402
     resolve_checkpoint,
     stop_all,
 )
+from llava_stack.processes import ControlPlaneProcess, StartedGroups  # noqa: E402
 from llava_wire.protocol import CLIENT_ERROR_PREFIX  # noqa: E402
 
 MODEL = "llava"
@@ -83,7 +84,6 @@ SEND_TIMEOUT_S = 3.0
 HEADER_TIMEOUT_S = 3.0
 SQL_TIMEOUT_S = 2.0
 TIGHT_BODY_BYTES = 65536
-LAST_RESORT_S = 30.0
 
 TITLES = {
     1: "registration and heartbeats need a credential; addresses are allow-listed and fixed",
@@ -136,115 +136,8 @@ GROUPS: dict[str, tuple[list[int], dict[str, str]]] = {
 
 # -- processes ----------------------------------------------------------------------------
 
-# Every process group this run starts (each leader starts a session), for the last resort
-# of on_stop_signal: a group is killed only while its leader is still our child.
-_STARTED: list[subprocess.Popen[bytes]] = []
-
-
-def track(proc: subprocess.Popen[bytes] | None) -> None:
-    """Record a process group leader this run started."""
-    if proc is not None and proc not in _STARTED:
-        _STARTED.append(proc)
-
-
-def on_stop_signal(signum: int, _frame: Any) -> None:
-    """SIGTERM or SIGINT: unwind, so that the ``finally`` blocks stop what this run started;
-    if that has not ended the run ``LAST_RESORT_S`` later, kill its process groups and exit."""
-
-    def last_resort() -> None:
-        time.sleep(LAST_RESORT_S)
-        for proc in _STARTED:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        os._exit(128 + signum)
-
-    signal.signal(signum, signal.SIG_IGN)  # one unwind at a time
-    threading.Thread(target=last_resort, name="last-resort", daemon=True).start()
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
-
-
-class ControlPlane:
-    """``python -m control_plane serve`` in a session of its own, stopped by its PID."""
-
-    def __init__(self, name: str, data_dir: Path, workers: list[str], admin_token: str, env: dict[str, str]):
-        self.name = name
-        self.data_dir = data_dir
-        self.workers = workers
-        self.admin_token = admin_token
-        self.env = env
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir / f"control-plane-{self.port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 60.0) -> ControlPlane:
-        cmd = [
-            sys.executable,
-            "-m",
-            "control_plane",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        cmd += ["--data-dir", str(self.data_dir), "--poll-interval", str(POLL_S)]
-        cmd += ["--admin-token", self.admin_token, "--log-level", "warning"]
-        for w in self.workers:
-            cmd += ["--worker", w]
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                cwd=REPO, start_new_session=True,
-            )  # fmt: skip
-        track(self.process)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"control plane {self.name} exited:\n{self.log_tail()}")
-            with (
-                contextlib.suppress(OSError, urllib.error.URLError),
-                urllib.request.urlopen(f"{self.url}/health", timeout=1) as r,
-            ):
-                if r.status == 200:
-                    return self
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"control plane {self.name} not up after {timeout_s:g} s:\n{self.log_tail()}")
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM, SIGKILL after ``grace_s``; then whatever is left of its group."""
-        proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
+STARTED = StartedGroups()  # every process group this run starts, for its stop signals
+track = STARTED.track
 
 
 def start_nodes(checkpoint: Path, count: int) -> list[TritonNode]:
@@ -609,15 +502,22 @@ class Ctx:
         self.work = work
         self.admin_token = secrets.token_urlsafe(18)
         self.worker_token = secrets.token_urlsafe(18)
-        self.cp: ControlPlane | None = None
+        self.cp: ControlPlaneProcess | None = None
         self.http = httpx.Client(timeout=60)
         self.run_tag = secrets.token_hex(3)
 
     # -- control plane ---------------------------------------------------------------
-    def start_cp(self, group: str, env: dict[str, str]) -> ControlPlane:
+    def start_cp(self, group: str, env: dict[str, str]) -> ControlPlaneProcess:
         full_env = {**COMMON_ENV, "LLAVA_CP_WORKER_TOKEN": self.worker_token, **env}
-        cp = ControlPlane(
-            group, self.work / f"cp-{group}", [n.http_url for n in self.nodes], self.admin_token, full_env
+        cp = ControlPlaneProcess(
+            self.work / f"cp-{group}",
+            [n.http_url for n in self.nodes],
+            name=f"control plane {group}",
+            poll_interval_s=POLL_S,
+            admin_token=self.admin_token,
+            env=full_env,
+            src=REPO,
+            groups=STARTED,
         )
         cp.start()
         self.cp = cp
@@ -1850,8 +1750,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, on_stop_signal)
-    signal.signal(signal.SIGINT, on_stop_signal)
+    STARTED.install()
     started = time.monotonic()
     findings: list[Finding] = []
     result: dict[str, Any] = {

@@ -23,6 +23,7 @@ def test_a_dead_node_leaves_routing_and_returns(
     killed_at = time.monotonic()
     wait_for(lambda: worker_state(control_plane, victim.http_url) == "unhealthy", 10, "victim unhealthy")
     detected_s = time.monotonic() - killed_at
+    assert control_plane.poll_interval_s is not None
     assert detected_s <= 3 * control_plane.poll_interval_s + 0.5, detected_s
     try:
         ids = []
