@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,6 +46,7 @@ __all__ = [
     "NodeStartError",
     "TritonNode",
     "TritonNodeConfig",
+    "ephemeral_port_range",
     "free_port",
     "free_port_block",
     "resolve_checkpoint",
@@ -96,24 +99,62 @@ def tritonserver_paths(python_version: str | None = None) -> TritonPaths:
     )
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default when
+    it cannot be read)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+# Listening ports are taken below the ephemeral range. A port inside it can be handed to an
+# outgoing connection at any moment, and a readiness poll of a port inside it that nobody
+# listens on yet can connect to itself (TCP simultaneous open: source port == destination
+# port); the poll then reads its own request back as the answer and holds the port, so the
+# server that was about to listen there cannot bind. CI lost a run to exactly that
+# ("BadStatusLine: GET /v2/health/ready HTTP/1.1" from 80 tests' node fixtures).
+_LOWEST_PORT = 10000
+
+
+def _listen_ranges() -> list[range]:
+    low, high = ephemeral_port_range()
+    ranges = [range(_LOWEST_PORT, max(_LOWEST_PORT, low)), range(max(high + 1, _LOWEST_PORT), 65536)]
+    return [r for r in ranges if len(r)]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on ``host`` right now, outside the ephemeral range."""
+    ranges = _listen_ranges()
+    rng = random.Random()
+    for _ in range(1000):
+        r = rng.choices(ranges, weights=[len(r) for r in ranges])[0]
+        port = rng.choice(r)
+        if _port_free(host, port):
+            return port
+    raise RuntimeError(f"no free port on {host} outside the ephemeral range")
 
 
 def free_port_block(host: str, start: int, size: int = 3, avoid: set[int] | None = None) -> int:
-    """The first port >= ``start`` such that ``size`` consecutive ports are free (a node's
-    HTTP, gRPC and metrics ports, Triton's convention that control planes rely on)."""
+    """The first port >= ``start`` such that ``size`` consecutive ports are free and outside
+    the ephemeral range (a node's HTTP, gRPC and metrics ports, Triton's convention that
+    control planes rely on); past the end it wraps to the lowest port."""
     avoid = avoid or set()
-    port = start
-    while port < 65000:
+    low, high = ephemeral_port_range()
+    port, wrapped = max(start, _LOWEST_PORT), False
+    while True:
+        if port + size > 65536:
+            if wrapped:
+                raise RuntimeError("no free port block found")
+            port, wrapped = _LOWEST_PORT, True
         block = range(port, port + size)
+        if block[-1] >= low and block[0] <= high:  # overlaps the ephemeral range
+            port = high + 1
+            continue
         if not avoid.intersection(block) and all(_port_free(host, p) for p in block):
             return port
         port += size
-    raise RuntimeError("no free port block found")
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -302,7 +343,7 @@ class TritonNode:
         try:
             with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=timeout_s) as r:
                 return bool(r.status == 200)
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
             return False
 
     def wait_ready(self, timeout_s: float) -> None:

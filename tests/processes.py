@@ -18,7 +18,7 @@ _HANDED_OUT: set[int] = set()
 def node_config(checkpoint: Path, **kwargs: Any) -> TritonNodeConfig:
     """A node on three consecutive free ports (HTTP, gRPC = HTTP + 1, metrics = HTTP + 2),
     Triton's own convention, which the control plane relies on to discover them."""
-    base = free_port_block("127.0.0.1", 20000 + (os.getpid() % 500) * 40, avoid=_HANDED_OUT)
+    base = free_port_block("127.0.0.1", 20000 + (os.getpid() % 300) * 40, avoid=_HANDED_OUT)
     _HANDED_OUT.update(range(base, base + 3))
     return TritonNodeConfig(
         checkpoint=checkpoint, http_port=base, grpc_port=base + 1, metrics_port=base + 2, **kwargs

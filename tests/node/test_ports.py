@@ -1,0 +1,27 @@
+"""Listening ports are taken outside the kernel's ephemeral range, where a readiness poll of a
+port nobody listens on yet can connect to itself and hold the port (a CI run lost 80 tests'
+node fixtures to that)."""
+
+from __future__ import annotations
+
+import socket
+
+from llava_node.launcher import ephemeral_port_range, free_port, free_port_block
+
+
+def test_free_ports_lie_outside_the_ephemeral_range() -> None:
+    low, high = ephemeral_port_range()
+    ports = [free_port() for _ in range(200)]
+    assert not [p for p in ports if low <= p <= high]
+    assert len(set(ports)) > 150  # spread, not one port handed to every caller
+
+
+def test_a_port_block_skips_the_ephemeral_range_and_taken_ports() -> None:
+    low, high = ephemeral_port_range()
+    base = free_port_block("127.0.0.1", low - 1)  # the block low-1..low+1 overlaps the range
+    assert not set(range(base, base + 3)) & set(range(low, high + 1))
+    with socket.socket() as taken:
+        start = free_port_block("127.0.0.1", 20000)
+        taken.bind(("127.0.0.1", start + 1))
+        other = free_port_block("127.0.0.1", start)
+        assert start + 1 not in range(other, other + 3)
