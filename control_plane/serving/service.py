@@ -180,8 +180,8 @@ class GenerationService:
     async def stream(self, req: GenerateRequest) -> AsyncGenerator[Chunk, None]:
         """Stream a generation from a healthy node; raises a :class:`ServiceError`.
 
-        Before the first chunk, a node that cannot be reached is retried on another
-        one. A client that goes away (the generator is closed or cancelled) cancels the
+        Before the first chunk, a node that cannot be reached or fails is retried on
+        another one. A client that goes away (the generator is closed or cancelled) cancels the
         generation on the node.
         """
         if not req.request_id:
@@ -226,8 +226,12 @@ class GenerationService:
                     self.breaker.failure(worker, exc.message)
                     if exc.stalled:
                         self._cancel_on_node(worker, req)  # it may still be generating there
+                    # Before the first token nothing reached the client, so a node that
+                    # failed (unreachable, or an error of its own: a stub that died as its
+                    # server was killed answers "Stub process ... is not healthy") is
+                    # retried on another; the client's own mistakes never get here.
                     streamed = rec.first_token is not None
-                    if exc.unreachable and not streamed and rec.attempts < self.settings.max_attempts:
+                    if not streamed and rec.attempts < self.settings.max_attempts:
                         log.warning(
                             "worker %s failed before streaming (%s); retrying", worker.name, exc.message
                         )

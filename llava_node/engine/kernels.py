@@ -44,8 +44,13 @@ __all__ = [
 PROGRAMS_PER_SM = 3
 # Upper bound on the split-K partitions of one (row, head).
 MAX_SPLITS = 32
-# SM count assumed when no CUDA device is involved (the H100 SXM has 132).
-DEFAULT_NUM_SMS = 132
+# SM count assumed when no CUDA device is involved: Triton's CPU interpreter, which runs a
+# grid one program at a time in Python. With a GPU's count (132) the tiny model's decode
+# launched a program per output row of every projection (1,025 for its lm_head) and 32
+# attention partitions per head, and the fused-path tests took 17 minutes of CI; with 4
+# the same kernels run the same branches (several programs, split partitions and their
+# reduction, masked tails) on grids 10-60 times smaller.
+DEFAULT_NUM_SMS = 4
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,22 @@ async def test_a_node_that_refuses_before_the_first_token_is_retried_on_another(
         assert {row["status"] for row in rows} == {"ok"} and max(row["attempts"] for row in rows) == 2
 
 
+async def test_a_node_error_before_the_first_token_is_retried_on_another(tmp_path: Path) -> None:
+    # e.g. a node being killed: its server still answers while its model stubs are gone
+    broken, good = node(9000, fail_before_first="error"), node(9010)
+    async with Harness(
+        tmp_path, [broken, good], breaker_threshold=2, dispatch_policy="round_robin"
+    ).running() as h:
+        for _ in range(4):
+            r = await h.chat()
+            assert r.status == 200 and r.json()["choices"][0]["message"]["content"].endswith("Hello, world!")
+        assert broken.streams and all(s.error for s in broken.streams)
+        rows = await h.rows("SELECT attempts, status FROM requests ORDER BY started_at")
+        assert {row["status"] for row in rows} == {"ok"} and max(row["attempts"] for row in rows) == 2
+        assert len(broken.streams) == 2
+        assert h.worker(broken).state is WorkerState.UNHEALTHY  # counted against the node
+
+
 async def test_retries_back_off(tmp_path: Path) -> None:
     bad, good = node(9000, fail_before_first="unreachable"), node(9010)
     async with Harness(

@@ -286,9 +286,15 @@ def test_paged_decode_attention_cuda_graph() -> None:
         assert rel_err(out, ref) < 1e-2
 
 
-def test_decode_num_splits_from_shapes() -> None:
+def test_decode_num_splits_from_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    sms = kernels.DEFAULT_NUM_SMS
+    # On the interpreter's small count the tiny model's batch-1 decode (4 heads) still
+    # splits, so the runner's tests take the partition and reduction path.
+    assert kernels.decode_num_splits(1, 4, 2048, cpu) > 1
+    assert kernels.decode_num_splits(3, 4, 2048, cpu) == 1
+    # The rules on a GPU's count (an H100 SXM's 132 multiprocessors).
+    sms = 132
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: sms)
     # A batch that already fills the GPU: no split (no reduction pass).
     assert kernels.decode_num_splits(64, 32, 4096, cpu) == 1
     assert kernels.decode_num_splits(32, 32, 4096, cpu) == 1

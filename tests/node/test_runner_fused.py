@@ -1,8 +1,12 @@
 """The runner's fused path (Triton kernels for prefill and decode) against its torch path.
 
 On the GPU the fused path is the default; here it runs under Triton's CPU interpreter
-(``TRITON_INTERPRET=1``, set by the test suite's conftest), in float32 on the tiny
-checkpoint, so CI checks the same code the GPU runs.
+(``TRITON_INTERPRET=1``, set by the test suite's conftest), in float32 on a tiny
+checkpoint, so CI checks the same code the GPU runs. The interpreter runs a grid one
+program at a time in Python, and the row-wise kernels (RoPE and the KV store, RMSNorm)
+launch a program per prompt row: these tests use a tiny checkpoint with 112-pixel images
+(64 image tokens, prompts of 70-90 rows) rather than the suite's 336-pixel one (576 image
+tokens), which made them 17 minutes of CI.
 """
 
 from __future__ import annotations
@@ -16,11 +20,21 @@ from transformers import AutoProcessor
 
 from llava_node.engine.loading import load_llava
 from llava_node.engine.runner import LlavaRunner, PromptChunk, RunnerConfig
+from llava_node.tiny_checkpoint import build_tiny_checkpoint
 
 pytest.importorskip("triton")
 
 
 FP8 = torch.float8_e4m3fn
+# Prompt rows a mixed step carries (the test's packing, as the engine's): less than one
+# prompt, so a prompt spans steps and one step holds the end of one and the start of another.
+CHUNK_ROWS = 48
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint's model on 112-pixel images: 64 image tokens a prompt."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llava-112", seed=0, image_size=112)
 
 
 def runner(
@@ -35,16 +49,16 @@ def runner(
 
 @pytest.mark.parametrize("kv_dtype", [None, FP8], ids=["model-dtype-cache", "fp8-cache"])
 def test_fused_prefill_and_decode_match_the_torch_path(
-    tiny_checkpoint: Path, kv_dtype: torch.dtype | None
+    small_checkpoint: Path, kv_dtype: torch.dtype | None
 ) -> None:
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(small_checkpoint)
     img = Image.new("RGB", (320, 240), (40, 180, 90))
     enc = processor(images=[img], text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
     ids, pixels = enc["input_ids"][0], enc["pixel_values"]
     tokens: dict[bool, list[int]] = {}
     first: dict[bool, torch.Tensor] = {}
     for fused in (False, True):
-        r = runner(tiny_checkpoint, fused, kv_dtype=kv_dtype)
+        r = runner(small_checkpoint, fused, kv_dtype=kv_dtype)
         pages = list(range(1, 1 + r.cache.pages_for(int(ids.shape[0]) + 8)))
         r.assign(0, pages, 0.0, 1.0, 0)
         first[fused] = r.prefill_logits(0, ids, pixels)
@@ -87,14 +101,14 @@ def test_fp8_cache_stays_close_to_the_model_dtype_cache(tiny_checkpoint: Path) -
         assert 0 < rel < 0.1, rel
 
 
-def test_padded_prefill_computes_what_the_prompt_alone_computes(tiny_checkpoint: Path) -> None:
+def test_padded_prefill_computes_what_the_prompt_alone_computes(small_checkpoint: Path) -> None:
     # What a captured prefill (GPU) runs: the prompt padded to a fixed length at its end,
     # the padding's keys and values sent to the reserved page 0.
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(small_checkpoint)
     img = Image.new("RGB", (300, 260), (200, 40, 90))
     enc = processor(images=[img], text="USER: <image>\nAnd this one? ASSISTANT:", return_tensors="pt")
     ids, pixels = enc["input_ids"][0], enc["pixel_values"]
-    r = runner(tiny_checkpoint, fused=True)
+    r = runner(small_checkpoint, fused=True)
     n = int(ids.shape[0])
     pages = list(range(1, 1 + r.cache.pages_for(n + 8)))
     r.assign(0, pages, 0.0, 1.0, 0)
@@ -124,13 +138,13 @@ def test_padded_prefill_computes_what_the_prompt_alone_computes(tiny_checkpoint:
     ids=["torch", "fused", "fused-fp8-cache"],
 )
 def test_prompts_in_chunks_beside_a_decoding_request_match_each_alone(
-    tiny_checkpoint: Path, fused: bool, kv_dtype: torch.dtype | None
+    small_checkpoint: Path, fused: bool, kv_dtype: torch.dtype | None
 ) -> None:
     # Mixed steps as the engine packs them: request 0 decodes while the prompts of 1 and 2
-    # go through in chunks of at most 150 rows a step, the end of one prompt and the start
+    # go through in chunks of at most CHUNK_ROWS rows a step, the end of one prompt and the start
     # of the next in the same step. Each request gets the tokens it gets alone, and the
     # chunks leave the keys a whole prefill leaves.
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(small_checkpoint)
     prompts = [
         processor(images=[Image.new("RGB", (320, 240), c)], text=t, return_tensors="pt")
         for c, t in (
@@ -139,7 +153,7 @@ def test_prompts_in_chunks_beside_a_decoding_request_match_each_alone(
             ((200, 9, 9), "USER: <image>\nOne more, with a longer question this time? ASSISTANT:"),
         )
     ]
-    r = runner(tiny_checkpoint, fused, max_batch=3, kv_dtype=kv_dtype)
+    r = runner(small_checkpoint, fused, max_batch=3, kv_dtype=kv_dtype)
     pages = [
         list(range(1 + 50 * i, 1 + 50 * i + r.cache.pages_for(int(p["input_ids"].shape[1]) + 12)))
         for i, p in enumerate(prompts)
@@ -170,7 +184,7 @@ def test_prompts_in_chunks_beside_a_decoding_request_match_each_alone(
     done = {1: 0, 2: 0}
     steps = 0
     while any(done[i] < embeds[i].shape[0] for i in (1, 2)):
-        budget, chunks = 150, []
+        budget, chunks = CHUNK_ROWS, []
         for i in (1, 2):
             end = min(done[i] + budget, embeds[i].shape[0])
             if end > done[i] and budget > 0:
@@ -183,7 +197,7 @@ def test_prompts_in_chunks_beside_a_decoding_request_match_each_alone(
         for c, t in zip([c for c in chunks if c.last], tokens[1:], strict=True):
             got[c.slot].append(t)
         steps += 1
-    assert steps == -(-sum(e.shape[0] for e in embeds.values()) // 150)  # every step full but the last
+    assert steps == -(-sum(e.shape[0] for e in embeds.values()) // CHUNK_ROWS)  # every step full but the last
     while min(len(g) for g in got) < 9:
         for i, t in enumerate(r.decode_launch([0, 1, 2], True).tokens()):
             got[i].append(t)
