@@ -19,10 +19,11 @@ from control_plane.config import Settings
 from control_plane.errors import BadRequest, NodeFailed, NoWorker, UnknownModel, WorkerUnreachable
 from control_plane.fleet.breaker import CircuitBreaker
 from control_plane.fleet.store import WorkerStore
-from control_plane.fleet.workers import WorkerInfo
+from control_plane.fleet.workers import WorkerInfo, WorkerState
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.nodes.client import GenerationInputs, NodeClient, NodeStreamError
 from control_plane.serving.admission import Admission
+from control_plane.serving.first_token import until_node_leaves
 from control_plane.serving.routing import Router
 from control_plane.storage.schema import RequestRecord, utcnow
 from control_plane.storage.writer import BatchWriter
@@ -163,6 +164,16 @@ class GenerationService:
         self.store.adjust_inflight(worker, +1, req.model)  # before any await: pick and count are atomic
         return worker
 
+    def _out_of_routing(self, worker: WorkerInfo) -> Callable[[], str | None]:
+        """A check naming the worker's state once the poller has taken it out of routing."""
+
+        def check() -> str | None:
+            current = self.store.get(worker.id)
+            state = current.state if current is not None else WorkerState.REMOVED
+            return state.value if state in (WorkerState.UNHEALTHY, WorkerState.OFFLINE) else None
+
+        return check
+
     def _release(self, worker: WorkerInfo, model: str) -> None:
         self.store.adjust_inflight(worker, -1, model)
         self.admission.release()
@@ -200,14 +211,15 @@ class GenerationService:
                 rec.attempts += 1
                 rec.worker_id = worker.id
                 try:
-                    async for chunk in self.nodes.stream(
+                    stream = self.nodes.stream(
                         worker.grpc_url,
                         req.model,
                         inputs,
                         req.request_id,
                         first_token_timeout_s=self.settings.first_token_timeout_s,
                         stall_timeout_s=self.settings.stall_timeout_s,
-                    ):
+                    )
+                    async for chunk in until_node_leaves(stream, self._out_of_routing(worker)):
                         if rec.first_token is None:
                             rec.first_token = time.monotonic()
                             rec.first_token_at = utcnow()

@@ -159,6 +159,25 @@ async def test_a_node_silent_before_the_first_token_is_left_for_another(tmp_path
         assert len(silent.streams) == 1 and silent.cancels == [silent.streams[0].request_id]
 
 
+async def test_a_request_waiting_on_a_node_that_freezes_moves_once_the_node_is_out(tmp_path: Path) -> None:
+    # A frozen node answers nothing, polls included: the poller takes it out of routing, and
+    # the request still waiting there for its first token goes elsewhere at once rather
+    # than after the first-token timeout.
+    frozen, good = node(9000, stall_after=0), node(9010, up=False)
+    async with Harness(tmp_path, [frozen, good], first_token_timeout_s=30).running() as h:
+        await eventually(lambda: h.worker(frozen).can_serve("llava"), what="the first node up")
+        started = time.monotonic()
+        request = asyncio.create_task(h.llava())
+        await eventually(lambda: bool(frozen.streams), what="the request on the first node")
+        frozen.up, good.up = False, True
+        r = await request
+        assert r.frames()[-1]["error_code"] == 0 and r.frames()[-1]["text"].endswith("Hello, world!")
+        assert time.monotonic() - started < 3
+        assert frozen.cancels == [frozen.streams[0].request_id] or frozen.streams[0].closed_early
+        rows = await h.rows("SELECT attempts, status FROM requests")
+        assert rows == [{"attempts": 2, "status": "ok"}]
+
+
 # -- cancellation when the client leaves --------------------------------------------------------
 
 
