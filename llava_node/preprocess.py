@@ -46,6 +46,7 @@ from llava_wire.protocol import (
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,
     InvalidRequest,
+    check_stop_strings,
     check_text,
 )
 
@@ -468,15 +469,5 @@ class Preprocessor:
         seed = random.getrandbits(63) if raw.seed is None else int(raw.seed)
         if seed < 0:
             raise InvalidRequest(f"seed is {seed}; it must not be negative")
-        stop = [s for s in raw.stop if s]
-        if len(stop) > lim.max_stop_strings:
-            raise InvalidRequest(
-                f"{len(stop)} stop strings given; at most {lim.max_stop_strings} are accepted"
-            )
-        for i, s in enumerate(stop):
-            if len(s) > lim.max_stop_length:
-                raise InvalidRequest(
-                    f"a stop string is {len(s)} characters; the limit is {lim.max_stop_length}"
-                )
-            check_text(s, f"stop string {i}")
+        stop = check_stop_strings(raw.stop, lim.max_stop_strings, lim.max_stop_length)
         return max_tokens, temperature, top_p, seed, stop

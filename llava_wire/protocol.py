@@ -46,6 +46,7 @@ Outputs of ``llava`` (one response per generated piece of text, then a last one)
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from enum import Enum
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "STEP_SUFFIXES",
     "FinishReason",
     "InvalidRequest",
+    "check_stop_strings",
     "check_text",
     "engine_model",
     "error_text",
@@ -143,6 +145,21 @@ def check_text(text: str, what: str) -> None:
             f"at character {m.start()} (text must be UTF-8; in JSON, a \\uD800-\\uDFFF escape "
             "is valid only as half of a surrogate pair)"
         )
+
+
+def check_stop_strings(
+    stop: Sequence[str], max_strings: int = MAX_STOP_STRINGS, max_length: int = MAX_STOP_LENGTH
+) -> list[str]:
+    """The non-empty stop strings of ``stop``; raise :class:`InvalidRequest` if there are
+    more than ``max_strings``, one is longer than ``max_length`` or is not valid Unicode."""
+    stops = [s for s in stop if s]
+    if len(stops) > max_strings:
+        raise InvalidRequest(f"{len(stops)} stop strings given; at most {max_strings} are accepted")
+    for i, s in enumerate(stops):
+        if len(s) > max_length:
+            raise InvalidRequest(f"a stop string is {len(s)} characters; the limit is {max_length}")
+        check_text(s, f"stop string {i}")
+    return stops
 
 
 def error_text(message: str) -> str:

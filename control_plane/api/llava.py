@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from control_plane.api.deps import CPDep, WorkerCredentialDep, require_api_key_for_llava
 from control_plane.api.errors import llava_error, llava_frame, plain_error
 from control_plane.api.routes import family_route, validation_message
-from control_plane.api.streaming import ClientWatch, TokenStreamResponse, start_stream
+from control_plane.api.streaming import TokenStreamResponse, start_watched
 from control_plane.api.text_checks import INT64_MAX, Text, utf8_size
 from control_plane.errors import BadRequest, NotFound, ServiceError
 from control_plane.fleet.registry import MAX_SPEED
@@ -253,12 +253,7 @@ def _to_request(
 async def _stream_frames(req: GenerateRequest, cp: CPDep, request: Request) -> Response:
     """Start the stream (errors before the first token get their own HTTP status), then
     stream NUL-delimited frames whose text is the prompt followed by everything so far."""
-    watch = ClientWatch(request.receive)
-    try:
-        stream = await watch.guard(start_stream(cp.service.stream(req)))
-    except BaseException:
-        watch.close()
-        raise
+    watch, stream = await start_watched(cp.service.stream(req), request.receive)
     prompt = req.prompt or ""
 
     async def frames() -> AsyncIterator[bytes]:

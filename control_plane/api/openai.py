@@ -21,7 +21,7 @@ from control_plane.api.errors import openai_error
 from control_plane.api.images import ImageFetcher
 from control_plane.api.openai_protocol import ChatCompletionRequest, ImageURLPart, unsupported_parameters
 from control_plane.api.routes import family_route
-from control_plane.api.streaming import ClientWatch, StartedStream, TokenStreamResponse, start_stream
+from control_plane.api.streaming import StartedStream, TokenStreamResponse, start_watched
 from control_plane.api.text_checks import utf8_size
 from control_plane.errors import BadRequest, ServiceError
 from control_plane.serving.service import GenerateRequest
@@ -164,12 +164,7 @@ async def chat_completions(
 
     A client that disconnects cancels the generation, streamed or not."""
     req = await to_generate_request(body, cp, x_request_id)
-    watch = ClientWatch(request.receive)
-    try:
-        stream = await watch.guard(start_stream(cp.service.stream(req)))
-    except BaseException:
-        watch.close()
-        raise
+    watch, stream = await start_watched(cp.service.stream(req), request.receive)
     completion_id = f"chatcmpl-{req.request_id}"
     created = int(time.time())
     headers = {"X-Request-Id": req.request_id}

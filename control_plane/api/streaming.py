@@ -11,7 +11,14 @@ from starlette.types import Receive, Scope, Send
 
 from llava_wire.messages import Chunk
 
-__all__ = ["ClientGone", "ClientWatch", "StartedStream", "TokenStreamResponse", "start_stream"]
+__all__ = [
+    "ClientGone",
+    "ClientWatch",
+    "StartedStream",
+    "TokenStreamResponse",
+    "start_stream",
+    "start_watched",
+]
 
 T = TypeVar("T")
 
@@ -101,6 +108,20 @@ async def start_stream(chunks: AsyncGenerator[Chunk, None]) -> StartedStream:
     except StopAsyncIteration:
         first = None
     return StartedStream(chunks, first)
+
+
+async def start_watched(
+    chunks: AsyncGenerator[Chunk, None], receive: Receive
+) -> tuple[ClientWatch, StartedStream]:
+    """:func:`start_stream` with a :class:`ClientWatch` on the request's ``receive``: a
+    client that leaves before the first chunk cancels the wait (and the generation). The
+    watch goes on to the response, which closes it; it is closed here if starting fails."""
+    watch = ClientWatch(receive)
+    try:
+        return watch, await watch.guard(start_stream(chunks))
+    except BaseException:
+        watch.close()
+        raise
 
 
 class TokenStreamResponse(StreamingResponse):

@@ -25,7 +25,7 @@ from llava_wire.protocol import (
     MAX_TEMPERATURE,
     FinishReason,
     InvalidRequest,
-    check_text,
+    check_stop_strings,
 )
 
 __all__ = [
@@ -198,17 +198,7 @@ def check_request(req: GenerationRequest, limits: RequestLimits) -> None:
         raise InvalidRequest(f"seed is {req.seed!r}; it must be an integer in [0, 2**63)")
     if not isinstance(req.stop, list) or not all(isinstance(s, str) for s in req.stop):
         raise InvalidRequest("stop must be a list of strings")
-    stops = [s for s in req.stop if s]
-    if len(stops) > limits.max_stop_strings:
-        raise InvalidRequest(
-            f"{len(stops)} stop strings given; at most {limits.max_stop_strings} are accepted"
-        )
-    for i, s in enumerate(stops):
-        if len(s) > limits.max_stop_length:
-            raise InvalidRequest(
-                f"a stop string is {len(s)} characters; the limit is {limits.max_stop_length}"
-            )
-        check_text(s, f"stop string {i}")
+    check_stop_strings(req.stop, limits.max_stop_strings, limits.max_stop_length)
     req.max_tokens = min(req.max_tokens, limits.max_seq_len - n)
 
 
