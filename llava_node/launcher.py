@@ -139,10 +139,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 def free_port_block(host: str, start: int, size: int = 3, avoid: set[int] | None = None) -> int:
     """The first port >= ``start`` such that ``size`` consecutive ports are free and outside
     the ephemeral range (a node's HTTP, gRPC and metrics ports, Triton's convention that
-    control planes rely on); past the end it wraps to the lowest port."""
+    control planes rely on); past the end it wraps to the lowest port :func:`free_port` uses."""
     avoid = avoid or set()
     low, high = ephemeral_port_range()
-    port, wrapped = max(start, _LOWEST_PORT), False
+    port, wrapped = max(start, 1024), False
     while True:
         if port + size > 65536:
             if wrapped:

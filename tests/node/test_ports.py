@@ -20,6 +20,8 @@ def test_a_port_block_skips_the_ephemeral_range_and_taken_ports() -> None:
     low, high = ephemeral_port_range()
     base = free_port_block("127.0.0.1", low - 1)  # the block low-1..low+1 overlaps the range
     assert not set(range(base, base + 3)) & set(range(low, high + 1))
+    # below the lowest random port too: the dev stack's nodes start at 8000
+    assert free_port_block("127.0.0.1", 8000, avoid=set(range(8000, 8099))) == 8099
     with socket.socket() as taken:
         start = free_port_block("127.0.0.1", 20000)
         taken.bind(("127.0.0.1", start + 1))
