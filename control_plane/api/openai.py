@@ -23,7 +23,7 @@ from control_plane.api.openai_protocol import ChatCompletionRequest, ImageURLPar
 from control_plane.api.routes import family_route
 from control_plane.api.streaming import StartedStream, TokenStreamResponse, start_watched
 from control_plane.api.text_checks import utf8_size
-from control_plane.errors import BadRequest, ServiceError
+from control_plane.errors import BadRequest, ServiceError, UnknownModel
 from control_plane.serving.service import GenerateRequest
 
 __all__ = ["ChunkEvents", "router"]
@@ -37,26 +37,32 @@ router = APIRouter(
 )
 
 
+def _model_card(cp: CPDep, name: str, ready: set[str]) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "llava-triton",
+        "ready": name in ready,
+        "state": cp.model_views.model_state(name),
+    }
+
+
 @router.get("/models")
 async def list_models(cp: CPDep) -> dict[str, Any]:
     """Models the fleet can serve, loaded or not: ``ready`` says whether one is loaded
     now, ``state`` is ``loaded``, ``loading``, ``failed`` or ``unloaded`` (a request for
     a model loaded nowhere loads it first)."""
     ready = set(cp.store.listed_models())
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "llava-triton",
-                "ready": name in ready,
-                "state": cp.model_views.model_state(name),
-            }
-            for name in cp.store.servable_models()
-        ],
-    }
+    return {"object": "list", "data": [_model_card(cp, name, ready) for name in cp.store.servable_models()]}
+
+
+@router.get("/models/{model_id}")
+async def retrieve_model(model_id: str, cp: CPDep) -> dict[str, Any]:
+    """One model of ``GET /v1/models``; 404 ``model_not_found`` for one the fleet cannot serve."""
+    if model_id not in cp.store.servable_models():
+        raise UnknownModel(f"model '{model_id}' is not served here; GET /v1/models lists those that are")
+    return _model_card(cp, model_id, set(cp.store.listed_models()))
 
 
 async def to_generate_request(

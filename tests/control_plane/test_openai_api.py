@@ -102,6 +102,16 @@ def test_models_lists_llava(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["llava"]
 
 
+def test_a_listed_model_can_be_retrieved_and_an_unknown_one_is_404(client: openai.OpenAI) -> None:
+    model = client.models.retrieve("llava")
+    assert model.id == "llava" and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    body = err.value.body
+    assert isinstance(body, dict) and body["code"] == "model_not_found", body
+    assert "'no-such-model' is not served here" in body["message"]
+
+
 def test_streaming_chat_with_an_image_yields_deltas_and_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model="llava",
