@@ -38,6 +38,7 @@ class Chunk:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the node served from its prefix cache
 
 
 @dataclass
@@ -49,6 +50,7 @@ class GenerationResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     chunks: int = 0
 
     def add(self, chunk: Chunk) -> None:
@@ -58,6 +60,7 @@ class GenerationResult:
         self.chunks += 1
         self.prompt_tokens = chunk.prompt_tokens
         self.completion_tokens = chunk.completion_tokens
+        self.cached_tokens = chunk.cached_tokens
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
 
@@ -143,7 +146,7 @@ def parse_infer_response(response: Any) -> Chunk:
     :class:`Chunk`.
 
     Reads the raw output bytes directly: the same values as ``InferResult.as_numpy`` for
-    each of the five outputs, without building NumPy arrays (this runs once per streamed
+    each of the six outputs, without building NumPy arrays (this runs once per streamed
     response on the control plane's hot path; ``tests/node/test_client_parse.py`` checks
     it against tritonclient's own parsing).
     """
@@ -164,6 +167,8 @@ def parse_infer_response(response: Any) -> Chunk:
             chunk.prompt_tokens = _first_int(output.datatype, raw)
         elif name == "completion_tokens":
             chunk.completion_tokens = _first_int(output.datatype, raw)
+        elif name == "cached_tokens":
+            chunk.cached_tokens = _first_int(output.datatype, raw)
     return chunk
 
 
@@ -190,6 +195,8 @@ def _parse_typed(response: Any, chunk: Chunk) -> Chunk:
             chunk.prompt_tokens = numbers[0] if numbers else 0
         elif name == "completion_tokens":
             chunk.completion_tokens = numbers[0] if numbers else 0
+        elif name == "cached_tokens":
+            chunk.cached_tokens = numbers[0] if numbers else 0
     return chunk
 
 

@@ -40,6 +40,8 @@ Outputs of ``llava`` (one response per generated piece of text, then a last one)
 ``finish_reason``     BYTES   [1]    "" while streaming; then "stop", "length" or "cancelled"
 ``prompt_tokens``     INT32   [1]    tokens in the prompt, image tokens included
 ``completion_tokens`` INT32   [1]    tokens generated so far
+``cached_tokens``     INT32   [1]    prompt tokens served from the node's prefix cache
+                                     (their keys and values were not computed again)
 ===================== ======= ====== ======================================================
 """
 
@@ -106,6 +108,7 @@ OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("finish_reason", "BYTES", [1]),
     ("prompt_tokens", "INT32", [1]),
     ("completion_tokens", "INT32", [1]),
+    ("cached_tokens", "INT32", [1]),
 )
 
 # Errors caused by the request (not the node) start with this, so that a caller can
@@ -240,6 +243,43 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
         "Engine time spent handling tokens on the host (detokenizing, sending)",
         "counter",
     ),
+    "prefix_cache_hit_tokens": (
+        "llava_engine_prefix_cache_hit_tokens_total",
+        "Prompt tokens whose keys and values came from the prefix cache",
+        "counter",
+    ),
+    "prefix_cache_miss_tokens": (
+        "llava_engine_prefix_cache_miss_tokens_total",
+        "Prompt tokens computed (not found in the prefix cache)",
+        "counter",
+    ),
+    "prefix_cache_hit_requests": (
+        "llava_engine_prefix_cache_hit_requests_total",
+        "Requests that reused at least one cached KV page",
+        "counter",
+    ),
+    "prefix_cache_evicted_pages": (
+        "llava_engine_prefix_cache_evicted_pages_total",
+        "Cached KV pages evicted to make room for new requests",
+        "counter",
+    ),
+    "image_cache_hits": (
+        "llava_engine_image_cache_hits_total",
+        "Images whose vision-tower output came from the image cache",
+        "counter",
+    ),
+    "image_cache_misses": (
+        "llava_engine_image_cache_misses_total",
+        "Images that went through the vision tower",
+        "counter",
+    ),
+    "prefix_cache_pages": ("llava_engine_prefix_cache_pages", "KV pages in the prefix cache", "gauge"),
+    "prefix_cache_tokens": (
+        "llava_engine_prefix_cache_tokens",
+        "Tokens whose keys and values the prefix cache holds",
+        "gauge",
+    ),
+    "image_cache_images": ("llava_engine_image_cache_images", "Images in the image cache", "gauge"),
     "active": ("llava_engine_active_requests", "Requests generating now", "gauge"),
     "queue": ("llava_engine_queued_requests", "Requests waiting to start", "gauge"),
 }

@@ -489,7 +489,7 @@ def check_against_transformers(
     done = threading.Event()
 
     class Sink:
-        def send(self, text: str, token_ids: Any, finish: Any, p: int, c: int) -> None:
+        def send(self, text: str, token_ids: Any, finish: Any, p: int, c: int, cached: int = 0) -> None:
             got.extend(token_ids)
             if finish is not None:
                 done.set()

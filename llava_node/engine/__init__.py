@@ -73,4 +73,5 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
         loaded.eos_token_ids,
         stream_interval=options.stream_interval,
         prefill_chunk=prefill_chunk,
+        prefix_cache=options.prefix_cache,
     )

@@ -57,8 +57,10 @@ class OutputSink(Protocol):
         finish_reason: FinishReason | None,
         prompt_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> None:
-        """Send one streamed piece; ``finish_reason`` set means it is the last one."""
+        """Send one streamed piece; ``finish_reason`` set means it is the last one.
+        ``cached_tokens``: prompt tokens whose keys and values were reused, not computed."""
 
     def fail(self, message: str, client_error: bool = False) -> None:
         """End the stream with an error (the last response); ``client_error``: the
@@ -83,6 +85,10 @@ class GenerationRequest:
     stop: list[str]
     sink: OutputSink
     arrival: float = 0.0
+    # Set by an engine with a prefix cache: the images' content hashes, and the chained
+    # key of each full KV page of the prompt (llava_node.engine.prefix_cache)
+    image_keys: list[bytes] | None = None
+    page_keys: list[bytes] = field(default_factory=list)
 
     @property
     def greedy(self) -> bool:
@@ -235,6 +241,15 @@ class Engine(abc.ABC):
 
     def __init__(self) -> None:
         self.stats = EngineStats()
+
+    def gauges(self) -> dict[str, float]:
+        """Sizes now, exported as gauges (requests running and waiting; engines with
+        caches add their sizes)."""
+        return {"active": self.active, "queue": self.queue_length}
+
+    def cache_counters(self) -> dict[str, float]:
+        """Cumulative counters of the engine's caches (none here)."""
+        return {}
 
     def refuse_invalid(self, request: GenerationRequest, limits: RequestLimits) -> bool:
         """Check ``request`` (:func:`check_request`); if it is invalid, end it alone with

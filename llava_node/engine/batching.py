@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llava_node.engine.base import Engine, GenerationRequest, RequestLimits, safe_fail
+from llava_node.engine.prefix_cache import PrefixCache, block_keys, image_key
 from llava_node.engine.runner import LlavaRunner, PendingTokens, PromptChunk
 from llava_node.textstream import SequenceText
 from llava_wire.protocol import CLIENT_ERROR_PREFIX, FinishReason
@@ -84,7 +85,9 @@ class _Running:
     pending_text: str = ""
     first_token_at: float = 0.0
     embeds: torch.Tensor | None = None  # while its prompt is prefilled in chunks
-    prefilled: int = 0  # prompt rows launched so far
+    prefilled: int = 0  # prompt rows launched so far (from the end of a reused prefix)
+    cached: int = 0  # prompt tokens reused from the prefix cache
+    generated: list[int] = field(default_factory=list)  # every token sampled for it
 
     @property
     def decoding(self) -> bool:
@@ -113,9 +116,14 @@ class BatchingEngine(Engine):
         cancel_check_every: int = 1,
         stream_interval: int = 0,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__()
         self.runner = runner
+        # Owns the KV pages: reuse of cached prefixes, and eviction when memory is needed.
+        self.pages = PrefixCache(runner.cache.allocator, runner.cache.page_size, enabled=prefix_cache)
+        if not prefix_cache:
+            runner.image_cache.capacity = 0
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.cancel_check_every = max(1, cancel_check_every)
@@ -164,6 +172,30 @@ class BatchingEngine(Engine):
             "batch1_gemv": r.gemv is not None,
             "stream_interval": self.stream_interval or f"auto (1 up to {AUTO_STREAM_BATCH} requests)",
             "prefill_chunk": self.prefill_chunk or "off",
+            "prefix_cache": self.pages.enabled,
+            "image_cache": r.image_cache.capacity,
+        }
+
+    def gauges(self) -> dict[str, float]:
+        """Sizes now: requests running and waiting, the prefix and image caches."""
+        return {
+            **super().gauges(),
+            "prefix_cache_pages": self.pages.cached_pages,
+            "prefix_cache_tokens": self.pages.cached_pages * self.pages.page_size,
+            "image_cache_images": len(self.runner.image_cache),
+        }
+
+    def cache_counters(self) -> dict[str, float]:
+        """The caches' cumulative counters (hits, misses, evictions)."""
+        st = self.pages.stats
+        images = self.runner.image_cache
+        return {
+            "prefix_cache_hit_tokens": st.hit_tokens,
+            "prefix_cache_miss_tokens": st.miss_tokens,
+            "prefix_cache_hit_requests": st.hit_requests,
+            "prefix_cache_evicted_pages": st.evicted_pages,
+            "image_cache_hits": images.hits,
+            "image_cache_misses": images.misses,
         }
 
     def tokens_per_response(self, running: int) -> int:
@@ -189,6 +221,8 @@ class BatchingEngine(Engine):
                 client_error=True,
             )
             return
+        if self.pages.enabled:  # hashing here, on the caller's thread, not the engine's
+            self._key_pages(request)
         request.arrival = time.monotonic()
         with self._cond:
             stopping = self._stopping
@@ -197,6 +231,19 @@ class BatchingEngine(Engine):
                 self._cond.notify()
         if stopping:
             safe_fail(request, "the model is shutting down")
+
+    def _key_pages(self, request: GenerationRequest) -> None:
+        """The content hashes of ``request``'s images and the chained keys of its
+        prompt's full pages (:mod:`~llava_node.engine.prefix_cache`)."""
+        pixels = request.pixel_values
+        images = [image_key(p) for p in pixels] if pixels is not None else []
+        request.image_keys = images
+        request.page_keys = block_keys(
+            request.input_ids.tolist(),
+            self.pages.page_size,
+            image_token_id=self.limits.image_token_id,
+            images=images,
+        )
 
     def shutdown(self) -> None:
         """Stop the loop; end whatever is still waiting or running with an error."""
@@ -274,6 +321,7 @@ class BatchingEngine(Engine):
             r.prefilled = c.end
             if c.last:
                 r.embeds = None  # decodes from the next step on
+                self._publish_prompt(r)
         return _Step(runs, chunks, pending)
 
     def _still_needed(self, step: _Step) -> bool:
@@ -296,12 +344,18 @@ class BatchingEngine(Engine):
                     return
                 req = self._waiting[0]
                 pages: list[int] | None = None
+                cached = 0
                 if not self._is_cancelled(req):
-                    pages = cache.allocator.allocate(
-                        cache.pages_for(int(req.input_ids.shape[0]) + req.max_tokens)
-                    )
-                    if pages is None:
+                    n = int(req.input_ids.shape[0])
+                    # At least the prompt's last token is computed (its logits give the
+                    # first token), so a reused prefix ends before the last page.
+                    reused = self.pages.match(req.page_keys[: (n - 1) // cache.page_size])
+                    fresh = self.pages.allocate(cache.pages_for(n + req.max_tokens) - len(reused))
+                    if fresh is None:
+                        self.pages.release(reused)
                         return  # first in line waits for pages; later ones wait behind it
+                    pages = reused + fresh
+                    cached = len(reused) * cache.page_size
                     slot = self._free_slots.pop()
                 self._waiting.popleft()
             if pages is None:  # cancelled while it waited
@@ -309,7 +363,7 @@ class BatchingEngine(Engine):
                 log.info("request %s cancelled before it started", req.request_id)
                 self._end_unstarted(req)
                 continue
-            self._start(req, slot, pages)
+            self._start(req, slot, pages, cached)
 
     def _end_unstarted(self, req: GenerationRequest) -> None:
         """The final response of a request cancelled before its prompt ran."""
@@ -319,20 +373,23 @@ class BatchingEngine(Engine):
             log.info("request %s: the cancelled response was not delivered (%s)", req.request_id, exc)
             safe_fail(req, f"sending the final response failed: {exc}")
 
-    def _start(self, req: GenerationRequest, slot: int, pages: list[int]) -> None:
+    def _start(self, req: GenerationRequest, slot: int, pages: list[int], cached: int = 0) -> None:
         n = int(req.input_ids.shape[0])
         try:
             text = SequenceText(self.tokenizer, req.stop, self.eos_token_ids, req.max_tokens)
         except Exception as exc:
             log.exception("request %s: its text state could not be made", req.request_id)
-            self.runner.cache.allocator.release(pages)
+            self.pages.release(pages)
             with self._cond:
                 self._free_slots.append(slot)
             with self.stats.lock:
                 self.stats.requests_failed += 1
             safe_fail(req, f"the request could not be started on the node: {exc}")
             return
-        run = _Running(request=req, slot=slot, pages=pages, text=text, prompt_tokens=n)
+        run = _Running(
+            request=req, slot=slot, pages=pages, text=text, prompt_tokens=n, prefilled=cached, cached=cached
+        )
+        self.pages.count_prompt(n, cached)
         chunked = bool(self.prefill_chunk) and bool(self._running)  # others are running
         if chunked:
             backlog = sum(r.prompt_tokens - r.prefilled for r in self._running.values() if not r.decoding)
@@ -344,11 +401,20 @@ class BatchingEngine(Engine):
         started = time.perf_counter()
         try:
             self.runner.assign(slot, pages, req.temperature, req.top_p, req.seed)
+            embeds = None
+            if chunked or cached:
+                # The vision tower (unless the images are cached) and the embeddings now
+                embeds = self.runner.prompt_embeddings(
+                    req.input_ids, req.pixel_values, req.image_keys, cached
+                )
             if chunked:
-                # The vision tower and the embeddings now; the layers in the next steps.
-                run.embeds = self.runner.prompt_embeddings(req.input_ids, req.pixel_values)
+                run.embeds = embeds  # the layers in the next steps
                 return
-            token = self.runner.prefill(slot, req.input_ids, req.pixel_values)
+            if embeds is not None:  # the rows after the reused prefix
+                token = self.runner.prefill_from(slot, embeds, cached, req.greedy)
+            else:
+                token = self.runner.prefill(slot, req.input_ids, req.pixel_values, req.image_keys)
+            self._publish_prompt(run)
         except torch.cuda.OutOfMemoryError:
             self._finish(run, error="the node ran out of GPU memory during the prompt; try a shorter one")
             return
@@ -362,6 +428,32 @@ class BatchingEngine(Engine):
             with self.stats.lock:
                 self.stats.prefill_seconds += time.perf_counter() - started
         self._first_token(run, token)
+
+    def _publish_prompt(self, run: _Running) -> None:
+        """Offer ``run``'s full prompt pages to later requests: its prompt is launched, so
+        any step launched after this one sees their keys and values."""
+        self.pages.insert(run.request.page_keys, run.pages)
+
+    def _publish_sequence(self, run: _Running) -> None:
+        """Offer the pages ``run`` filled past its prompt too, as it leaves: every token
+        fed to the model (all but the last sampled) has its keys and values cached, and
+        the next turn of a conversation starts with them."""
+        keys = run.request.page_keys
+        page = self.pages.page_size
+        fed = run.generated[:-1]
+        done = run.prompt_tokens // page * page  # the prompt's full pages are keyed already
+        tail = run.request.input_ids[done:].tolist() + fed
+        image_tokens = int((run.request.input_ids[:done] == self.limits.image_token_id).sum())
+        more = block_keys(
+            tail,
+            page,
+            image_token_id=self.limits.image_token_id,
+            images=run.request.image_keys or [],
+            parent=keys[-1] if keys and done else b"",
+            image_tokens_before=image_tokens,
+        )
+        first = done // page
+        self.pages.insert(more, run.pages[first : first + len(more)])
 
     def _first_token(self, run: _Running, token: int) -> None:
         self._emit(run, token)
@@ -407,6 +499,7 @@ class BatchingEngine(Engine):
             self._finish(run, error=f"decoding the generated text failed on the node: {exc}")
             return
         run.pending_ids.append(token)
+        run.generated.append(token)
         with self.stats.lock:
             self.stats.tokens_generated += 1
         finished = run.text.finish_reason is not None
@@ -414,7 +507,9 @@ class BatchingEngine(Engine):
             text, run.pending_text = run.pending_text, ""
             ids, run.pending_ids = run.pending_ids, []
             try:
-                run.request.sink.send(text, ids, run.text.finish_reason, run.prompt_tokens, run.text.count)
+                run.request.sink.send(
+                    text, ids, run.text.finish_reason, run.prompt_tokens, run.text.count, run.cached
+                )
             except Exception as exc:  # the client is gone, or the response was refused
                 log.info("request %s: sending failed (%s); stopping it", run.request.request_id, exc)
                 run.text.cancel()
@@ -433,7 +528,12 @@ class BatchingEngine(Engine):
         ``error`` (``fail``), else with a final response, unless ``final_sent``."""
         if self._running.pop(run.slot, None) is None:
             return
-        self.runner.cache.allocator.release(run.pages)
+        if (error is None or send_failed) and run.decoding and self.pages.enabled:
+            try:  # cancelled or finished: what was computed is sound
+                self._publish_sequence(run)
+            except Exception:
+                log.exception("request %s: caching its pages failed", run.request.request_id)
+        self.pages.release(run.pages)
         with self._cond:
             self._free_slots.append(run.slot)
         with self.stats.lock:
@@ -449,7 +549,7 @@ class BatchingEngine(Engine):
         try:
             reason = run.text.finish_reason or FinishReason.CANCELLED
             run.request.sink.send(
-                run.pending_text, run.pending_ids, reason, run.prompt_tokens, run.text.count
+                run.pending_text, run.pending_ids, reason, run.prompt_tokens, run.text.count, run.cached
             )
         except Exception as exc:  # the client is gone; the stream must still be closed
             log.debug("final response for %s not delivered", run.request.request_id)

@@ -30,6 +30,9 @@ class EngineOptions:
     # a GPU, where a decode step is bound by reading the weights; 0 on the CPU, where it
     # is not, so chunks would only delay first tokens)
     prefill_chunk: int = -1
+    # reuse the KV pages of cached prompt prefixes, and the vision tower's output for a
+    # repeated image (see prefix_cache.py); false: every request computes its whole prompt
+    prefix_cache: bool = True
 
     @classmethod
     def from_model_config(cls, opt: Callable[[str, str, str], str]) -> EngineOptions:
@@ -47,6 +50,7 @@ class EngineOptions:
             stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
             fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),
             prefill_chunk=_prefill_chunk(opt("prefill_chunk", "LLAVA_PREFILL_CHUNK", "auto")),
+            prefix_cache=_boolean(opt("prefix_cache", "LLAVA_PREFIX_CACHE", "true"), "prefix_cache"),
         )
 
 

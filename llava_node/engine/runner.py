@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from llava_node.engine.kv_cache import PagedKVCache
 from llava_node.engine.loading import LoadedModel
+from llava_node.engine.prefix_cache import ImageFeatureCache
 from llava_node.engine.sampling import sample_tokens, split_seed
 
 __all__ = [
@@ -83,6 +84,7 @@ class RunnerConfig:
     mixed_rows: int = 256  # prompt rows a captured mixed step holds (a multiple of chunk_block)
     chunk_block: int = 64  # a prompt's rows in a mixed step are padded to a multiple of this
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+    image_cache_entries: int = 64  # images whose vision-tower output is kept (0: none)
 
 
 @dataclass
@@ -215,6 +217,7 @@ class LlavaRunner:
 
         self.max_batch = config.max_batch
         self.kv_dtype = config.kv_cache_dtype or self.dtype
+        self.image_cache = ImageFeatureCache(config.image_cache_entries)
         self.cache = PagedKVCache.create(
             n_layers=self.n_layers,
             n_kv_heads=self.n_kv_heads,
@@ -291,8 +294,12 @@ class LlavaRunner:
         page_bytes = PagedKVCache.page_bytes(
             self.n_layers, self.n_kv_heads, self.head_dim, cfg.page_size, self.kv_dtype
         )
-        # Leave room for activations, sampling buffers and CUDA graphs.
-        reserve = 2 * 1024**3 + self.max_batch * self.vocab * 64
+        # Leave room for activations, sampling buffers, CUDA graphs and the image cache.
+        vision = self.loaded.model.config.vision_config
+        image_bytes = (
+            ((vision.image_size // vision.patch_size) ** 2 + 1) * self.hidden * self.embed.element_size()
+        )
+        reserve = 2 * 1024**3 + self.max_batch * self.vocab * 64 + cfg.image_cache_entries * image_bytes
         budget = max(0, int((free - reserve) * cfg.kv_cache_fraction))
         pages = budget // page_bytes
         if pages < per_seq // 4:
@@ -366,20 +373,30 @@ class LlavaRunner:
 
     # -- prefill ---------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> int:
+    def prefill(
+        self,
+        slot: int,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_keys: Sequence[bytes] | None = None,
+    ) -> int:
         """Run the prompt of the request in ``slot``, fill its KV cache, return its first token."""
-        logits = self.prefill_logits(slot, input_ids, pixel_values)
+        logits = self.prefill_logits(slot, input_ids, pixel_values, image_keys)
         token = self._sample(logits[None], self._index([slot]), all_greedy=False)
         self.seq_lens[slot] = int(input_ids.shape[0])
         return int(token[0])
 
     @torch.inference_mode()
     def prefill_logits(
-        self, slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+        self,
+        slot: int,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_keys: Sequence[bytes] | None = None,
     ) -> torch.Tensor:
         """Run the prompt through the model, filling ``slot``'s KV cache; the logits
         (float32, [vocab]) of its last position."""
-        x = self.prompt_embeddings(input_ids, pixel_values)
+        x = self.prompt_embeddings(input_ids, pixel_values, image_keys)
         n = x.shape[0]
         flat = self.cache.flat_positions(slot, n)
         if self.prefill_graphs is not None and self.fused is not None:
@@ -390,10 +407,30 @@ class LlavaRunner:
         return self._vocab_logits(h[-1:])[0]
 
     @torch.inference_mode()
-    def prompt_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def prefill_from(self, slot: int, embeds: torch.Tensor, start: int, all_greedy: bool) -> int:
+        """Run prompt rows ``start:`` of ``embeds`` [n, D] for ``slot``, whose rows before
+        ``start`` are in its KV cache already (a reused prefix); return its first token.
+        One step of prompt rows and no decode rows (from a captured mixed step when the
+        rows fit one)."""
+        chunk = PromptChunk(slot, embeds, start, int(embeds.shape[0]))
+        return self.mixed_launch([], [chunk], all_greedy).tokens()[0]
+
+    @torch.inference_mode()
+    def prompt_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_keys: Sequence[bytes] | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
         """The prompt's input embeddings [n, D]: token embeddings, with the image features
         in place of the image tokens. Nothing waits for the device: the image tokens are
-        found in the host's copy of the ids, so a step already launched keeps running."""
+        found in the host's copy of the ids, so a step already launched keeps running.
+
+        ``image_keys`` (the images' content hashes) let repeated images skip the vision
+        tower (:attr:`image_cache`). Rows before ``start`` are not computed (their keys
+        and values are cached): when every image token lies there, no image is looked at.
+        """
         ids = input_ids.cpu()
         x = F.embedding(self.upload(ids), self.embed)
         where = (ids == self.image_token_id).nonzero().squeeze(1)
@@ -401,13 +438,34 @@ class LlavaRunner:
         if n_image:
             if pixel_values is None or pixel_values.shape[0] == 0:
                 raise ValueError(f"the prompt has {n_image} image tokens but no image was given")
-            feats = self.image_features(pixel_values)
+            if int(where[-1]) < start:
+                return x
+            feats = self._image_features_cached(pixel_values, image_keys)
             if feats.shape[0] != n_image:
                 raise ValueError(
                     f"the prompt has {n_image} image tokens but the images give {feats.shape[0]} features"
                 )
             x = x.index_copy(0, self.upload(where), feats.to(x.dtype))
         return x
+
+    def _image_features_cached(
+        self, pixel_values: torch.Tensor, keys: Sequence[bytes] | None
+    ) -> torch.Tensor:
+        """:meth:`image_features` of every image, the vision tower run only on those the
+        image cache does not hold (all of them at once)."""
+        cache = self.image_cache
+        if keys is None or not cache.capacity or len(keys) != pixel_values.shape[0]:
+            return self.image_features(pixel_values)
+        found = [cache.get(k) for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            fresh = self.image_features(pixel_values[missing])
+            # a copy: a captured vision graph returns its own output buffer
+            for i, f in zip(missing, fresh.chunk(len(missing)), strict=True):
+                kept = f.clone()
+                cache.put(keys[i], kept)
+                found[i] = kept
+        return torch.cat([f for f in found if f is not None])
 
     def padded_prefill_logits(self, x: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The fused prefill of a prompt padded at its end: ``x`` [P, D] embeddings, ``rows``

@@ -33,6 +33,7 @@ class CollectingSink:
         self.sizes: list[int] = []
         self.done = threading.Event()
         self.cancel_after = cancel_after
+        self.cached_tokens = 0
 
     def send(
         self,
@@ -41,8 +42,11 @@ class CollectingSink:
         finish_reason: FinishReason | None,
         prompt_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> None:
         assert not self.done.is_set(), "response after the final one"
+        assert 0 <= cached_tokens < prompt_tokens
+        self.cached_tokens = cached_tokens
         self.ids += list(token_ids)
         self.sizes.append(len(token_ids))
         self.text += text
@@ -323,10 +327,12 @@ def test_on_the_cpu_a_request_arriving_while_tokens_go_out_starts_before_the_nex
             super().__init__()
             self.name = name
 
-        def send(self, text, token_ids, finish_reason, prompt_tokens, completion_tokens) -> None:
+        def send(
+            self, text, token_ids, finish_reason, prompt_tokens, completion_tokens, cached_tokens=0
+        ) -> None:
             if self.name == "b" and self.responses == 0:
                 seen["c_at_b_first"] = c_tokens()
-            super().send(text, token_ids, finish_reason, prompt_tokens, completion_tokens)
+            super().send(text, token_ids, finish_reason, prompt_tokens, completion_tokens, cached_tokens)
             if self.name == "a" and finish_reason is not None:
                 seen["c_at_a_last"] = c_tokens()
                 eng.submit(request(x_b, sink_b, max_tokens=8, rid="b"))
@@ -452,10 +458,12 @@ def test_a_prompt_that_fails_on_the_node_fails_only_its_request(
     eng = chunked_engine(tiny_checkpoint, 0)
     prefill = eng.runner.prefill
 
-    def failing_prefill(slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> int:
+    def failing_prefill(
+        slot: int, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, keys=None
+    ) -> int:
         if int(input_ids[-1]) == 7:  # the poisoned request
             raise RuntimeError("boom in the prompt")
-        return prefill(slot, input_ids, pixel_values)
+        return prefill(slot, input_ids, pixel_values, keys)
 
     monkeypatch.setattr(eng.runner, "prefill", failing_prefill)
     try:
@@ -485,11 +493,11 @@ class RaisingSink(CollectingSink):
         super().__init__()
         self.fails_at = fails_at
 
-    def send(self, text, token_ids, finish_reason, prompt_tokens, completion_tokens) -> None:
+    def send(self, text, token_ids, finish_reason, prompt_tokens, completion_tokens, cached_tokens=0) -> None:
         if self.responses + 1 >= self.fails_at:
             self.responses += 1
             raise RuntimeError("the stream is gone")
-        super().send(text, token_ids, finish_reason, prompt_tokens, completion_tokens)
+        super().send(text, token_ids, finish_reason, prompt_tokens, completion_tokens, cached_tokens)
 
 
 def test_a_request_whose_send_fails_is_still_ended_and_the_others_are_not(

@@ -233,6 +233,7 @@ class TritonSink:
         finish_reason: FinishReason | None,
         prompt_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> None:
         if self.closed:
             raise RuntimeError(f"request {self.request_id}: a response after its final one")
@@ -248,6 +249,7 @@ class TritonSink:
                     ),
                     _numeric("prompt_tokens", torch.tensor([prompt_tokens], dtype=torch.int32)),
                     _numeric("completion_tokens", torch.tensor([completion_tokens], dtype=torch.int32)),
+                    _numeric("cached_tokens", torch.tensor([cached_tokens], dtype=torch.int32)),
                 ]
             )
         except Exception:
@@ -339,13 +341,12 @@ class TritonPythonModel:
             self._publish_once()
 
     def _publish_once(self) -> None:
-        snap = self.engine.stats.snapshot()
+        snap = {**self.engine.stats.snapshot(), **self.engine.cache_counters()}
+        gauges = self.engine.gauges()
         for key, metric in self._metrics.items():
-            if key == "active":
-                metric.set(self.engine.active)
-            elif key == "queue":
-                metric.set(self.engine.queue_length)
-            else:
+            if key in gauges:
+                metric.set(gauges[key])
+            elif key in snap:
                 delta = snap[key] - self._last.get(key, 0)
                 if delta:
                     metric.increment(delta)
