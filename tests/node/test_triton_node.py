@@ -83,6 +83,35 @@ def test_greedy_output_equals_transformers_generate(node: TritonNode, tiny_check
     assert got.text == processor.tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_a_next_turn_reuses_the_cached_prefix_and_says_so(node: TritonNode) -> None:
+    """The second turn of a conversation (its history resent, the same image) gets its
+    prompt's start from the node's prefix cache: the same tokens as the first time for
+    the shared part, ``cached_tokens`` in its responses, the node's hit counter up."""
+    img = image_bytes(color=(77, 140, 33), size=(100, 80))
+    prompt = "USER: <image>\nWhat is in this picture? Describe every detail you can see. ASSISTANT:"
+    hits = metric(node, "llava_engine_prefix_cache_hit_tokens_total")
+    first = generate(node, prompt=prompt, images=[img], max_tokens=12, temperature=0.0)
+    assert first.cached_tokens == 0
+    again = generate(node, prompt=prompt, images=[img], max_tokens=12, temperature=0.0)
+    assert again.token_ids == first.token_ids
+    assert again.cached_tokens == (first.prompt_tokens - 1) // 16 * 16 > 576  # past the image
+    turn2 = f"{prompt} {first.text}</s>USER: And its colour? ASSISTANT:"
+    second = generate(node, prompt=turn2, images=[img], max_tokens=12, temperature=0.0)
+    assert first.prompt_tokens // 16 * 16 <= second.cached_tokens < second.prompt_tokens
+    other = generate(
+        node, prompt=prompt, images=[image_bytes(color=(78, 140, 33), size=(100, 80))], max_tokens=4
+    )
+    assert other.cached_tokens < 16  # another image: nothing past the text before it
+    deadline = time.monotonic() + 10  # the node publishes its metrics once a second
+    while (
+        metric(node, "llava_engine_prefix_cache_hit_tokens_total")
+        < hits + again.cached_tokens + second.cached_tokens
+    ):
+        assert time.monotonic() < deadline, "the hit counter did not grow"
+        time.sleep(0.2)
+    assert metric(node, "llava_engine_prefix_cache_tokens") > 0
+
+
 def test_stop_string_stops_generation(node: TritonNode) -> None:
     full = generate(node, prompt=PROMPT, images=[image_bytes()], max_tokens=40, temperature=0.0)
     stop = full.text[15:19]
