@@ -646,8 +646,27 @@ class LlavaRunner:
         ``end_slots`` to ``end_lens``. Fixed shapes and no host synchronisation: a CUDA
         graph captures it (see :class:`~llava_node.engine.cuda_graphs.MixedGraphs`).
         """
-        b = int(slots.shape[0])
         pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
+        h = self._mixed_hidden(slots, pos, x_prompt, positions, block_slots)
+        nxt = h.new_zeros(0, dtype=torch.int64)
+        if pick_rows.shape[0]:
+            nxt = self._sample(self._vocab_logits(h.index_select(0, pick_rows)), pick_slots, all_greedy)
+        self.seq_lens[slots] = pos + 1
+        self.seq_lens[end_slots] = end_lens
+        self.seq_lens[self.dummy_slot :].zero_()
+        return nxt
+
+    def _mixed_hidden(
+        self,
+        slots: torch.Tensor,
+        pos: torch.Tensor,
+        x_prompt: torch.Tensor,
+        positions: torch.Tensor,
+        block_slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """The final hidden states of a mixed step's rows: decode rows of ``slots`` at
+        ``pos``, then prompt rows ``x_prompt`` at ``positions`` (see :meth:`mixed_step`)."""
+        b = int(slots.shape[0])
         prompt_pos = positions.clamp(min=0)
         bm = positions.shape[0] // max(1, block_slots.shape[0])
         row_slots = block_slots.repeat_interleave(bm)
@@ -663,14 +682,21 @@ class LlavaRunner:
             out = prompt(q[b:], kc, vc)
             return out if decode is None else torch.cat([decode(q[:b], kc, vc, v[:b]), out])
 
-        h = self._layers(x, cos, sin, rows, attend)
-        nxt = h.new_zeros(0, dtype=torch.int64)
-        if pick_rows.shape[0]:
-            nxt = self._sample(self._vocab_logits(h.index_select(0, pick_rows)), pick_slots, all_greedy)
-        self.seq_lens[slots] = pos + 1
-        self.seq_lens[end_slots] = end_lens
-        self.seq_lens[self.dummy_slot :].zero_()
-        return nxt
+        return self._layers(x, cos, sin, rows, attend)
+
+    @torch.inference_mode()
+    def prefill_logits_from(self, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """:meth:`prefill_logits` of a prompt whose rows before ``start`` are in ``slot``'s
+        KV cache already (a reused prefix): only rows ``start:`` of ``embeds`` [n, D] run.
+        The logits (float32, [vocab]) of its last position."""
+        n = int(embeds.shape[0])
+        lay = self.mixed_layout([], [PromptChunk(slot, embeds, start, n)])
+        x = torch.zeros(len(lay.positions), self.hidden, dtype=self.dtype, device=self.device)
+        x[: n - start] = embeds[start:]
+        _d, p, bs, pr, _ps, _es, _el = self._index(lay.flat()).split(lay.sizes())
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        h = self._mixed_hidden(empty, empty, x, p, bs)
+        return self._vocab_logits(h.index_select(0, pr))[0]
 
     def _chunk_attend(self, block_slots: torch.Tensor, positions: torch.Tensor) -> Any:
         """Attention of prompt rows in blocks (see :meth:`mixed_step`): the Triton kernel

@@ -330,3 +330,22 @@ def test_chunked_prefill_after_a_reused_prefix(tiny_checkpoint: Path, uncached, 
         busy.wait()
     finally:
         eng.shutdown()
+
+
+def test_first_step_logits_from_a_reused_prefix_match_a_whole_prefill(
+    tiny_checkpoint: Path, processor
+) -> None:
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    runner = LlavaRunner(loaded, RunnerConfig(max_batch=2))
+    x = encode(processor, f"{SYSTEM} USER: <image>\nWhat is this? ASSISTANT:", [image(4)])
+    ids, pixels = x["input_ids"][0], x["pixel_values"]
+    n = int(ids.shape[0])
+    need = runner.cache.pages_for(n)
+    own = list(range(1, 1 + need))
+    runner.assign(0, own, 0.0, 1.0, 0)
+    whole = runner.prefill_logits(0, ids, pixels)
+    k = (n - 1) // 16
+    runner.assign(1, own[:k] + list(range(1 + need, 1 + 2 * need - k)), 0.0, 1.0, 0)  # slot 0's first k pages
+    part = runner.prefill_logits_from(1, runner.prompt_embeddings(ids, pixels), k * 16)
+    assert float((part - whole).norm() / whole.norm()) < 1e-5
+    assert int(part.argmax()) == int(whole.argmax())

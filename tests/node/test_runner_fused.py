@@ -254,3 +254,31 @@ def test_mixed_step_padded_to_a_captured_shape_gives_the_same_tokens(tiny_checkp
         results.append((first, out[: lay.tokens].tolist(), more, r.seq_lens[:2].tolist()))
     assert results[0] == results[1]
     assert results[0][3] == [n + 2, n + 1]
+
+
+def test_fused_prefill_from_a_reused_prefix_matches_a_whole_prefill(small_checkpoint: Path) -> None:
+    """The fused path's prompt-chunk kernel over a prefix another slot computed: what the
+    GPU runs for a conversation's next turn."""
+    processor = AutoProcessor.from_pretrained(small_checkpoint)
+    img = Image.new("RGB", (300, 260), (120, 60, 200))
+    enc = processor(
+        images=[img], text="USER: <image>\nWhat colour is it, and why? ASSISTANT:", return_tensors="pt"
+    )
+    ids, pixels = enc["input_ids"][0], enc["pixel_values"]
+    n = int(ids.shape[0])
+    r = runner(small_checkpoint, True)
+    need = r.cache.pages_for(n + 4)
+    own = list(range(1, 1 + need))
+    r.assign(0, own, 0.0, 1.0, 0)
+    whole = r.prefill_logits(0, ids, pixels)
+    k = (n - 1) // r.cache.page_size
+    r.assign(1, own[:k] + list(range(1 + need, 1 + 2 * need - k)), 0.0, 1.0, 0)
+    embeds = r.prompt_embeddings(ids, pixels)
+    part = r.prefill_logits_from(1, embeds, k * r.cache.page_size)
+    assert float((part - whole).norm() / whole.norm()) < 1e-4
+    assert r.prefill(0, ids, pixels) == int(whole.argmax())  # slot 0's state for decoding
+    first = r.prefill_from(1, embeds, k * r.cache.page_size, True)  # the engine's call: a token
+    assert first == int(whole.argmax())
+    for _ in range(3):  # both slots decode the same tokens, one from its own pages, one sharing
+        a, b = r.decode_launch([0, 1], True).tokens()
+        assert a == b
