@@ -469,6 +469,16 @@ def check_against_transformers(
         runner.fused = fused
         torch_ops_error = round(float((torch_ops - ref_logits[0]).norm() / ref_logits[0].norm()), 5)
         ours = runner.prefill_logits(0, ids, inputs["pixel_values"])
+        # A request served from a cached prefix: slot 1 shares slot 0's full pages (all but
+        # the prompt's last) and computes only the rows after them, as a next turn would.
+        shared = (n - 1) // runner.cache.page_size
+        own = runner.cache.pages_for(n + steps)
+        runner.assign(1, [*range(1, 1 + shared), *range(1 + own, 1 + 2 * own - shared)], 0.0, 1.0, 0)
+        embeds = runner.prompt_embeddings(ids, inputs["pixel_values"])
+        from_prefix = runner.prefill_logits_from(1, embeds, shared * runner.cache.page_size)
+        prefix_error = round(float((from_prefix - ref_logits[0]).norm() / ref_logits[0].norm()), 5)
+        prefix_vs_whole = round(float((from_prefix - ours).norm() / ours.norm()), 5)
+        prefix_tokens = shared * runner.cache.page_size
         slot = torch.tensor([0], device=dev)
         for t in range(steps):
             if t > 0:  # teacher forcing: feed transformers' previous token
@@ -513,6 +523,9 @@ def check_against_transformers(
         "kv_cache_dtype": kv_cache_dtype,
         "first_step_logits_rel_error": per_step[0]["rel_error"],
         "first_step_logits_rel_error_torch_ops_prefill": torch_ops_error,
+        "first_step_logits_rel_error_cached_prefix": prefix_error,
+        "cached_prefix_vs_whole_prefill_rel_error": prefix_vs_whole,
+        "cached_prefix_tokens": prefix_tokens,
         "transformers_eager_vs_sdpa_first_step_rel_error": floor,
         "max_step_logits_rel_error": max(p["rel_error"] for p in per_step),
         "teacher_forced_argmax_equal_steps": sum(p["argmax_equal"] for p in per_step),
