@@ -45,12 +45,12 @@ KEY_BYTES = 16
 
 
 def image_key(pixels: torch.Tensor) -> bytes:
-    """The content hash of one image's pixel values [3, H, W] (their bytes and shape)."""
+    """The content hash of one image's pixel values [3, H, W] (their bytes and shape):
+    SHA-256, which x86's SHA extensions run at ~1 GB/s (a 336-pixel image in ~1 ms)."""
     data = pixels.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"llava-image")
-    h.update(repr(tuple(data.shape)).encode())
-    h.update(data.numpy().tobytes())
-    return h.digest()
+    h = hashlib.sha256(b"llava-image" + repr(tuple(data.shape)).encode())
+    h.update(data.numpy().data)  # the tensor's own bytes, not a copy
+    return h.digest()[:KEY_BYTES]
 
 
 def block_keys(

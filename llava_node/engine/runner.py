@@ -246,6 +246,9 @@ class LlavaRunner:
         self.vision_graph: Any = None
         self.prefill_graphs: Any = None
         self.mixed_graphs: Any = None
+        # prompt rows alone (no decode rows) at fewer rows than a mixed step's: the rows
+        # after a reused prefix, while nothing else runs (see prefill_from)
+        self.prompt_graphs: list[Any] = []
         if dev.type == "cuda" and config.cuda_graphs:
             from llava_node.engine.cuda_graphs import (
                 DecodeGraphs,
@@ -260,6 +263,10 @@ class LlavaRunner:
                 self.prefill_graphs = PrefillGraphs(self, config.prefill_bucket)
             if config.mixed_rows and self.paged_attention is not None:
                 self.mixed_graphs = MixedGraphs(self, config.mixed_rows, self.graphs.batch_sizes)
+                block = config.chunk_block
+                self.prompt_graphs = [
+                    MixedGraphs(self, r, [1]) for r in range(block, self.mixed_graphs.rows, block)
+                ]
 
     # -- set-up ----------------------------------------------------------------------
     def _fuse(self, layer: Any) -> LayerWeights:
@@ -314,6 +321,8 @@ class LlavaRunner:
             self.vision_graph.capture()
         if self.mixed_graphs is not None:
             self.mixed_graphs.capture()
+        for g in self.prompt_graphs:
+            g.capture()
 
     # -- per-slot state --------------------------------------------------------------
     def assign(self, slot: int, pages: Sequence[int], temperature: float, top_p: float, seed: int) -> None:
@@ -410,10 +419,26 @@ class LlavaRunner:
     def prefill_from(self, slot: int, embeds: torch.Tensor, start: int, all_greedy: bool) -> int:
         """Run prompt rows ``start:`` of ``embeds`` [n, D] for ``slot``, whose rows before
         ``start`` are in its KV cache already (a reused prefix); return its first token.
-        One step of prompt rows and no decode rows (from a captured mixed step when the
-        rows fit one)."""
-        chunk = PromptChunk(slot, embeds, start, int(embeds.shape[0]))
-        return self.mixed_launch([], [chunk], all_greedy).tokens()[0]
+
+        Steps of prompt rows and no decode rows, each as many rows as a mixed step holds
+        (the last one in the smallest captured step that holds it): replays, where a
+        whole prompt's captured prefill could not attend to the cached rows, and an
+        eager step of several hundred kernels would cost more host time than device time.
+        """
+        n = int(embeds.shape[0])
+        step = self.mixed_graphs.rows if self.mixed_graphs is not None else (self.cfg.mixed_rows or n)
+        pending: PendingTokens | None = None
+        for s in range(start, n, step):
+            chunk = PromptChunk(slot, embeds, s, min(s + step, n))
+            fits = [
+                g
+                for g in self.prompt_graphs
+                if g.rows >= -(-(chunk.end - s) // self.cfg.chunk_block) * self.cfg.chunk_block
+            ]
+            out = fits[0].launch([], [chunk], all_greedy) if fits else None
+            pending = PendingTokens(out) if out is not None else self.mixed_launch([], [chunk], all_greedy)
+        assert pending is not None, "prefill_from needs at least one row to run"
+        return pending.tokens()[0]
 
     @torch.inference_mode()
     def prompt_embeddings(

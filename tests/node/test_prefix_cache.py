@@ -349,3 +349,17 @@ def test_first_step_logits_from_a_reused_prefix_match_a_whole_prefill(
     part = runner.prefill_logits_from(1, runner.prompt_embeddings(ids, pixels), k * 16)
     assert float((part - whole).norm() / whole.norm()) < 1e-5
     assert int(part.argmax()) == int(whole.argmax())
+
+
+def test_a_short_reused_prefix_before_a_new_image_runs_the_rest_in_several_steps(
+    cached, uncached, processor
+) -> None:
+    """The system prompt is cached, the image after it is new: the ~600 rows after the
+    reused pages run as several steps of prompt rows (a mixed step's 256 at most)."""
+    prompt = f"{SYSTEM} USER: <image>\nWhat do you see? ASSISTANT:"
+    same_on_both(cached, uncached, encode(processor, prompt, [image(20)]))
+    x = encode(processor, prompt, [image(21)])
+    sink = same_on_both(cached, uncached, x)
+    n_system = len(processor.tokenizer(SYSTEM + " USER:").input_ids)
+    assert 0 < sink.cached_tokens <= n_system
+    assert x["input_ids"].shape[1] - sink.cached_tokens > 2 * cached.runner.cfg.mixed_rows  # 3 steps
