@@ -16,7 +16,7 @@ from typing import Any
 
 from control_plane.models_cli import add_models_parser, run_models
 
-__all__ = ["SETTINGS_KEYS", "add_settings_args", "main", "settings_from_args"]
+__all__ = ["DISPATCH_POLICIES", "SETTINGS_KEYS", "add_settings_args", "main", "settings_from_args"]
 
 
 # The settings the options set (every setting is also an environment variable LLAVA_CP_*).
@@ -37,6 +37,10 @@ SETTINGS_KEYS = (
 )
 
 
+# config.DispatchPolicy's values, spelled out: the command line imports config only once it has parsed them
+DISPATCH_POLICIES = ["cache_aware", "shortest_queue", "lottery", "round_robin", "power_of_two"]
+
+
 def add_settings_args(p: argparse.ArgumentParser) -> None:
     """The options that override settings (:data:`SETTINGS_KEYS`)."""
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -45,7 +49,11 @@ def add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where the default SQLite file lives")
     p.add_argument("--worker", action="append", dest="workers", help="a Triton node's HTTP URL (repeat)")
     p.add_argument("--poll-interval", type=float, dest="poll_interval_s")
-    p.add_argument("--dispatch-policy", choices=["shortest_queue", "lottery", "round_robin", "power_of_two"])
+    p.add_argument(
+        "--dispatch-policy",
+        choices=DISPATCH_POLICIES,
+        help="how a node is chosen for a request (default cache_aware)",
+    )
     p.add_argument("--admin-token", help="bearer token required by /admin (default: none)")
     p.add_argument("--api-key", action="append", dest="api_keys", help="accepted API key (repeat)")
     p.add_argument("--public-url", help="base URL clients reach this control plane at")

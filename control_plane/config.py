@@ -26,6 +26,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class DispatchPolicy(StrEnum):
     """How the control plane picks a node for a request."""
 
+    CACHE_AWARE = "cache_aware"
     SHORTEST_QUEUE = "shortest_queue"
     LOTTERY = "lottery"
     ROUND_ROBIN = "round_robin"
@@ -129,7 +130,27 @@ class Settings(BaseSettings):
         "The default turns off gRPC's EventEngine client, which costs a third more CPU per streamed "
         "token under asyncio (docs/performance.md)",
     )
-    dispatch_policy: DispatchPolicy = DispatchPolicy.SHORTEST_QUEUE
+    dispatch_policy: DispatchPolicy = Field(
+        DispatchPolicy.CACHE_AWARE,
+        description="cache_aware (the node likely to hold the request's prefix in its KV cache, unless "
+        "too loaded), shortest_queue, lottery, round_robin or power_of_two (serving/routing.py)",
+    )
+    cache_aware_load_threshold: float = Field(
+        4.0,
+        ge=0,
+        description="cache_aware: a node whose load (this control plane's streams to it per unit of "
+        "speed) exceeds the least loaded candidate's by more than this is passed over for its prefix",
+    )
+    cache_aware_block_chars: int = Field(
+        64, ge=16, le=4096, description="cache_aware: characters of prompt text per block of the prefix index"
+    )
+    cache_aware_index_blocks: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description="cache_aware: most blocks the prefix index remembers (about 200 bytes each), least "
+        "recently routed first out",
+    )
     first_token_timeout_s: float = 120.0
     stall_timeout_s: float = 60.0  # a stream with no token for this long is ended and cancelled
     cancel_retry_s: float = 60.0  # how long to keep asking a silent node to cancel

@@ -33,6 +33,7 @@ from control_plane.lifecycle.views import ModelViews
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.nodes.client import NodeClient
 from control_plane.nodes.triton import TritonNodeClient
+from control_plane.serving.affinity import AffinityIndex
 from control_plane.serving.routing import Router
 from control_plane.serving.service import GenerationService
 from control_plane.storage.db import Database
@@ -72,7 +73,12 @@ async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
     service = GenerationService(
         settings,
         store,
-        Router(settings.dispatch_policy),
+        Router(
+            settings.dispatch_policy,
+            index=AffinityIndex(settings.cache_aware_index_blocks),
+            load_threshold=settings.cache_aware_load_threshold,
+            block_chars=settings.cache_aware_block_chars,
+        ),
         nodes=nodes,
         writer=writer,
         metrics=metrics,

@@ -32,6 +32,29 @@ class ControlPlaneMetrics:
             "cp_completion_tokens", "Tokens streamed to clients", ["api"], registry=self.registry
         )
         self.inflight = Gauge("cp_inflight_requests", "Streams open now", registry=self.registry)
+        # Routing: one decision per attempt (serving/routing.py REASONS); prompt tokens of
+        # the requests served and those the nodes served from their prefix caches.
+        self.routing_decisions = Counter(
+            "cp_routing_decisions",
+            "Routing decisions (one per attempt), by policy and reason",
+            ["policy", "reason"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "cp_prompt_tokens",
+            "Prompt tokens of the requests served, by API",
+            ["api"],
+            registry=self.registry,
+        )
+        self.cached_tokens = Counter(
+            "cp_cached_prompt_tokens",
+            "Prompt tokens the nodes served from their prefix caches, by API",
+            ["api"],
+            registry=self.registry,
+        )
+        self.affinity_blocks = Gauge(
+            "cp_affinity_index_blocks", "Blocks the cache_aware prefix index holds", registry=self.registry
+        )
         self.model_loads = Counter(
             "cp_model_loads",
             "Model loads on nodes, by model and outcome",

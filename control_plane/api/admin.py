@@ -157,6 +157,7 @@ async def control_plane_status(cp: CPDep) -> dict[str, Any]:
             "circuits_opened": cp.breaker.opened,
         },
         "lifecycle_rounds": cp.models.rounds,
+        "routing": cp.service.router.describe(),
         # dropped: every row lost, by any reason; lost: by reason (see db.BatchWriter)
         "writer": cp.writer.describe(),
         "retention": cp.retention.describe() if cp.retention is not None else None,

@@ -1,7 +1,9 @@
 """LLaVA's controller protocol, complete, so LLaVA's web UI and scripts work unchanged.
 
 Worker addresses handed out by ``/get_worker_address`` point back at this control
-plane (``<base>/workers/<id>``), which proxies ``/worker_generate_stream`` to that node.
+plane: ``<base>`` under ``cache_aware`` (the node is chosen per stream, from its
+content), else ``<base>/workers/<id>``, which proxies ``/worker_generate_stream`` to that
+node.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from control_plane.api.errors import llava_error, llava_frame, plain_error
 from control_plane.api.routes import family_route, validation_message
 from control_plane.api.streaming import TokenStreamResponse, start_watched
 from control_plane.api.text_checks import INT64_MAX, Text, utf8_size
+from control_plane.config import DispatchPolicy
 from control_plane.errors import BadRequest, NotFound, ServiceError
 from control_plane.fleet.registry import MAX_SPEED
 from control_plane.fleet.workers import WorkerState
@@ -155,6 +158,11 @@ async def get_worker_address(request: Request, cp: CPDep) -> dict[str, str]:
     A model that is loaded nowhere is loaded first (the answer waits, up to the
     cold-start timeout; LLaVA's web UI waits for this call without a time limit, but
     not for the first bytes of a stream). If that fails, ``error`` says why.
+
+    Under ``cache_aware`` the address is this control plane itself: the node is chosen
+    when the stream starts, from the prompt and images (a conversation's next turn goes
+    where its history is cached), where ``/get_worker_address`` knows only the model.
+    Under the other policies it pins the node chosen here (``<base>/workers/<id>``).
     """
     body = await parse_body(request, ModelQuery)
     try:
@@ -163,7 +171,10 @@ async def get_worker_address(request: Request, cp: CPDep) -> dict[str, str]:
         return {"address": "", "error": exc.message}
     if worker is None:
         return {"address": ""}
-    return {"address": f"{_base_url(request, cp.settings.public_url)}/workers/{worker.id}"}
+    base = _base_url(request, cp.settings.public_url)
+    if cp.settings.dispatch_policy is DispatchPolicy.CACHE_AWARE:
+        return {"address": base}
+    return {"address": f"{base}/workers/{worker.id}"}
 
 
 @workers_router.post("/receive_heart_beat", openapi_extra=_body_doc(HeartBeat))
@@ -267,6 +278,7 @@ async def _stream_frames(req: GenerateRequest, cp: CPDep, request: Request) -> R
                     frame["usage"] = {
                         "prompt_tokens": chunk.prompt_tokens,
                         "completion_tokens": chunk.completion_tokens,
+                        "cached_tokens": chunk.cached_tokens,
                     }
                 yield llava_frame(frame)
         except ServiceError as exc:

@@ -128,8 +128,14 @@ async def to_generate_request(
     )
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens the node served from its prefix cache."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _sse(payload: Any) -> bytes:
@@ -184,11 +190,12 @@ async def chat_completions(
     event = ChunkEvents(completion_id, created, body.model)
 
     async def events() -> AsyncIterator[bytes]:
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         try:
             yield event({"role": "assistant", "content": ""})
             async for chunk in stream:
                 prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                cached_tokens = chunk.cached_tokens
                 if chunk.text:
                     yield event({"content": chunk.text})
                 if chunk.finish_reason:
@@ -201,7 +208,7 @@ async def chat_completions(
                         "created": created,
                         "model": body.model,
                         "choices": [],
-                        "usage": _usage(prompt_tokens, completion_tokens),
+                        "usage": _usage(prompt_tokens, completion_tokens, cached_tokens),
                     }
                 )
         except ServiceError as exc:
@@ -230,12 +237,13 @@ async def chat_completions(
 async def _complete(
     stream: StartedStream, completion_id: str, created: int, model: str, headers: dict[str, str]
 ) -> Response:
-    text, finish, prompt_tokens, completion_tokens = "", None, 0, 0
+    text, finish, prompt_tokens, completion_tokens, cached_tokens = "", None, 0, 0, 0
     try:
         async for chunk in stream:
             text += chunk.text
             finish = chunk.finish_reason or finish
             prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+            cached_tokens = chunk.cached_tokens
     finally:
         await stream.aclose()
     body = {
@@ -251,6 +259,6 @@ async def _complete(
                 "finish_reason": finish if finish != "cancelled" else "stop",
             }
         ],
-        "usage": _usage(prompt_tokens, completion_tokens),
+        "usage": _usage(prompt_tokens, completion_tokens, cached_tokens),
     }
     return JSONResponse(body, headers=headers)

@@ -73,10 +73,10 @@ def _info_from_row(row: Worker, state: WorkerState | None = None) -> WorkerInfo:
 def _apply_row(info: WorkerInfo, row: Worker) -> None:
     """Take a worker's live state from its row (written by the replica that polls it)."""
     try:
-        info.state = WorkerState(row.state)
+        info.set_state(WorkerState(row.state))
     except ValueError:
-        info.state = WorkerState.UNKNOWN
-    info.models = _models_from_row(row.models)
+        info.set_state(WorkerState.UNKNOWN)
+    info.set_models(_models_from_row(row.models))
     info.queue_length = row.queue_length or 0
     info.last_seen_at = row.last_seen_at
     info.grpc_url, info.metrics_url = row.grpc_url, row.metrics_url
@@ -138,7 +138,7 @@ class WorkerStore:
                     if local is not None:
                         self._workers.pop(row.id, None)
                         self._by_name.pop(local.name, None)
-                        local.state = WorkerState.REMOVED
+                        local.set_state(WorkerState.REMOVED)
                         result.removed.append(local)
                     continue
                 if local is None:
@@ -211,7 +211,7 @@ class WorkerStore:
         if info is None:
             return None
         mark_removed(self.db, worker_id, info.state.value, reason, self.replica)
-        info.state = WorkerState.REMOVED
+        info.set_state(WorkerState.REMOVED)
         return info
 
     def _add(self, info: WorkerInfo) -> None:
@@ -281,7 +281,7 @@ class WorkerStore:
                 "replica": self.replica or None,
             },
         )
-        info.state = state
+        info.set_state(state)
         self._persist(info)
 
     def record_heartbeat(
@@ -342,7 +342,7 @@ class WorkerStore:
         is sent to a node that did not answer, even before it counts as unhealthy."""
         info.last_poll_latency_ms = res.latency_ms
         if res.models is not None:
-            info.models = res.models
+            info.set_models(res.models)
         if res.queued is not None and res.active is not None:
             info.queue_length, info.active = res.queued, res.active
         if res.ok:
@@ -354,7 +354,7 @@ class WorkerStore:
         info.failing_since = info.failing_since or time.monotonic()
         info.last_error = res.error
         if res.models is None:
-            info.models = {n: ModelStatus(ready=False, state="UNREACHABLE") for n in info.models}
+            info.set_models({n: ModelStatus(ready=False, state="UNREACHABLE") for n in info.models})
 
     def record_push(self, info: WorkerInfo, queue_length: int) -> None:
         """A heartbeat a worker pushed (LLaVA's protocol): its queue length, clamped by the caller."""
@@ -370,8 +370,8 @@ class WorkerStore:
 
     def mark_models(self, info: WorkerInfo, names: Iterable[str], status: ModelStatus) -> None:
         """Set models' states ahead of the next poll (a load or unload this control plane made)."""
-        for name in names:
-            info.models[name] = ModelStatus(status.ready, status.state, status.reason)
+        marked = {name: ModelStatus(status.ready, status.state, status.reason) for name in names}
+        info.set_models({**info.models, **marked})
 
     def adjust_inflight(self, info: WorkerInfo, delta: int, model: str | None = None) -> None:
         """Count a stream opened (+1) or ended (-1) to this worker (and ``model`` on it:

@@ -2,11 +2,13 @@
 
 :class:`WorkerInfo` objects are read by every layer and written by one:
 :class:`~control_plane.fleet.store.WorkerStore` (which also writes them through to the
-database).
+database). The one exception is :meth:`WorkerInfo.forget_prefixes`, which the prefix
+affinity index calls when a node shows it lost its prefix cache.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -17,6 +19,10 @@ from control_plane.storage.schema import utcnow
 from llava_wire.protocol import STEP_SUFFIXES, is_served_model
 
 __all__ = ["STEP_SUFFIXES", "ModelStatus", "WorkerInfo", "WorkerState", "is_served_model"]
+
+# Cache epochs are unique in the process, so that a worker removed and registered again
+# (a new WorkerInfo with the same id) never matches what was learned of its earlier self.
+_epochs = itertools.count(1)
 
 
 class WorkerState(StrEnum):
@@ -54,6 +60,25 @@ class WorkerInfo:
     last_poll_latency_ms: float | None = None
     registered_at: datetime = field(default_factory=utcnow)
     last_seen_at: datetime | None = None
+    # Changes whenever the node leaves routing (state or a model no longer ready): what the
+    # prefix affinity index learned of it before is stale (serving/affinity.py).
+    cache_epoch: int = field(default_factory=lambda: next(_epochs))
+
+    def forget_prefixes(self) -> None:
+        """Whatever was learned of this node's prefix cache is stale from now on."""
+        self.cache_epoch = next(_epochs)
+
+    def set_state(self, state: WorkerState) -> None:
+        """Take ``state``; leaving ``healthy`` (routing) forgets the node's prefixes."""
+        if self.state is WorkerState.HEALTHY and state is not WorkerState.HEALTHY:
+            self.forget_prefixes()
+        self.state = state
+
+    def set_models(self, models: dict[str, ModelStatus]) -> None:
+        """Take ``models``; a model ready before and not now forgets the node's prefixes."""
+        if any(m.ready and not (n in models and models[n].ready) for n, m in self.models.items()):
+            self.forget_prefixes()
+        self.models = models
 
     def ready_models(self) -> list[str]:
         """Models this node has ready."""

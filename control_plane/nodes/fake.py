@@ -4,13 +4,18 @@ Each :class:`FakeNode` answers polls, loads, unloads, streams and cancels as a T
 running the ``llava`` ensemble would, and can be told to misbehave: refuse connections,
 fail before or after its first token, stall, stream slowly, take time to load or fail to.
 It records what it was asked (streams with their inputs, cancels, loads, unloads, polls),
-so a test can check what the control plane did. Addresses follow Triton's convention:
-a node at ``http://host:P`` has gRPC at ``host:P+1`` and metrics at ``http://host:P+2/metrics``.
+so a test can check what the control plane did. Like the engine's prefix KV cache, it keeps
+a hash chain over the full 16-token blocks of the prompts it served (text 4 characters a
+token, an image ``image_tokens`` tokens keyed by its content hash; bounded, least recently
+used first out) and reports as ``cached_tokens`` the leading blocks of a prompt it holds.
+Addresses follow Triton's convention: a node at ``http://host:P`` has gRPC at ``host:P+1`` and metrics at ``http://host:P+2/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -30,6 +35,48 @@ __all__ = ["FakeNode", "FakeNodeClient", "FakeStream"]
 
 def _steps(model: str) -> list[str]:
     return [model, *(model + s for s in STEP_SUFFIXES)]
+
+
+CACHE_BLOCK_TOKENS = 16  # the engine's prefix-cache block
+
+
+def fake_tokens(inputs: GenerationInputs, image_tokens: int) -> list[str]:
+    """The prompt as the fake node "tokenizes" it: 4 characters of text a token, an image
+    ``image_tokens`` tokens named by its content hash, chat messages behind their roles."""
+    out: list[str] = []
+    images = iter(hashlib.sha256(i).hexdigest()[:16] for i in inputs.images)
+
+    def text(t: str) -> None:
+        out.extend(t[i : i + 4] for i in range(0, len(t), 4))
+
+    def image() -> None:
+        digest = next(images, "missing")
+        out.extend(f"<img {digest} {k}>" for k in range(image_tokens))
+
+    if inputs.messages is not None:
+        for m in inputs.messages:
+            out.append(f"<{m.get('role')}>")
+            for part in m.get("content") or ():
+                if part.get("type") == "image":
+                    image()
+                else:
+                    text(str(part.get("text", "")))
+    else:
+        pieces = (inputs.prompt or "").split("<image>")
+        for i, piece in enumerate(pieces):
+            text(piece)
+            if i < len(pieces) - 1:
+                image()
+    return out
+
+
+def _block_keys(tokens: list[str]) -> list[bytes]:
+    keys, prev = [], b""
+    for start in range(0, len(tokens) - CACHE_BLOCK_TOKENS + 1, CACHE_BLOCK_TOKENS):
+        block = "\x00".join(tokens[start : start + CACHE_BLOCK_TOKENS])
+        prev = hashlib.blake2b(prev + block.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        keys.append(prev)
+    return keys
 
 
 @dataclass
@@ -54,7 +101,11 @@ class FakeNode:
     models: dict[str, str] = field(default_factory=lambda: dict.fromkeys(_steps("llava"), "READY"))
     tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
     token_delay_s: float = 0.0
-    prompt_tokens: int = 7
+    prompt_tokens: int | None = None  # None: counted from the prompt (see fake_tokens)
+    prefix_cache: bool = True  # False: cached_tokens is always 0 (a node without the cache)
+    cache_blocks: int = 4096  # prefix-cache blocks it keeps
+    image_tokens: int = 576  # as LLaVA-1.5 (24 x 24 patches)
+    prefill_s_per_token: float = 0.0  # time before the first token, per prompt token not cached
     up: bool = True  # False: connections are refused (polls fail, streams are unreachable)
     ready: bool = True  # /v2/health/ready
     queued: int = 0
@@ -71,6 +122,28 @@ class FakeNode:
     loads: list[str] = field(default_factory=list)
     unloads: list[str] = field(default_factory=list)
     polls: int = 0
+    cache: OrderedDict[bytes, None] = field(default_factory=OrderedDict, repr=False)
+
+    def flush_cache(self) -> None:
+        """Forget every cached prefix (a restart, or eviction under memory pressure)."""
+        self.cache.clear()
+
+    def _prefill(self, inputs: GenerationInputs) -> tuple[int, int]:
+        """The prompt's tokens and those served from the prefix cache; caches its blocks."""
+        tokens = fake_tokens(inputs, self.image_tokens)
+        if not self.prefix_cache:
+            return len(tokens), 0
+        keys = _block_keys(tokens)
+        hit = 0
+        while hit < len(keys) and keys[hit] in self.cache:
+            hit += 1
+        for key in reversed(keys):  # the chain's head is the most recently used
+            self.cache[key] = None
+            self.cache.move_to_end(key)
+        while len(self.cache) > self.cache_blocks:
+            self.cache.popitem(last=False)
+        # at least the last token is computed (its logits start the generation)
+        return len(tokens), min(hit * CACHE_BLOCK_TOKENS, max(0, len(tokens) - 1))
 
     @property
     def grpc_url(self) -> str:
@@ -201,9 +274,13 @@ class FakeNodeClient:
                 f"the node failed: {node.fail_before_first}",
                 unreachable=node.fail_before_first == "unreachable",
             )
+        counted, cached = node._prefill(inputs)
+        prompt_tokens = node.prompt_tokens if node.prompt_tokens is not None else counted
         budget = inputs.max_tokens if inputs.max_tokens is not None else len(node.tokens)
         pieces = node.tokens[:budget]
         try:
+            if node.prefill_s_per_token:
+                await asyncio.sleep(node.prefill_s_per_token * (counted - cached))
             for i, text in enumerate(pieces):
                 timeout = first_token_timeout_s if i == 0 else stall_timeout_s
                 if node.stall_after is not None and i >= node.stall_after:
@@ -216,11 +293,11 @@ class FakeNodeClient:
                 if node.token_delay_s:
                     await asyncio.sleep(node.token_delay_s)
                 s.sent += 1
-                yield Chunk(text, [100 + i], None, node.prompt_tokens, s.sent)
+                yield Chunk(text, [100 + i], None, prompt_tokens, s.sent, cached)
             s.finish_reason = (
                 "cancelled" if s.cancelled else ("length" if budget < len(node.tokens) else "stop")
             )
-            yield Chunk("", [], s.finish_reason, node.prompt_tokens, s.sent)
+            yield Chunk("", [], s.finish_reason, prompt_tokens, s.sent, cached)
         finally:
             if s.finish_reason is None and s.error is None:
                 s.closed_early = True

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from control_plane.errors import Overloaded
 from control_plane.fleet.workers import WorkerInfo
@@ -22,6 +23,8 @@ from control_plane.fleet.workers import WorkerInfo
 __all__ = ["Admission"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Admission:
@@ -43,10 +46,11 @@ class Admission:
         """Whether ``worker`` can take one more stream."""
         return worker.inflight < self.max_inflight
 
-    async def wait_for_room(self, pick: Callable[[], WorkerInfo | None], model: str) -> WorkerInfo:
-        """A worker from ``pick`` (which returns None while all are full), waiting in line.
+    async def wait_for_room(self, pick: Callable[[], T | None], model: str) -> T:
+        """What ``pick`` returns (a worker, or a decision naming one; None while all are
+        full), waiting in line.
 
-        The caller must count the stream on the returned worker before its next await.
+        The caller must count the stream on the worker before its next await.
         """
         worker = pick() if not self._waiters else None  # first come, first served
         if worker is not None:

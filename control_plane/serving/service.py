@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from control_plane.config import Settings
@@ -23,9 +22,11 @@ from control_plane.fleet.workers import WorkerInfo, WorkerState
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.nodes.client import GenerationInputs, NodeClient, NodeStreamError
 from control_plane.serving.admission import Admission
+from control_plane.serving.affinity import Prefix
 from control_plane.serving.first_token import until_node_leaves
-from control_plane.serving.routing import Router
-from control_plane.storage.schema import RequestRecord, utcnow
+from control_plane.serving.records import RequestLog, RequestState
+from control_plane.serving.routing import Decision, Router
+from control_plane.storage.schema import utcnow
 from control_plane.storage.writer import BatchWriter
 from llava_wire.messages import Chunk
 
@@ -65,19 +66,6 @@ class GenerateRequest:
         )
 
 
-@dataclass
-class _Record:
-    key: str
-    started: float
-    first_token: float | None = None
-    first_token_at: datetime | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    attempts: int = 0
-    worker_id: int | None = None
-
-
 ColdStart = Callable[[str], Awaitable[None]]
 
 
@@ -109,6 +97,7 @@ class GenerationService:
         self.admission = Admission(
             settings.max_inflight_per_worker, settings.max_waiting, settings.queue_timeout_s
         )
+        self.records = RequestLog(writer, metrics, settings.replica_name)
 
     def new_request_id(self, given: str | None) -> str:
         """The Triton request id: the client's (if unused right now) or a fresh one."""
@@ -139,30 +128,31 @@ class GenerationService:
             )
         raise NoWorker(f"no healthy worker has model {req.model!r} ready right now", param="model")
 
-    async def _acquire(self, req: GenerateRequest, exclude: set[int]) -> WorkerInfo:
+    async def _acquire(self, req: GenerateRequest, exclude: set[int], prefix: Prefix | None) -> Decision:
         """A worker for ``req`` with room for one more stream, counted as in flight.
 
         A model that is ready nowhere is loaded first (cold start), when a lifecycle
         manager is attached.
         """
 
-        def pick() -> WorkerInfo | None:
+        def pick() -> Decision | None:
             candidates = self._candidates(req, exclude)
             if req.pinned_worker is not None:
                 pinned = next((w for w in candidates if w.id == req.pinned_worker), None)
                 if pinned is not None and self.admission.has_room(pinned):
-                    return pinned
-            return self.router.choose([w for w in candidates if self.admission.has_room(w)])
+                    return self.router.pinned(pinned, prefix)
+            return self.router.decide([w for w in candidates if self.admission.has_room(w)], prefix)
 
         try:
-            worker = await self.admission.wait_for_room(pick, req.model)
+            decision = await self.admission.wait_for_room(pick, req.model)
         except NoWorker:
             if self.cold_start is None:
                 raise
             await self.cold_start(req.model)
-            worker = await self.admission.wait_for_room(pick, req.model)
-        self.store.adjust_inflight(worker, +1, req.model)  # before any await: pick and count are atomic
-        return worker
+            decision = await self.admission.wait_for_room(pick, req.model)
+        # before any await: pick and count are atomic
+        self.store.adjust_inflight(decision.worker, +1, req.model)
+        return decision
 
     def _out_of_routing(self, worker: WorkerInfo) -> Callable[[], str | None]:
         """A check naming the worker's state once the poller has taken it out of routing."""
@@ -197,19 +187,22 @@ class GenerationService:
         """
         if not req.request_id:
             req.request_id = self.new_request_id(None)
-        rec = _Record(key=uuid.uuid4().hex, started=time.monotonic())
+        rec = RequestState(key=uuid.uuid4().hex, started=time.monotonic())
         self._running_ids.add(req.request_id)
         self.metrics.inflight.inc()
-        self._record_start(req, rec)
+        self.records.started(rec, req.request_id, req.api, req.model)
         status, error = "error", None
         worker: WorkerInfo | None = None
+        prefix: Prefix | None = None
         try:
             inputs = req.inputs()
+            prefix = await self.router.prefix(req.model, req.prompt, req.messages, req.images)
             exclude: set[int] = set()
             while True:
-                worker = await self._acquire(req, exclude)
+                decision = await self._acquire(req, exclude, prefix)
+                worker = decision.worker
                 rec.attempts += 1
-                rec.worker_id = worker.id
+                self.records.routed(rec, req.model, decision)
                 try:
                     stream = self.nodes.stream(
                         worker.grpc_url,
@@ -227,6 +220,7 @@ class GenerationService:
                             self.breaker.success(worker)
                         rec.prompt_tokens = chunk.prompt_tokens
                         rec.completion_tokens = chunk.completion_tokens
+                        rec.cached_tokens = chunk.cached_tokens
                         rec.finish_reason = chunk.finish_reason or rec.finish_reason
                         yield chunk
                     self.breaker.success(worker)
@@ -269,7 +263,10 @@ class GenerationService:
             self.metrics.inflight.dec()
             self.metrics.requests.labels(req.api, req.model, status).inc()
             self.metrics.tokens.labels(req.api).inc(rec.completion_tokens)
-            self._record_end(rec, status, error)
+            if rec.decision is not None and rec.cached_tokens is not None:
+                self.router.served(rec.decision, prefix, rec.cached_tokens, rec.prompt_tokens)
+            self.metrics.affinity_blocks.set(len(self.router.index))
+            self.records.ended(rec, req.api, status, error)
 
     def _cancel_on_node(self, worker: WorkerInfo, req: GenerateRequest) -> None:
         """Tell the node to stop generating ``req`` (in the background; a node that is
@@ -298,38 +295,3 @@ class GenerationService:
             _done, pending = await asyncio.wait(list(self._background), timeout=5)
             for task in pending:
                 task.cancel()
-
-    def _record_start(self, req: GenerateRequest, rec: _Record) -> None:
-        self.writer.insert(
-            RequestRecord,
-            {
-                "id": rec.key,
-                "request_id": req.request_id,
-                "api": req.api,
-                "model": req.model[:256],
-                "worker_id": None,
-                "replica": self.settings.replica_name,
-                "started_at": utcnow(),
-                "status": "running",
-                "attempts": 0,
-            },
-        )
-
-    def _record_end(self, rec: _Record, status: str, error: str | None) -> None:
-        ttft_ms = (rec.first_token - rec.started) * 1000.0 if rec.first_token is not None else None
-        self.writer.update(
-            RequestRecord,
-            {
-                "id": rec.key,
-                "worker_id": rec.worker_id,
-                "first_token_at": rec.first_token_at,
-                "ttft_ms": ttft_ms,
-                "ended_at": utcnow(),
-                "prompt_tokens": rec.prompt_tokens,
-                "completion_tokens": rec.completion_tokens,
-                "status": status,
-                "finish_reason": rec.finish_reason,
-                "attempts": rec.attempts,
-                "error": error[:2000] if error else None,
-            },
-        )

@@ -65,6 +65,11 @@ def _views(dialect: str) -> dict[str, str]:
             SELECT m.*, w.name AS worker, {epoch("m.at")} AS at_unix,
                    {now} - {epoch("m.at")} AS age_s, {hour("m.at")} AS hour
             FROM model_events m LEFT JOIN workers w ON w.id = m.worker_id""",
+        "v_routing_decisions": f"""
+            SELECT d.*, w.name AS worker, a.name AS affinity_worker, {epoch("d.at")} AS at_unix,
+                   {now} - {epoch("d.at")} AS age_s, {hour("d.at")} AS hour
+            FROM routing_decisions d LEFT JOIN workers w ON w.id = d.worker_id
+                 LEFT JOIN workers a ON a.id = d.affinity_worker_id""",
         "worker_uptime_24h": """
             SELECT worker_id, worker, COUNT(*) AS polls,
                    SUM(CASE WHEN ok THEN 1 ELSE 0 END) AS ok_polls,

@@ -18,6 +18,7 @@ __all__ = [
     "ModelEvent",
     "PollLease",
     "RequestRecord",
+    "RoutingDecision",
     "Worker",
     "WorkerEvent",
     "utcnow",
@@ -121,10 +122,48 @@ class RequestRecord(Base):
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cached_tokens: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, doc="prompt tokens the node served from its prefix cache"
+    )
     status: Mapped[str] = mapped_column(String(16), default="running", doc="running, ok, error, cancelled")
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RoutingDecision(Base):
+    """One attempt of a request: which node the router chose, why, among which candidates."""
+
+    __tablename__ = "routing_decisions"
+    __table_args__ = (
+        Index("ix_routing_decisions_at", "at"),
+        Index("ix_routing_decisions_worker_at", "worker_id", "at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, doc="uuid, made by the control plane")
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), index=True, doc="requests.id (not requests.request_id)"
+    )
+    attempt: Mapped[int] = mapped_column(Integer, default=1, doc="1 for the first node tried")
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    model: Mapped[str] = mapped_column(String(256))
+    policy: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(32), doc="affinity, load, least_loaded, only_choice, ...")
+    worker_id: Mapped[int | None] = mapped_column(
+        ForeignKey("workers.id", ondelete="SET NULL"), nullable=True, doc="the node chosen"
+    )
+    expected_hit_tokens: Mapped[int] = mapped_column(Integer, default=0, doc="the chosen node's")
+    affinity_worker_id: Mapped[int | None] = mapped_column(
+        ForeignKey("workers.id", ondelete="SET NULL"), nullable=True, doc="the longest expected hit's node"
+    )
+    affinity_hit_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    candidate_count: Mapped[int] = mapped_column(Integer, default=1)
+    candidates: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, doc="[{worker_id, load, expected_hit_tokens}], the chosen one first"
+    )
+    cached_tokens: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, doc="what the node reported, once the request ended"
+    )
 
 
 class ModelEvent(Base):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from control_plane.nodes.fake import FakeNode
 from tests.fast.harness import Harness, eventually, node
 
@@ -55,12 +57,22 @@ async def test_a_load_slower_than_the_cold_start_timeout_answers_503_and_carries
         assert (await h.chat(model="other")).status == 200
 
 
-async def test_get_worker_address_loads_a_cold_model_and_the_address_streams(tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["cache_aware", "shortest_queue"])
+async def test_get_worker_address_loads_a_cold_model_and_the_address_streams(
+    tmp_path: Path, policy: str
+) -> None:
     a = with_other(9000, load_delay_s=0.1)
-    async with Harness(tmp_path, [a]).running() as h:
+    async with Harness(tmp_path, [a], dispatch_policy=policy).running() as h:
         r = await h.client.post("/get_worker_address", {"model": "other"})
         address = r.json()["address"]
-        assert address.endswith(f"/workers/{h.worker(a).id}") and a.loads == ["other"]
+        assert a.loads == ["other"]
+        # cache_aware: the control plane itself (the node is chosen per stream, from its
+        # content); else the node chosen here, pinned
+        assert (
+            address == "http://testserver"
+            if policy == "cache_aware"
+            else address.endswith(f"/workers/{h.worker(a).id}")
+        )
         path = address.split("testserver", 1)[1] + "/worker_generate_stream"
         assert (await h.llava(path, model="other")).frames()[-1]["error_code"] == 0
 
