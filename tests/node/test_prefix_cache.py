@@ -363,3 +363,27 @@ def test_a_short_reused_prefix_before_a_new_image_runs_the_rest_in_several_steps
     n_system = len(processor.tokenizer(SYSTEM + " USER:").input_ids)
     assert 0 < sink.cached_tokens <= n_system
     assert x["input_ids"].shape[1] - sink.cached_tokens > 2 * cached.runner.cfg.mixed_rows  # 3 steps
+
+
+def test_a_short_reused_prefix_is_not_worth_a_prompt_that_runs_alone_on_captured_graphs(
+    tiny_checkpoint: Path, uncached, processor
+) -> None:
+    """Where whole prompts run from captured prefill graphs (a GPU), a prompt prefilled
+    alone that could reuse less than a mixed step's rows is prefilled whole instead."""
+    from types import SimpleNamespace
+
+    eng = make_engine(tiny_checkpoint, prefix_cache=True)
+    try:
+        # as on a GPU: captured prefills (unused here: the CPU has no fused kernels) and
+        # mixed steps of 256 rows (launched eagerly: the stand-in captures nothing)
+        eng.runner.prefill_graphs = object()
+        eng.runner.mixed_graphs = SimpleNamespace(rows=256, launch=lambda *a: None)
+        prompt = f"{SYSTEM} USER: <image>\nWhat do you see? ASSISTANT:"
+        first = encode(processor, prompt, [image(30)])
+        run(eng, first)
+        other = encode(processor, prompt, [image(31)])  # only the system prompt is shared
+        assert run(eng, other).cached_tokens == 0
+        again = run(eng, first)  # the whole prompt but its last page is cached
+        assert again.cached_tokens > 576 and again.ids == run(uncached, first).ids
+    finally:
+        eng.shutdown()
