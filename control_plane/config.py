@@ -141,6 +141,14 @@ class Settings(BaseSettings):
         description="cache_aware: a node whose load (this control plane's streams to it per unit of "
         "speed) exceeds the least loaded candidate's by more than this is passed over for its prefix",
     )
+    cache_aware_min_match: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="cache_aware: a node's expected hit counts only from this share of the request's "
+        "prompt on (a shared system prompt before a new image is not worth a queue); below it, the "
+        "least loaded node",
+    )
     cache_aware_block_chars: int = Field(
         64, ge=16, le=4096, description="cache_aware: characters of prompt text per block of the prefix index"
     )

@@ -77,6 +77,7 @@ async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
             settings.dispatch_policy,
             index=AffinityIndex(settings.cache_aware_index_blocks),
             load_threshold=settings.cache_aware_load_threshold,
+            min_match=settings.cache_aware_min_match,
             block_chars=settings.cache_aware_block_chars,
         ),
         nodes=nodes,

@@ -213,6 +213,10 @@ class AffinityIndex:
         scale = self._scale.get(prefix.model, 1.0)
         return {wid: round(tokens * scale) for wid, tokens in reached.items()}
 
+    def expected_total(self, prefix: Prefix) -> int:
+        """The estimated prompt tokens of the whole request, on the scale of :meth:`expected_hits`."""
+        return round(prefix.total * self._scale.get(prefix.model, 1.0))
+
     def record(self, prefix: Prefix, worker: WorkerInfo) -> None:
         """``prefix`` was sent to ``worker``: the node will hold its blocks."""
         pair = (worker.id, worker.cache_epoch)

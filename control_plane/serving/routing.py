@@ -9,7 +9,10 @@ cache (:mod:`control_plane.serving.affinity`): among the candidates whose load i
 ``load_threshold`` of the least loaded one's, the one with the longest expected hit (ties:
 the least loaded, then at random). A request whose best-affinity node is too loaded goes to
 the best within the threshold (reason ``load``); with no affinity anywhere it goes to the
-least loaded (``least_loaded``), as ``shortest_queue`` does.
+least loaded (``least_loaded``), as ``shortest_queue`` does. An expected hit counts only
+from ``min_match`` of the request's estimated prompt on (SGLang's router has the same
+rule): every conversation's first turn shares the system prompt, a tenth of its prompt,
+and would otherwise pile the new conversations onto one node.
 """
 
 from __future__ import annotations
@@ -103,11 +106,13 @@ class Router:
         index: AffinityIndex | None = None,
         load_threshold: float = 4.0,
         block_chars: int = 64,
+        min_match: float = 0.5,
     ) -> None:
         self.policy = policy
         self.rng = rng or random.Random()
         self.index = index if index is not None else AffinityIndex(100_000)
         self.load_threshold = load_threshold
+        self.min_match = min_match
         self.block_chars = block_chars
         self._rr = itertools.count()
 
@@ -121,6 +126,7 @@ class Router:
         return {
             "policy": self.policy.value,
             "load_threshold": self.load_threshold,
+            "min_match": self.min_match,
             "affinity": self.index.describe() if self.cache_aware else None,
         }
 
@@ -151,7 +157,8 @@ class Router:
             return None
         keyed = self._keyed(prefix)
         hits = self.index.expected_hits(keyed, pool) if keyed is not None else {}
-        worker, reason = self._pick(pool, hits)
+        floor = self.min_match * self.index.expected_total(keyed) if keyed is not None else 0.0
+        worker, reason = self._pick(pool, {k: v for k, v in hits.items() if v >= floor})
         if keyed is not None:
             self.index.record(keyed, worker)
         return Decision(worker, reason, self.policy.value, hits, _snapshot(worker, pool, hits), len(pool))

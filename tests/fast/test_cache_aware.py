@@ -171,6 +171,30 @@ async def test_a_loaded_affinity_node_is_left_for_the_least_loaded_and_recorded(
         assert loads == {wid: 2.0, h.worker(other).id: 0.0}
 
 
+async def test_a_shared_system_prompt_alone_does_not_pull_new_conversations_onto_its_node(
+    tmp_path: Path,
+) -> None:
+    """A new conversation shares only the system prompt (a tenth of its prompt) with the
+    ones a node served: below cache_aware_min_match of the prompt, that is no affinity, and
+    the request goes to the least loaded node, as shortest_queue would send it."""
+    a, b = node(9000), node(9010)
+    async with Harness(tmp_path, [a, b]).running() as h:
+        await turn(h, first_turn("What is in this picture?"), "")
+        home = a if a.streams else b
+        other = b if home is a else a
+        home.tokens, home.token_delay_s = ["x"] * 300, 0.01  # one long stream keeps it busy
+        wid = h.worker(home).id
+        busy = asyncio.create_task(h.llava(f"/workers/{wid}/worker_generate_stream"))
+        await eventually(lambda: h.worker(home).inflight == 1, what="a stream on the first node")
+        await turn(h, first_turn("Describe it.", image=b"another image " * 50), "")
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
+        assert len(other.streams) == 1
+        rows = [r for r in await decisions(h) if r["reason"] != "pinned"]
+        assert rows[-1]["reason"] == "least_loaded" and rows[-1]["worker_id"] == h.worker(other).id
+        assert rows[-1]["affinity_worker_id"] == wid and rows[-1]["affinity_hit_tokens"] > 0  # recorded
+
+
 @pytest.mark.parametrize("how", ["down", "model unloaded", "circuit opened"])
 async def test_a_node_out_of_routing_is_not_chosen_and_comes_back_without_affinity(
     tmp_path: Path, how: str
