@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install the project into it. Idempotent: a second run is quick.
-#   scripts/install.sh          runtime dependencies
+#   scripts/install.sh          runtime dependencies and the README examples' (openai)
 #   scripts/install.sh --dev    plus the test and lint tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-extras=""
-if [ "${1:-}" = "--dev" ]; then extras="[dev]"; fi
+# the README's client examples (the openai SDK) work in this venv; --dev adds the tests' tools
+extras="[examples]"
+if [ "${1:-}" = "--dev" ]; then extras="[dev,examples]"; fi
 "$PY" -m pip install -q -e ".${extras}"
 echo "installed into $VENV ($("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
