@@ -158,7 +158,12 @@ def free_port_block(host: str, start: int, size: int = 3, avoid: set[int] | None
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``port`` now. Probed with ``SO_REUSEADDR``, as
+    tritonserver's HTTP, gRPC and metrics servers bind: connections of a server stopped a
+    moment ago (TIME_WAIT) do not keep it from the port, so a restarted stack gets the
+    same ports again; a port something listens on is still taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
