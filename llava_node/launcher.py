@@ -202,6 +202,9 @@ class TritonNodeConfig:
     model_control: str = "none"  # "none" loads everything; "explicit" leaves it to the caller
     load_models: Sequence[str] = ()
     work_dir: Path | None = None
+    # where the server's log goes (kept after stop; None: the work directory, which a
+    # temporary one takes with it at stop)
+    log_dir: Path | None = None
     log_verbose: int = 0
     startup_timeout_s: float = 180.0
     env: Mapping[str, str] = field(default_factory=dict)
@@ -320,7 +323,9 @@ class TritonNode:
         self.http_port = self.http_port or free_port(cfg.host)
         self.grpc_port = self.grpc_port or free_port(cfg.host)
         self.metrics_port = self.metrics_port or free_port(cfg.host)
-        self.log_path = self.work_dir / f"tritonserver-{self.http_port}.log"
+        log_dir = Path(cfg.log_dir) if cfg.log_dir is not None else self.work_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"tritonserver-{self.http_port}.log"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(),

@@ -37,6 +37,7 @@ from llava_node.launcher import (
 __all__ = ["main", "run_stack"]
 
 CONTROL_PLANE_START_S = 120.0
+NODE_LOG_DIR = Path(__file__).resolve().parent.parent / "var" / "logs"  # beside var/data
 CONTROL_PLANE_STOP_S = 20.0
 
 
@@ -70,6 +71,8 @@ def _start_nodes(checkpoint: Path, count: int) -> list[TritonNode]:
             # The control plane decides what else each node loads, and when.
             model_control="explicit",
             load_models=["llava"],
+            # kept after Ctrl-C: the paths printed below stay readable
+            log_dir=NODE_LOG_DIR,
         )
         nodes.append(TritonNode(config))
     started = time.monotonic()
