@@ -233,8 +233,11 @@ def decode_image(data: bytes, index: int, limits: Limits, rule: ResizeRule | Non
         raise InvalidRequest(
             f"image {index} is too large ({exc}); the limit is {limits.max_image_pixels} pixels"
         ) from None
-    except UnidentifiedImageError as exc:
-        raise InvalidRequest(f"image {index} could not be decoded as an image: {exc}") from None
+    except UnidentifiedImageError:
+        # PIL's message names its in-memory file object ("<_io.BytesIO object at 0x...>")
+        raise InvalidRequest(
+            f"image {index} could not be decoded as an image: its bytes are not a PNG, JPEG or WebP file"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidRequest(f"image {index} is corrupt or truncated: {exc}") from None
 

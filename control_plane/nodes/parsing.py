@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 
 import aiohttp
 
@@ -21,6 +22,7 @@ __all__ = [
     "clamp_load",
     "clean_node_error",
     "describe_error",
+    "node_error_param",
     "node_message",
     "parse_index",
     "parse_load",
@@ -107,6 +109,36 @@ def node_message(text: str) -> tuple[str, bool]:
     if i >= 0:
         return text[i + len(CLIENT_ERROR_PREFIX) :], True
     return text, False
+
+
+# What a node's client-error message is about, from how it starts (the node names the
+# input first: "image 1 is ...", "temperature is 3.0; ...", "messages[2].role is ...").
+_ERROR_SUBJECTS = (
+    (re.compile(r"image (\d+) "), "images[{0}]"),
+    (re.compile(r"(?:the )?prompt "), "prompt"),
+    (re.compile(r"(?:a |give either )?prompt or messages"), "prompt"),
+    (re.compile(r"(messages\[\d+\](?:\.\w+)?)"), "{0}"),
+    (re.compile(r"(?:the chat template failed on these )?messages"), "messages"),
+    (re.compile(r"(max_tokens|temperature|top_p|seed) "), "{0}"),
+    (re.compile(r"(?:a stop string|\d+ stop strings|stop )"), "stop"),
+    (re.compile(r"the request needs \d+ KV-cache tokens"), "max_tokens"),
+)
+
+
+def node_error_param(message: str, api: str = "llava") -> str | None:
+    """The request field a node's client-error message is about, in the terms of ``api``
+    (``llava``: ``images[1]``, ``prompt``, ``max_new_tokens``, ...; ``openai``: images and
+    prompts are in ``messages``), or None when the message names none."""
+    for pattern, param in _ERROR_SUBJECTS:
+        m = pattern.match(message)
+        if m:
+            name = param.format(*m.groups())
+            break
+    else:
+        return None
+    if api == "openai":
+        return "messages" if name.startswith(("images", "prompt")) else name
+    return "max_new_tokens" if name == "max_tokens" else name
 
 
 async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:

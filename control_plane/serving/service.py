@@ -21,6 +21,7 @@ from control_plane.fleet.store import WorkerStore
 from control_plane.fleet.workers import WorkerInfo, WorkerState
 from control_plane.metrics import ControlPlaneMetrics
 from control_plane.nodes.client import GenerationInputs, NodeClient, NodeStreamError
+from control_plane.nodes.parsing import node_error_param
 from control_plane.serving.admission import Admission
 from control_plane.serving.affinity import Prefix
 from control_plane.serving.first_token import until_node_leaves
@@ -228,7 +229,7 @@ class GenerationService:
                     return
                 except NodeStreamError as exc:
                     if exc.client_error:
-                        raise BadRequest(exc.message) from None
+                        raise BadRequest(exc.message, param=node_error_param(exc.message, req.api)) from None
                     self.breaker.failure(worker, exc.message)
                     if exc.stalled:
                         self._cancel_on_node(worker, req)  # it may still be generating there

@@ -293,8 +293,8 @@ def bad_request(client: openai.OpenAI, **kwargs) -> openai.APIStatusError:
                 ]
             },
             400,
-            "image 0",
-            None,
+            "image 0 could not be decoded as an image: its bytes are not a PNG, JPEG or WebP file",
+            "messages",  # found by the node; images are parts of the messages
         ),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", "messages.0.role"),
         ({"model": "gpt-4o"}, 404, "no worker serves model 'gpt-4o'", "model"),

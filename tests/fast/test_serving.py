@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane.fleet.workers import WorkerState
+from control_plane.nodes.parsing import node_error_param
 from tests.fast.harness import Harness, eventually, node
 
 # -- retries and backoff -------------------------------------------------------------------------
@@ -83,7 +84,10 @@ async def test_a_request_the_node_rejects_is_the_clients_400_and_is_not_retried(
     async with Harness(tmp_path, [picky, other], breaker_threshold=1).running() as h:
         r = await h.chat()
         assert r.status == 400 and r.json()["error"]["message"] == "the prompt is empty"
-        assert len(picky.streams) + len(other.streams) == 1
+        assert r.json()["error"]["param"] == "messages"  # the node's "prompt", in OpenAI's terms
+        frames = (await h.llava()).frames()
+        assert frames[-1]["error_code"] != 0 and "the prompt is empty" in frames[-1]["text"]
+        assert len(picky.streams) + len(other.streams) == 2
         assert h.worker(picky).state is WorkerState.HEALTHY and h.worker(other).state is WorkerState.HEALTHY
 
 
@@ -258,3 +262,28 @@ async def test_waiters_are_served_first_come_first_served(tmp_path: Path) -> Non
             await asyncio.sleep(0.01)
         await asyncio.gather(*tasks)
         assert [s.request_id for s in busy.streams] == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_node_error_names_the_field_it_is_about_in_each_apis_terms() -> None:
+    cases = {
+        "image 1 could not be decoded as an image: its bytes are not a PNG, JPEG or WebP file": (
+            "images[1]",
+            "messages",
+        ),
+        "the prompt is empty": ("prompt", "messages"),
+        "messages[2].role is 'x'; expected system, user or assistant": (
+            "messages[2].role",
+            "messages[2].role",
+        ),
+        "temperature is 3.0; it must be between 0 and 2.0": ("temperature", "temperature"),
+        "17 stop strings given; at most 16 are accepted": ("stop", "stop"),
+        "the request needs 5000 KV-cache tokens (prompt plus max_tokens); this node holds 4096": (
+            "max_new_tokens",
+            "max_tokens",
+        ),
+        "input_ids holds the token id 99999; ids must be in [0, 32000)": (None, None),
+    }
+    for message, (llava, openai) in cases.items():
+        assert (node_error_param(message, "llava"), node_error_param(message, "openai")) == (llava, openai), (
+            message
+        )
