@@ -26,9 +26,12 @@ Limits (model-config parameters of ``llava_preprocess``; empty or 0 = the defaul
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import random
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +207,33 @@ class PreparedRequest:
     stop: list[str] = field(default_factory=list)
 
 
+# How an encoded image starts: PNG, JPEG, WebP (RIFF....WEBP), and GIF/BMP/TIFF, which are
+# refused by format once opened
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"RIFF", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+_BASE64 = re.compile(rb"[A-Za-z0-9+/=\s]+")
+_DATA_URL = re.compile(rb"data:[\w/+.-]*;base64,")
+
+
+def _unwrap_base64(data: bytes, index: int, limits: Limits) -> bytes:
+    """``data`` itself, or the image it encodes in base64 (optionally a ``data:`` URL): a
+    JSON client, such as Triton's HTTP ``generate`` extension, can only send text, so an
+    image arrives there as its base64 string. The decoded size is bounded before decoding."""
+    if data.startswith(_IMAGE_MAGIC):
+        return data
+    text = data[_DATA_URL.match(data).end() :] if _DATA_URL.match(data) else data
+    if not _BASE64.fullmatch(text):
+        return data  # neither an image nor base64: the decoder below says what is wrong
+    if len(text) // 4 * 3 > limits.max_image_bytes:
+        raise InvalidRequest(
+            f"image {index} is about {len(text) // 4 * 3} bytes (base64); the limit is {limits.max_image_bytes}"
+        )
+    try:
+        decoded = base64.b64decode(text, validate=False)
+    except binascii.Error:
+        return data  # not base64 after all: the decoder below says it is no image
+    return decoded if decoded.startswith(_IMAGE_MAGIC) else data
+
+
 def decode_image(data: bytes, index: int, limits: Limits, rule: ResizeRule | None = None) -> Any:
     """Decode one encoded image into an RGB ``PIL.Image``, refusing bombs and non-images.
 
@@ -215,6 +245,7 @@ def decode_image(data: bytes, index: int, limits: Limits, rule: ResizeRule | Non
 
     if len(data) == 0:
         raise InvalidRequest(f"image {index} is empty")
+    data = _unwrap_base64(data, index, limits)
     if len(data) > limits.max_image_bytes:
         raise InvalidRequest(f"image {index} is {len(data)} bytes; the limit is {limits.max_image_bytes}")
     try:

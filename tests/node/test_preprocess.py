@@ -300,3 +300,22 @@ def test_no_prompt_that_fits_the_context_is_refused_for_its_size(pre: Preprocess
     out = pre.prepare(RawRequest(prompt=piece * fits, max_tokens=10))
     assert len(out.input_ids) <= fits + 1
     assert len((piece * fits).encode()) > pre.max_prompt_bytes * 0.8  # close to the limit
+
+
+def test_an_image_sent_as_base64_text_is_decoded() -> None:
+    """Over Triton's HTTP generate extension a JSON string is all a client can send: an
+    image arrives as its base64 text (or a data URL), and is decoded like its bytes."""
+    import base64
+
+    from llava_node.preprocess import decode_image
+    from tests.media import image_bytes
+
+    raw = image_bytes(size=(40, 30))
+    limits = Limits()
+    for data in (raw, base64.b64encode(raw), b"data:image/png;base64," + base64.b64encode(raw)):
+        assert decode_image(data, 0, limits).size == (40, 30)
+    with pytest.raises(InvalidRequest, match="image 0 could not be decoded"):
+        decode_image(base64.b64encode(b"plain text, not an image"), 0, limits)
+    small = Limits(max_image_bytes=100)
+    with pytest.raises(InvalidRequest, match=r"image 0 is about \d+ bytes \(base64\); the limit is 100"):
+        decode_image(base64.b64encode(raw), 0, small)

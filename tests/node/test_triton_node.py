@@ -67,6 +67,33 @@ def test_http_generate_stream_yields_sse_events(node: TritonNode) -> None:
     assert all(e["finish_reason"] == "" for e in events[:-1])
 
 
+def test_http_generate_stream_takes_an_image_as_base64(node: TritonNode) -> None:
+    """Over HTTP's generate extension an image can only be a JSON string: its base64 text
+    is decoded by the node, and the answer is the one gRPC gets for the image's bytes.
+    (A one-element output comes as a bare value there: ``token_ids`` is a number in a
+    response that carries one token, a list otherwise.)"""
+    import base64
+
+    img = image_bytes(color=(20, 90, 160), size=(90, 70))
+    b64 = base64.b64encode(img).decode()
+    expected = generate(node, prompt=PROMPT, images=[img], max_tokens=10, temperature=0.0).token_ids
+    for images in (b64, [b64], f"data:image/png;base64,{b64}"):
+        body = json.dumps({"prompt": PROMPT, "images": images, "max_tokens": 10, "temperature": 0.0})
+        req = urllib.request.Request(
+            f"{node.http_url}/v2/models/llava/generate_stream",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            raw = resp.read().decode()
+        events = [json.loads(line[len("data: ") :]) for line in raw.splitlines() if line.startswith("data: ")]
+        assert events and events[-1]["finish_reason"] == "length", events[-1:]
+        ids: list[int] = []
+        for e in events:
+            ids += e["token_ids"] if isinstance(e["token_ids"], list) else [e["token_ids"]]
+        assert ids == expected, images if isinstance(images, list) else images[:30]
+
+
 def test_greedy_output_equals_transformers_generate(node: TritonNode, tiny_checkpoint: Path) -> None:
     from transformers import AutoProcessor
 
