@@ -37,7 +37,7 @@ from control_plane.serving.affinity import AffinityIndex
 from control_plane.serving.routing import Router
 from control_plane.serving.service import GenerationService
 from control_plane.storage.db import Database
-from control_plane.storage.history import fail_abandoned_requests
+from control_plane.storage.history import take_abandoned_requests
 from control_plane.storage.retention import RetentionLoop
 from control_plane.storage.sql import SqlExecutor
 from control_plane.storage.writer import BatchWriter
@@ -52,9 +52,6 @@ async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
     """Every part, leaves first."""
     db = Database(settings.sqlalchemy_url)
     await asyncio.to_thread(db.create_schema)
-    abandoned = await asyncio.to_thread(fail_abandoned_requests, db, settings.replica_name)
-    if abandoned:
-        log.warning("marked %d requests left running by a previous run as failed", abandoned)
     metrics = ControlPlaneMetrics()
     writer = BatchWriter(
         db,
@@ -124,6 +121,18 @@ async def _start(cp: ControlPlane) -> None:
         except ServiceError as exc:  # a contradiction in the operator's own settings
             raise RuntimeError(f"static worker {url}: {exc.message}") from None
     await cp.poller.poll_all()
+    # Requests a previous run left running may still be generating, for nobody: their
+    # rows are failed and their nodes told to stop (in the background, retried a while)
+    orphans = await asyncio.to_thread(take_abandoned_requests, cp.db, cp.settings.replica_name)
+    if orphans:
+        log.warning(
+            "%d requests left running by a previous run: failed, and cancelled on their nodes", len(orphans)
+        )
+        for o in orphans:
+            for wid in o.worker_ids:
+                worker = cp.store.get(wid)
+                if worker is not None:
+                    cp.service.cancel_on_node(worker, o.model, o.request_id)
     cp.poller.start()
     if cp.discovery is not None:
         cp.discovery.start()

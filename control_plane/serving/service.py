@@ -232,7 +232,7 @@ class GenerationService:
                         raise BadRequest(exc.message, param=node_error_param(exc.message, req.api)) from None
                     self.breaker.failure(worker, exc.message)
                     if exc.stalled:
-                        self._cancel_on_node(worker, req)  # it may still be generating there
+                        self.cancel_on_node(worker, req.model, req.request_id)  # it may still be generating
                     # Before the first token nothing reached the client, so a node that
                     # failed (unreachable, or an error of its own: a stub that died as its
                     # server was killed answers "Stub process ... is not healthy") is
@@ -254,7 +254,7 @@ class GenerationService:
         except (GeneratorExit, asyncio.CancelledError):
             status, error = "cancelled", "the client went away"
             if worker is not None:
-                self._cancel_on_node(worker, req)
+                self.cancel_on_node(worker, req.model, req.request_id)
             raise
         except Exception as exc:
             error = getattr(exc, "message", None) or str(exc)
@@ -269,20 +269,20 @@ class GenerationService:
             self.metrics.affinity_blocks.set(len(self.router.index))
             self.records.ended(rec, req.api, status, error)
 
-    def _cancel_on_node(self, worker: WorkerInfo, req: GenerateRequest) -> None:
-        """Tell the node to stop generating ``req`` (in the background; a node that is
-        stopped or restarting is asked again for a while)."""
+    def cancel_on_node(self, worker: WorkerInfo, model: str, request_id: str) -> None:
+        """Tell the node to stop generating ``request_id`` of ``model`` (in the background; a
+        node that is stopped or restarting is asked again for a while)."""
 
         async def cancel() -> None:
             deadline = time.monotonic() + self.settings.cancel_retry_s
             while True:
                 try:
-                    n = await self.nodes.cancel(worker.grpc_url, req.model, req.request_id)
-                    log.info("cancelled %s on %s (%d running)", req.request_id, worker.name, n)
+                    n = await self.nodes.cancel(worker.grpc_url, model, request_id)
+                    log.info("cancelled %s on %s (%d running)", request_id, worker.name, n)
                     return
                 except Exception as exc:
                     if time.monotonic() >= deadline:
-                        log.warning("could not cancel %s on %s: %s", req.request_id, worker.name, exc)
+                        log.warning("could not cancel %s on %s: %s", request_id, worker.name, exc)
                         return
                 await asyncio.sleep(1.0)
 

@@ -3,28 +3,62 @@ admin API shows of one worker, and the requests a replica left running when it d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
 
 from control_plane.storage.db import Database
-from control_plane.storage.schema import Heartbeat, RequestRecord, WorkerEvent, utcnow
+from control_plane.storage.schema import Heartbeat, RequestRecord, RoutingDecision, WorkerEvent, utcnow
 
-__all__ = ["fail_abandoned_requests", "worker_history"]
+__all__ = ["MAX_ORPHANS", "Orphan", "take_abandoned_requests", "worker_history"]
+
+# Requests left running whose nodes are told to stop, at most (the newest): a replica
+# runs no more at once than its admission limits let in.
+MAX_ORPHANS = 10_000
 
 
-def fail_abandoned_requests(db: Database, replica: str) -> int:
-    """Requests this replica left 'running' when it died are failed, not left forever
-    (blocking: call from a thread). Returns how many."""
+@dataclass(frozen=True)
+class Orphan:
+    """A request a previous run of this replica left running: where it may still run."""
+
+    request_id: str  # the id it was sent to Triton with
+    model: str
+    worker_ids: tuple[int, ...]  # every node an attempt of it was sent to
+
+
+def take_abandoned_requests(db: Database, replica: str) -> list[Orphan]:
+    """The requests this replica left 'running' when it stopped (it died, or was killed),
+    marked failed rather than left running forever; returned, so that their nodes can be
+    told to stop generating for nobody (blocking: call from a thread)."""
     with db.session() as s:
-        result = s.execute(
+        rows = s.execute(
+            select(RequestRecord.id, RequestRecord.request_id, RequestRecord.model)
+            .where(RequestRecord.status == "running", RequestRecord.replica == replica)
+            .order_by(RequestRecord.started_at.desc())
+            .limit(MAX_ORPHANS)
+        ).all()
+        # a running request's node is in its routing decisions (its row gets it at the end)
+        sent: dict[str, set[int]] = {}
+        ids = [r.id for r in rows]
+        for chunk in range(0, len(ids), 500):
+            for rid, wid in s.execute(
+                select(RoutingDecision.request_id, RoutingDecision.worker_id).where(
+                    RoutingDecision.request_id.in_(ids[chunk : chunk + 500])
+                )
+            ):
+                if wid is not None:
+                    sent.setdefault(rid, set()).add(wid)
+        s.execute(
             update(RequestRecord)
             .where(RequestRecord.status == "running", RequestRecord.replica == replica)
             .values(
-                status="error", error="the control plane stopped before the request ended", ended_at=utcnow()
+                status="error",
+                error="the control plane stopped before the request ended (cancelled on its node at restart)",
+                ended_at=utcnow(),
             )
         )
-        return int(getattr(result, "rowcount", 0) or 0)
+        return [Orphan(r.request_id, r.model, tuple(sorted(sent.get(r.id, ())))) for r in rows]
 
 
 def worker_history(db: Database, worker_id: int, events: int = 20, heartbeats: int = 10) -> dict[str, Any]:

@@ -287,3 +287,31 @@ def test_a_node_error_names_the_field_it_is_about_in_each_apis_terms() -> None:
         assert (node_error_param(message, "llava"), node_error_param(message, "openai")) == (llava, openai), (
             message
         )
+
+
+async def test_a_restarted_control_plane_cancels_what_its_last_run_left_running(tmp_path: Path) -> None:
+    """A control plane that died left rows 'running' whose requests its nodes may still be
+    generating for nobody: the next start fails those rows and cancels them on their nodes."""
+    import sqlite3
+
+    a, b = node(9000), node(9010)
+    first = Harness(tmp_path, [a, b])
+    async with first.running() as h:
+        for _ in range(3):
+            assert (await h.chat()).status == 200
+        rows = await h.rows("SELECT id, request_id, worker_id FROM requests ORDER BY started_at")
+        by_id = {h.worker(n).id: n for n in (a, b)}
+    # as if it had been killed while the first two ran (a clean stop ends every row)
+    with sqlite3.connect(tmp_path / "control_plane.db") as db:
+        db.executemany(
+            "UPDATE requests SET status = 'running', ended_at = NULL WHERE id = ?",
+            [(r["id"],) for r in rows[:2]],
+        )
+    async with Harness(tmp_path, [a, b], fakes=first.nodes).running() as h:
+        await eventually(lambda: len(a.cancels) + len(b.cancels) == 2, what="the orphans cancelled")
+        for r in rows[:2]:
+            assert r["request_id"] in by_id[r["worker_id"]].cancels
+        after = {r["id"]: r for r in await h.rows("SELECT id, status, error FROM requests")}
+        assert all(after[r["id"]]["status"] == "error" for r in rows[:2])
+        assert "cancelled on its node at restart" in after[rows[0]["id"]]["error"]
+        assert after[rows[2]["id"]]["status"] == "ok"
