@@ -70,7 +70,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -335,7 +335,6 @@ class Client:
         import orjson
 
         s = Sample(start=perf_counter())
-        buf = b""
         headers = {"Content-Type": "application/json"}
         try:
             async with self.session.post(
@@ -344,27 +343,29 @@ class Client:
                 if r.status != 200:
                     s.error = f"HTTP {r.status}: {(await r.text())[:200]}"
                 else:
-                    async for data in r.content.iter_any():
-                        buf += data
-                        *events, buf = buf.split(b"\n\n")
-                        for ev in events:
-                            if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
-                                continue
-                            obj = orjson.loads(ev[6:])
-                            if "error" in obj:
-                                s.error = str(obj["error"].get("message"))[:200]
-                            elif obj.get("usage"):
-                                s.tokens = int(obj["usage"]["completion_tokens"])
-                            elif (
-                                s.first is None
-                                and obj["choices"]
-                                and obj["choices"][0]["delta"].get("content")
-                            ):
-                                s.first = perf_counter()
+                    async for payload in sse_events(r.content):
+                        obj = orjson.loads(payload)
+                        if "error" in obj:
+                            s.error = str(obj["error"].get("message"))[:200]
+                        elif obj.get("usage"):
+                            s.tokens = int(obj["usage"]["completion_tokens"])
+                        elif s.first is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                            s.first = perf_counter()
         except Exception as exc:
             s.error = f"{type(exc).__name__}: {exc}"
         s.end = perf_counter()
         return s
+
+
+async def sse_events(content: Any) -> AsyncIterator[bytes]:
+    """The data of each server-sent event in an aiohttp response body (``[DONE]`` left out)."""
+    buf = b""
+    async for data in content.iter_any():
+        buf += data
+        *events, buf = buf.split(b"\n\n")
+        for ev in events:
+            if ev.startswith(b"data: ") and ev != b"data: [DONE]":
+                yield ev[6:]
 
 
 # -- closed-loop runs ----------------------------------------------------------------------

@@ -643,7 +643,6 @@ async def openai_turn(
     ).encode()
     headers = {"Content-Type": "application/json", "X-Request-Id": rec.request_id}
     parts: list[str] = []
-    buf = b""
     rec.start = time.perf_counter()
     try:
         async with session.post(
@@ -655,27 +654,22 @@ async def openai_turn(
             if r.status != 200:
                 rec.error = f"HTTP {r.status}: {(await r.text())[:300]}"
             else:
-                async for data in r.content.iter_any():
-                    buf += data
-                    *events, buf = buf.split(b"\n\n")
-                    for ev in events:
-                        if not ev.startswith(b"data: ") or ev == b"data: [DONE]":
-                            continue
-                        obj = json.loads(ev[6:])
-                        if "error" in obj:
-                            rec.error = str(obj["error"].get("message"))[:300]
-                        elif obj.get("usage"):
-                            usage = obj["usage"]
-                            rec.prompt_tokens = int(usage.get("prompt_tokens", 0))
-                            rec.completion_tokens = int(usage.get("completion_tokens", 0))
-                            details = usage.get("prompt_tokens_details") or {}
-                            if details.get("cached_tokens") is not None:
-                                rec.cached_tokens = int(details["cached_tokens"])
-                        elif obj.get("choices"):
-                            text = obj["choices"][0].get("delta", {}).get("content")
-                            if text:
-                                rec.first = rec.first or time.perf_counter()
-                                parts.append(text)
+                async for payload in bcp.sse_events(r.content):
+                    obj = json.loads(payload)
+                    if "error" in obj:
+                        rec.error = str(obj["error"].get("message"))[:300]
+                    elif obj.get("usage"):
+                        usage = obj["usage"]
+                        rec.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                        rec.completion_tokens = int(usage.get("completion_tokens", 0))
+                        details = usage.get("prompt_tokens_details") or {}
+                        if details.get("cached_tokens") is not None:
+                            rec.cached_tokens = int(details["cached_tokens"])
+                    elif obj.get("choices"):
+                        text = obj["choices"][0].get("delta", {}).get("content")
+                        if text:
+                            rec.first = rec.first or time.perf_counter()
+                            parts.append(text)
     except TimeoutError:
         rec.error = f"not done in {timeout_s:g} s"
     except Exception as exc:

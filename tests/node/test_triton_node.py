@@ -51,16 +51,20 @@ def test_grpc_stream_yields_pieces_then_a_final_response(node: TritonNode) -> No
     assert sum(len(c.token_ids) for c in chunks) == 16
 
 
-def test_http_generate_stream_yields_sse_events(node: TritonNode) -> None:
-    body = json.dumps({"prompt": "USER: hello there ASSISTANT:", "max_tokens": 12, "temperature": 0.0})
+def http_events(node: TritonNode, **body: object) -> list[dict[str, object]]:
+    """The events of a ``generate_stream`` call to ``llava`` over HTTP (server-sent events)."""
     req = urllib.request.Request(
         f"{node.http_url}/v2/models/llava/generate_stream",
-        data=body.encode(),
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=60) as resp:
         raw = resp.read().decode()
-    events = [json.loads(line[len("data: ") :]) for line in raw.splitlines() if line.startswith("data: ")]
+    return [json.loads(line[len("data: ") :]) for line in raw.splitlines() if line.startswith("data: ")]
+
+
+def test_http_generate_stream_yields_sse_events(node: TritonNode) -> None:
+    events = http_events(node, prompt="USER: hello there ASSISTANT:", max_tokens=12, temperature=0.0)
     assert len(events) >= 2
     assert events[-1]["finish_reason"] == "length"
     assert events[-1]["completion_tokens"] == 12
@@ -78,17 +82,9 @@ def test_http_generate_stream_takes_an_image_as_base64(node: TritonNode) -> None
     b64 = base64.b64encode(img).decode()
     expected = generate(node, prompt=PROMPT, images=[img], max_tokens=10, temperature=0.0).token_ids
     for images in (b64, [b64], f"data:image/png;base64,{b64}"):
-        body = json.dumps({"prompt": PROMPT, "images": images, "max_tokens": 10, "temperature": 0.0})
-        req = urllib.request.Request(
-            f"{node.http_url}/v2/models/llava/generate_stream",
-            data=body.encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            raw = resp.read().decode()
-        events = [json.loads(line[len("data: ") :]) for line in raw.splitlines() if line.startswith("data: ")]
+        events = http_events(node, prompt=PROMPT, images=images, max_tokens=10, temperature=0.0)
         assert events and events[-1]["finish_reason"] == "length", events[-1:]
-        ids: list[int] = []
+        ids: list[object] = []
         for e in events:
             ids += e["token_ids"] if isinstance(e["token_ids"], list) else [e["token_ids"]]
         assert ids == expected, images if isinstance(images, list) else images[:30]
