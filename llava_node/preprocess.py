@@ -220,7 +220,8 @@ def _unwrap_base64(data: bytes, index: int, limits: Limits) -> bytes:
     image arrives there as its base64 string. The decoded size is bounded before decoding."""
     if data.startswith(_IMAGE_MAGIC):
         return data
-    text = data[_DATA_URL.match(data).end() :] if _DATA_URL.match(data) else data
+    url = _DATA_URL.match(data)
+    text = data[url.end() :] if url else data
     if not _BASE64.fullmatch(text):
         return data  # neither an image nor base64: the decoder below says what is wrong
     if len(text) // 4 * 3 > limits.max_image_bytes:
