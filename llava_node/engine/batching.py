@@ -345,12 +345,17 @@ class BatchingEngine(Engine):
                 req = self._waiting[0]
                 pages: list[int] | None = None
                 cached = 0
+                chunked = self._chunks_now()
                 if not self._is_cancelled(req):
                     n = int(req.input_ids.shape[0])
                     # At least the prompt's last token is computed (its logits give the
                     # first token), so a reused prefix ends before the last page.
                     reused = self.pages.match(req.page_keys[: (n - 1) // cache.page_size])
-                    if reused and self._whole_prefill_is_faster(len(reused) * cache.page_size):
+                    if (
+                        reused
+                        and not chunked
+                        and self._whole_prefill_is_faster(len(reused) * cache.page_size)
+                    ):
                         self.pages.release(reused)
                         reused = []
                     fresh = self.pages.allocate(cache.pages_for(n + req.max_tokens) - len(reused))
@@ -366,7 +371,7 @@ class BatchingEngine(Engine):
                 log.info("request %s cancelled before it started", req.request_id)
                 self._end_unstarted(req)
                 continue
-            self._start(req, slot, pages, cached)
+            self._start(req, slot, pages, cached, chunked)
 
     def _chunks_now(self) -> bool:
         """Whether a prompt starting now goes in chunks carried by the decode steps: when
@@ -377,16 +382,17 @@ class BatchingEngine(Engine):
         return backlog < MAX_CHUNK_BACKLOG_STEPS * self.prefill_chunk
 
     def _whole_prefill_is_faster(self, cached: int) -> bool:
-        """Whether a prompt that could reuse ``cached`` tokens is better prefilled whole.
+        """Whether a prompt prefilled alone (not in chunks) that could reuse ``cached``
+        tokens is better prefilled whole.
 
-        A prompt prefilled alone (nothing to chunk it with) runs from a captured prefill
+        A prompt prefilled alone runs from a captured prefill
         graph whose attention sees only its own rows; the rows after a reused prefix run
         instead in prompt steps of at most a mixed step's rows, each padded and ~1.3x the
         device time per row (H200: a 605-row rest after a 64-token system prompt took
         35 ms to the first token, the whole 669-token prompt 29 ms). Below one mixed
         step's worth of reused rows, the reuse costs more than it saves."""
         graphs = self.runner.mixed_graphs
-        if self.runner.prefill_graphs is None or graphs is None or self._chunks_now():
+        if self.runner.prefill_graphs is None or graphs is None:
             return False
         return cached < graphs.rows
 
@@ -398,7 +404,10 @@ class BatchingEngine(Engine):
             log.info("request %s: the cancelled response was not delivered (%s)", req.request_id, exc)
             safe_fail(req, f"sending the final response failed: {exc}")
 
-    def _start(self, req: GenerationRequest, slot: int, pages: list[int], cached: int = 0) -> None:
+    def _start(self, req: GenerationRequest, slot: int, pages: list[int], cached: int, chunked: bool) -> None:
+        """Start ``req`` in ``slot`` on ``pages`` (the first ``cached`` tokens' reused):
+        its prompt whole now, or, ``chunked``, its embeddings now and its rows in the
+        next steps."""
         n = int(req.input_ids.shape[0])
         try:
             text = SequenceText(self.tokenizer, req.stop, self.eos_token_ids, req.max_tokens)
@@ -415,7 +424,6 @@ class BatchingEngine(Engine):
             request=req, slot=slot, pages=pages, text=text, prompt_tokens=n, prefilled=cached, cached=cached
         )
         self.pages.count_prompt(n, cached)
-        chunked = self._chunks_now()
         self._running[slot] = run
         with self.stats.lock:
             self.stats.requests_started += 1

@@ -301,22 +301,14 @@ async def test_cached_tokens_in_the_llava_frames_the_openai_stream_and_the_metri
         # the same image as a data URL: the same bytes, the same prefix
         r = await h.llava(**{**params, "images": [image_url()]})
         assert r.frames()[-1]["usage"]["cached_tokens"] == 592
-        events = (
-            await h.chat(
-                messages=first_turn("What is in this picture?"),
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        ).events()
-        assert events[-2]["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-        events = (
-            await h.chat(
-                messages=first_turn("What is in this picture?"),
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        ).events()
-        assert events[-2]["usage"]["prompt_tokens_details"]["cached_tokens"] > 64
+
+        async def streamed_usage() -> dict[str, Any]:
+            messages = first_turn("What is in this picture?")
+            r = await h.chat(messages=messages, stream=True, stream_options={"include_usage": True})
+            return dict(r.events()[-2]["usage"])
+
+        assert (await streamed_usage())["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert (await streamed_usage())["prompt_tokens_details"]["cached_tokens"] > 64
         metrics = (await h.client.get("/metrics")).body.decode()
         assert 'cp_routing_decisions_total{policy="cache_aware",reason="only_choice"} 5.0' in metrics
         assert f'cp_cached_prompt_tokens_total{{api="llava"}} {2 * 592.0}' in metrics
