@@ -165,6 +165,20 @@ class Settings(BaseSettings):
     max_new_tokens_cap: int = 1024  # LLaVA caps max_new_tokens at 1024
     max_attempts: int = 3  # nodes tried for a request that fails before its first token
     retry_backoff_s: float = 0.05
+    max_migrations: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="Times a stream whose node fails after streaming began is continued on another node "
+        "(the tokens sent so far go with it; 0: such a stream ends with an error)",
+    )
+    frozen_stream_s: float = Field(
+        1.0,
+        gt=0,
+        le=600,
+        description="A stream whose node the poller took out of routing is continued elsewhere once it "
+        "got no token for this long (the stall timeout stays the last resort for a node that looks healthy)",
+    )
     max_inflight_per_worker: int = 128
     max_waiting: int = 512
     queue_timeout_s: float = 30.0

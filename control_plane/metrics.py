@@ -21,6 +21,19 @@ class ControlPlaneMetrics:
         self.retries = Counter(
             "cp_retries", "Requests retried on another node before streaming", registry=self.registry
         )
+        self.migrations = Counter(
+            "cp_migrations",
+            "Streams continued on another node after their node failed mid-stream, by outcome "
+            "(resumed, failed: that node failed too, no_node: none could take it)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.migration_pause = Histogram(
+            "cp_migration_pause_seconds",
+            "A migrated stream's pause: from its last token before the break to the first after it",
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "cp_time_to_first_token_seconds",
             "Time to first token through the control plane",

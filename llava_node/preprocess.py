@@ -192,6 +192,7 @@ class RawRequest:
     top_p: float | None = None
     stop: Sequence[str] = ()
     seed: int | None = None
+    prior_token_ids: Sequence[int] = ()  # a continuation (llava_wire.protocol)
 
 
 @dataclass
@@ -205,6 +206,7 @@ class PreparedRequest:
     top_p: float
     seed: int
     stop: list[str] = field(default_factory=list)
+    prior_tokens: int = 0  # the last ones of input_ids were generated before (a continuation)
 
 
 # How an encoded image starts: PNG, JPEG, WebP (RIFF....WEBP), and GIF/BMP/TIFF, which are
@@ -426,6 +428,9 @@ class Preprocessor:
             )
         # Generation stops at the end of the context ("length"), as LLaVA caps it.
         max_tokens = min(max_tokens, self.context_length - n)
+        prior = self._prior_tokens(raw.prior_token_ids, max_tokens)
+        if prior.size:
+            input_ids = np.concatenate([input_ids, prior])
         return PreparedRequest(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -434,7 +439,23 @@ class Preprocessor:
             top_p=top_p,
             seed=seed,
             stop=stop,
+            prior_tokens=int(prior.size),
         )
+
+    def _prior_tokens(self, ids: Sequence[int], max_tokens: int) -> NDArray[Any]:
+        """A continuation's prior token ids, checked: fewer than ``max_tokens`` (the
+        budget they count toward), no image token (the engine checks the ids against the
+        model's vocabulary, and whether they already end the generation)."""
+        if len(ids) >= max_tokens:
+            raise InvalidRequest(
+                f"prior_token_ids holds {len(ids)} tokens; a continuation needs fewer than "
+                f"max_tokens ({max_tokens}, after capping at the context)"
+            )
+        prior = np.asarray(list(ids), dtype=np.int64)
+        image_token = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if prior.size and bool((prior == image_token).any()):
+            raise InvalidRequest("prior_token_ids holds the image token; a continuation cannot")
+        return prior
 
     def _crop_size(self) -> tuple[int, int]:
         ip = self.processor.image_processor

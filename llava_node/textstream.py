@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from llava_wire.protocol import FinishReason
+from llava_wire.protocol import FinishReason, InvalidRequest
 
 __all__ = ["IncrementalDetokenizer", "SequenceText", "StopMatcher"]
 
@@ -129,6 +129,18 @@ class SequenceText:
             self.finish_reason = FinishReason.STOP if stopped else FinishReason.LENGTH
             return text + tail
         return text
+
+    def resume(self, prior_ids: Sequence[int]) -> None:
+        """Take a continuation's prior tokens as if generated here, their text discarded:
+        it was sent by the stream they came from. The state after them (what decoding
+        and the stop strings hold back) is the one that stream had, so the text from here
+        on is what it would have sent next. Raises :class:`InvalidRequest` when they
+        already end the sequence."""
+        for i, token_id in enumerate(prior_ids):
+            self.add(token_id)
+            if self.finish_reason is not None:
+                why = "an end-of-sequence token" if token_id in self.eos else "a stop string"
+                raise InvalidRequest(f"prior_token_ids end the generation already ({why} at prior token {i})")
 
     def cancel(self) -> None:
         """Mark the sequence cancelled (held-back text is dropped)."""

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from llava_wire.protocol import InvalidRequest, check_text
 
-__all__ = ["bytes_list", "param", "scalar", "text", "text_list"]
+__all__ = ["bytes_list", "int_list", "param", "scalar", "text", "text_list"]
 
 
 def param(model_config: dict[str, Any], key: str, env: str | None = None, default: str = "") -> str:
@@ -75,3 +75,16 @@ def bytes_list(pb: Any, request: Any, name: str) -> list[bytes]:
     if arr is None:
         return []
     return [v if isinstance(v, bytes) else str(v).encode() for v in arr.reshape(-1)]
+
+
+def int_list(pb: Any, request: Any, name: str, limit: int) -> list[int]:
+    """An optional integer input as a list (empty when absent); more than ``limit``
+    values, or values that are not integers, are a client error."""
+    arr = _array(pb, request, name)
+    if arr is None:
+        return []
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidRequest(f"input {name} must hold integers, not {arr.dtype}")
+    if arr.size > limit:
+        raise InvalidRequest(f"input {name} holds {arr.size} values; at most {limit} are accepted")
+    return [int(v) for v in arr.reshape(-1)]

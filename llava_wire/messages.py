@@ -76,9 +76,11 @@ def build_inputs(
     top_p: float | None = None,
     stop: Sequence[str] = (),
     seed: int | None = None,
+    prior_token_ids: Sequence[int] = (),
 ) -> list[Any]:
     """``InferInput`` objects for ``llava``; ``module`` is ``tritonclient.grpc`` (or
-    ``.grpc.aio`` or ``.http``). Inputs left as None are not sent (server defaults)."""
+    ``.grpc.aio`` or ``.http``). Inputs left as None are not sent (server defaults);
+    ``prior_token_ids`` makes the request a continuation (see :mod:`llava_wire.protocol`)."""
 
     def add(name: str, dtype: str, arr: NDArray[Any]) -> None:
         inp = module.InferInput(name, list(arr.shape), dtype)
@@ -103,6 +105,8 @@ def build_inputs(
         add("stop", "BYTES", np.array([s.encode("utf-8") for s in stop], dtype=np.object_))
     if seed is not None:
         add("seed", "INT64", np.array([seed], dtype=np.int64))
+    if prior_token_ids:
+        add("prior_token_ids", "INT64", np.array(list(prior_token_ids), dtype=np.int64))
     return inputs
 
 

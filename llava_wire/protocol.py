@@ -7,18 +7,31 @@ documents them for tritonclient users.
 
 Inputs of ``llava`` (all optional except that one of ``prompt`` / ``messages`` is needed):
 
-================ ======= ====== ==========================================================
-name             dtype   shape  meaning
-================ ======= ====== ==========================================================
-``prompt``       BYTES   [1]    prompt text, already templated, one ``<image>`` per image
-``messages``     BYTES   [1]    JSON chat messages; the checkpoint's chat template applies
-``images``       BYTES   [n]    encoded images (PNG, JPEG, WebP), in placeholder order
-``max_tokens``   INT32   [1]    most new tokens (default 256)
-``temperature``  FP32    [1]    0 (or <= 0.001) is greedy; default 1.0; at most 2
-``top_p``        FP32    [1]    nucleus sampling mass in (0, 1]; default 1.0
-``stop``         BYTES   [k]    stop strings; generation ends where one appears
-``seed``         INT64   [1]    sampling seed, for reproducible sampled output
-================ ======= ====== ==========================================================
+==================== ======= ====== ======================================================
+name                 dtype   shape  meaning
+==================== ======= ====== ======================================================
+``prompt``           BYTES   [1]    prompt text, already templated, one ``<image>`` per image
+``messages``         BYTES   [1]    JSON chat messages; the checkpoint's chat template applies
+``images``           BYTES   [n]    encoded images (PNG, JPEG, WebP), in placeholder order
+``max_tokens``       INT32   [1]    most new tokens (default 256)
+``temperature``      FP32    [1]    0 (or <= 0.001) is greedy; default 1.0; at most 2
+``top_p``            FP32    [1]    nucleus sampling mass in (0, 1]; default 1.0
+``stop``             BYTES   [k]    stop strings; generation ends where one appears
+``seed``             INT64   [1]    sampling seed, for reproducible sampled output
+``prior_token_ids``  INT64   [k]    a continuation: token ids this generation already
+                                    produced elsewhere (see below)
+==================== ======= ====== ======================================================
+
+A continuation (``prior_token_ids``, what the control plane sends when a stream's node
+fails mid-stream) resumes a generation as if its node had produced those tokens itself:
+they follow the prompt, count toward ``max_tokens`` and ``completion_tokens``, and prime
+the text state (incremental decoding and stop strings), so the responses carry exactly
+the text and token ids the broken stream would have sent next, and nothing before.
+Sampling continues the seeded stream at step ``k`` (a request's randomness is a hash of
+its seed and the step): with the same seed, a continuation draws the same random numbers
+for each later token as the uninterrupted stream would have. ``k`` must be below
+``max_tokens``; ids that already end the generation (an end-of-sequence token, a stop
+string) or hold an image token are refused as client errors.
 
 Errors a request causes (bad text, images, numbers or sizes) come back as
 ``INVALID_ARG`` with a message that starts with :data:`CLIENT_ERROR_PREFIX`; anything
@@ -29,7 +42,8 @@ parameters of ``llava_preprocess``, listed in ``llava_node/preprocess.py``.
 
 ``llava_engine`` may be called directly (its inputs are :data:`ENGINE_INPUTS`;
 ``input_ids`` alone is enough: without ``pixel_values`` the prompt has no images, and
-the ``gen_*`` settings default as above). It checks every input itself, so one
+the ``gen_*`` settings default as above; ``gen_prior_tokens`` = k says the last k ids
+are a continuation's prior tokens). It checks every input itself, so one
 malformed request fails alone, whatever runs beside it.
 
 Outputs of ``llava`` (one response per generated piece of text, then a last one):
@@ -89,6 +103,7 @@ ENSEMBLE_INPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("top_p", "FP32", [1]),
     ("stop", "BYTES", [-1]),
     ("seed", "INT64", [1]),
+    ("prior_token_ids", "INT64", [-1]),
 )
 
 # What llava_preprocess hands to llava_engine.
@@ -100,6 +115,8 @@ ENGINE_INPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("gen_top_p", "FP32", [1]),
     ("gen_seed", "INT64", [1]),
     ("gen_stop", "BYTES", [-1]),
+    # the last n of input_ids were generated before (a continuation: prior_token_ids)
+    ("gen_prior_tokens", "INT32", [1]),
 )
 
 OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (

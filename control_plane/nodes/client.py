@@ -62,6 +62,8 @@ class GenerationInputs:
     top_p: float | None = None
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
+    # a continuation: the token ids the stream had sent when its node failed
+    prior_token_ids: Sequence[int] = field(default_factory=tuple)
 
 
 class NodeStreamError(Exception):
@@ -70,17 +72,36 @@ class NodeStreamError(Exception):
     ``unreachable``: the node could not be reached or stopped answering (worth trying
     another node); ``client_error``: the node rejected the request itself (the client's
     mistake, never counted against the node); ``stalled``: nothing came for the stall
-    timeout (the node may still be generating: cancel it there).
+    timeout (the node may still be generating: cancel it there); ``left``: the stream was
+    given up because the poller took the node out of routing (stalled too).
     """
 
     def __init__(
-        self, message: str, *, unreachable: bool = False, client_error: bool = False, stalled: bool = False
+        self,
+        message: str,
+        *,
+        unreachable: bool = False,
+        client_error: bool = False,
+        stalled: bool = False,
+        left: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.unreachable = unreachable
         self.client_error = client_error
-        self.stalled = stalled
+        self.stalled = stalled or left
+        self.left = left
+
+    @property
+    def kind(self) -> str:
+        """In a word: ``client``, ``node_left``, ``stalled``, ``unreachable`` or ``node_error``."""
+        if self.client_error:
+            return "client"
+        if self.left:
+            return "node_left"
+        if self.stalled:
+            return "stalled"
+        return "unreachable" if self.unreachable else "node_error"
 
 
 class NodeCallError(Exception):

@@ -3,6 +3,7 @@
 Each :class:`FakeNode` answers polls, loads, unloads, streams and cancels as a Triton node
 running the ``llava`` ensemble would, and can be told to misbehave: refuse connections,
 fail before or after its first token, stall, stream slowly, take time to load or fail to.
+It takes continuations (``prior_token_ids``: its own first tokens) and streams on after them.
 It records what it was asked (streams with their inputs, cancels, loads, unloads, polls),
 so a test can check what the control plane did. Like the engine's prefix KV cache, it keeps
 a hash chain over the full 16-token blocks of the prompts it served (text 4 characters a
@@ -86,7 +87,7 @@ class FakeStream:
     request_id: str
     model: str
     inputs: GenerationInputs
-    sent: int = 0  # tokens sent
+    sent: int = 0  # tokens sent (with a continuation's prior tokens)
     finish_reason: str | None = None
     cancelled: bool = False  # by a cancel call
     closed_early: bool = False  # the control plane closed it before its end
@@ -278,10 +279,21 @@ class FakeNodeClient:
         prompt_tokens = node.prompt_tokens if node.prompt_tokens is not None else counted
         budget = inputs.max_tokens if inputs.max_tokens is not None else len(node.tokens)
         pieces = node.tokens[:budget]
+        # a continuation: its prior tokens must be this script's, then it goes on after them
+        prior = list(inputs.prior_token_ids)
+        if prior and (prior != [100 + i for i in range(len(prior))] or len(prior) >= len(pieces)):
+            s.error = "client"
+            raise NodeStreamError(
+                f"invalid request: prior_token_ids {prior[:8]} are not a prefix of this node's tokens",
+                client_error=True,
+            )
+        s.sent = len(prior)
         try:
             if node.prefill_s_per_token:
-                await asyncio.sleep(node.prefill_s_per_token * (counted - cached))
+                await asyncio.sleep(node.prefill_s_per_token * (counted + len(prior) - cached))
             for i, text in enumerate(pieces):
+                if i < len(prior):
+                    continue
                 timeout = first_token_timeout_s if i == 0 else stall_timeout_s
                 if node.stall_after is not None and i >= node.stall_after:
                     await self._stall(s, timeout)

@@ -196,6 +196,7 @@ class TritonNodeClient:
             top_p=inputs.top_p,
             stop=inputs.stop,
             seed=inputs.seed,
+            prior_token_ids=inputs.prior_token_ids,
         )
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:

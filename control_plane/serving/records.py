@@ -1,6 +1,7 @@
-"""What a generation leaves in the database and the metrics: its ``requests`` row and one
-``routing_decisions`` row per attempt, written through the batch writer (never on the
-request's path), and the routing and prompt-token counters."""
+"""What a generation leaves in the database and the metrics: its ``requests`` row, one
+``routing_decisions`` row per attempt and one ``migrations`` row per break, written through
+the batch writer (never on the request's path), and the routing, migration and
+prompt-token counters."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from control_plane.metrics import ControlPlaneMetrics
+from control_plane.serving.migration import Break
 from control_plane.serving.routing import Decision
-from control_plane.storage.schema import RequestRecord, RoutingDecision, utcnow
+from control_plane.storage.schema import Migration, RequestRecord, RoutingDecision, utcnow
 from control_plane.storage.writer import BatchWriter
 
 __all__ = ["RequestLog", "RequestState"]
@@ -29,6 +31,7 @@ class RequestState:
     cached_tokens: int | None = None
     finish_reason: str | None = None
     attempts: int = 0
+    migrations: int = 0
     worker_id: int | None = None
     decision: Decision | None = None  # the last attempt's
     decision_key: str | None = None  # its routing_decisions.id
@@ -61,9 +64,10 @@ class RequestLog:
 
     def routed(self, rec: RequestState, model: str, decision: Decision) -> None:
         """An attempt went to ``decision.worker``: one ``routing_decisions`` row (reason
-        ``retry`` after another node failed the request)."""
+        ``retry`` after another node failed the request before its first token,
+        ``migration`` after one failed mid-stream)."""
         if rec.attempts > 1:
-            decision = decision.but("retry")
+            decision = decision.but("migration" if rec.migrations else "retry")
         rec.decision, rec.decision_key, rec.worker_id = decision, uuid.uuid4().hex, decision.worker.id
         affinity_worker, affinity_hit = decision.affinity
         self.writer.insert(
@@ -103,6 +107,7 @@ class RequestLog:
                 "status": status,
                 "finish_reason": rec.finish_reason,
                 "attempts": rec.attempts,
+                "migrations": rec.migrations,
                 "error": error[:2000] if error else None,
             },
         )
@@ -112,3 +117,28 @@ class RequestLog:
             self.metrics.prompt_tokens.labels(api).inc(rec.prompt_tokens)
         if rec.cached_tokens:
             self.metrics.cached_tokens.labels(api).inc(rec.cached_tokens)
+
+    def migration(
+        self, rec: RequestState, model: str, brk: Break, outcome: str, pause_s: float | None
+    ) -> None:
+        """A break's continuation ``resumed`` (after ``pause_s``), ``failed`` or found
+        ``no_node``: its ``migrations`` row and counters."""
+        self.writer.insert(
+            Migration,
+            {
+                "id": brk.key,
+                "request_id": rec.key,
+                "at": brk.at,
+                "model": model[:256],
+                "from_worker_id": brk.from_worker,
+                "to_worker_id": brk.to_worker,
+                "after_tokens": brk.after_tokens,
+                "reason": brk.reason,
+                "error": brk.error[:2000],
+                "outcome": outcome,
+                "pause_ms": pause_s * 1000.0 if pause_s is not None else None,
+            },
+        )
+        self.metrics.migrations.labels(outcome).inc()
+        if pause_s is not None:
+            self.metrics.migration_pause.observe(pause_s)

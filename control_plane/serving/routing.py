@@ -31,8 +31,9 @@ __all__ = ["MAX_RECORDED_CANDIDATES", "REASONS", "Decision", "Router"]
 
 # Why a node was chosen: its prefix (affinity); passed over its best-affinity node for load
 # (load); nothing to be affine to, the least loaded (least_loaded); the only node with room
-# (only_choice); the client named it (pinned); after another node failed the request
-# (retry); the other policies' own draws (lottery, round_robin, power_of_two).
+# (only_choice); the client named it (pinned); after another node failed the request before
+# its first token (retry), or mid-stream (migration: the stream goes on there); the other
+# policies' own draws (lottery, round_robin, power_of_two).
 REASONS = (
     "affinity",
     "load",
@@ -40,6 +41,7 @@ REASONS = (
     "only_choice",
     "pinned",
     "retry",
+    "migration",
     "lottery",
     "round_robin",
     "power_of_two",

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control_plane.config import Settings
-from control_plane.errors import BadRequest, NodeFailed, NoWorker, UnknownModel, WorkerUnreachable
+from control_plane.errors import (
+    BadRequest,
+    NodeFailed,
+    NoWorker,
+    ServiceError,
+    UnknownModel,
+    WorkerUnreachable,
+)
 from control_plane.fleet.breaker import CircuitBreaker
 from control_plane.fleet.store import WorkerStore
 from control_plane.fleet.workers import WorkerInfo, WorkerState
@@ -24,7 +31,8 @@ from control_plane.nodes.client import GenerationInputs, NodeClient, NodeStreamE
 from control_plane.nodes.parsing import node_error_param
 from control_plane.serving.admission import Admission
 from control_plane.serving.affinity import Prefix
-from control_plane.serving.first_token import until_node_leaves
+from control_plane.serving.migration import StreamProgress, seeded
+from control_plane.serving.node_watch import watch_node
 from control_plane.serving.records import RequestLog, RequestState
 from control_plane.serving.routing import Decision, Router
 from control_plane.storage.schema import utcnow
@@ -183,7 +191,9 @@ class GenerationService:
         """Stream a generation from a healthy node; raises a :class:`ServiceError`.
 
         Before the first chunk, a node that cannot be reached or fails is retried on
-        another one. A client that goes away (the generator is closed or cancelled) cancels the
+        another one; after it, the stream is continued on another one with the tokens sent
+        so far (:mod:`control_plane.serving.migration`), ``max_migrations`` times at most.
+        A client that goes away (the generator is closed or cancelled) cancels the
         generation on the node.
         """
         if not req.request_id:
@@ -195,12 +205,13 @@ class GenerationService:
         status, error = "error", None
         worker: WorkerInfo | None = None
         prefix: Prefix | None = None
+        progress = StreamProgress()
         try:
-            inputs = req.inputs()
+            inputs = seeded(req.inputs())
             prefix = await self.router.prefix(req.model, req.prompt, req.messages, req.images)
             exclude: set[int] = set()
             while True:
-                decision = await self._acquire(req, exclude, prefix)
+                decision = await self._next_node(req, exclude, prefix, rec, progress)
                 worker = decision.worker
                 rec.attempts += 1
                 self.records.routed(rec, req.model, decision)
@@ -208,17 +219,21 @@ class GenerationService:
                     stream = self.nodes.stream(
                         worker.grpc_url,
                         req.model,
-                        inputs,
+                        progress.inputs(inputs),
                         req.request_id,
                         first_token_timeout_s=self.settings.first_token_timeout_s,
                         stall_timeout_s=self.settings.stall_timeout_s,
                     )
-                    async for chunk in until_node_leaves(stream, self._out_of_routing(worker)):
+                    watched = watch_node(stream, self._out_of_routing(worker), self.settings.frozen_stream_s)
+                    async for chunk in watched:
                         if rec.first_token is None:
                             rec.first_token = time.monotonic()
                             rec.first_token_at = utcnow()
                             self.metrics.ttft.labels(req.api).observe(rec.first_token - rec.started)
                             self.breaker.success(worker)
+                        if progress.pending is not None:
+                            self._resumed(rec, req.model, progress)
+                        progress.sent(chunk)
                         rec.prompt_tokens = chunk.prompt_tokens
                         rec.completion_tokens = chunk.completion_tokens
                         rec.cached_tokens = chunk.cached_tokens
@@ -228,27 +243,13 @@ class GenerationService:
                     status = "ok"
                     return
                 except NodeStreamError as exc:
-                    if exc.client_error:
+                    if exc.client_error and not progress.streaming:
                         raise BadRequest(exc.message, param=node_error_param(exc.message, req.api)) from None
-                    self.breaker.failure(worker, exc.message)
-                    if exc.stalled:
-                        self.cancel_on_node(worker, req.model, req.request_id)  # it may still be generating
-                    # Before the first token nothing reached the client, so a node that
-                    # failed (unreachable, or an error of its own: a stub that died as its
-                    # server was killed answers "Stub process ... is not healthy") is
-                    # retried on another; the client's own mistakes never get here.
-                    streamed = rec.first_token is not None
-                    if not streamed and rec.attempts < self.settings.max_attempts:
-                        log.warning(
-                            "worker %s failed before streaming (%s); retrying", worker.name, exc.message
-                        )
-                        self.metrics.retries.inc()
-                        exclude.add(worker.id)
+                    if not self._recover(req, worker, exc, rec, progress):
+                        raise self._failure(worker, exc, progress) from None
+                    exclude.add(worker.id)
+                    if not progress.streaming:
                         await asyncio.sleep(self.settings.retry_backoff_s * 2 ** (rec.attempts - 1))
-                        continue
-                    if exc.unreachable:
-                        raise WorkerUnreachable(f"worker {worker.name}: {exc.message}") from None
-                    raise NodeFailed(f"worker {worker.name} failed: {exc.message}") from None
                 finally:
                     self._release(worker, req.model)
         except (GeneratorExit, asyncio.CancelledError):
@@ -268,6 +269,96 @@ class GenerationService:
                 self.router.served(rec.decision, prefix, rec.cached_tokens, rec.prompt_tokens)
             self.metrics.affinity_blocks.set(len(self.router.index))
             self.records.ended(rec, req.api, status, error)
+
+    async def _next_node(
+        self,
+        req: GenerateRequest,
+        exclude: set[int],
+        prefix: Prefix | None,
+        rec: RequestState,
+        progress: StreamProgress,
+    ) -> Decision:
+        """The node for the next attempt; for a continuation that no node can take, its
+        break is recorded (``no_node``) and the error says where the stream broke."""
+        try:
+            decision = await self._acquire(req, exclude, prefix)
+        except ServiceError as exc:
+            brk = progress.pending
+            if brk is None:
+                raise
+            self.records.migration(rec, req.model, brk, "no_node", None)
+            progress.pending = None
+            error = NodeFailed if brk.reason == "node_error" else WorkerUnreachable
+            raise error(
+                f"the stream broke after {brk.after_tokens} tokens ({brk.error}) and no other node "
+                f"could continue it: {exc.message}"
+            ) from None
+        if progress.pending is not None:
+            progress.pending.to_worker = decision.worker.id
+        return decision
+
+    def _resumed(self, rec: RequestState, model: str, progress: StreamProgress) -> None:
+        """A continuation's first chunk: its break is over."""
+        brk = progress.pending
+        assert brk is not None
+        pause = time.monotonic() - brk.last_token
+        log.info("request %s resumed after %d tokens (pause %.0f ms)", rec.key, brk.after_tokens, pause * 1e3)
+        self.records.migration(rec, model, brk, "resumed", pause)
+        progress.pending = None
+
+    def _recover(
+        self,
+        req: GenerateRequest,
+        worker: WorkerInfo,
+        exc: NodeStreamError,
+        rec: RequestState,
+        progress: StreamProgress,
+    ) -> bool:
+        """After ``worker`` failed the stream: count it against the node (unless the node
+        refused a continuation), cancel what it may still run, and say whether to go on
+        elsewhere (a retry before the first token, a migration after it)."""
+        if not exc.client_error:
+            self.breaker.failure(worker, exc.message)
+        if exc.stalled:
+            self.cancel_on_node(worker, req.model, req.request_id)  # it may still be generating
+        if progress.pending is not None:  # a continuation failed before it sent anything
+            self.records.migration(rec, req.model, progress.pending, "failed", None)
+            progress.pending = None
+        if exc.client_error:
+            return False  # a node refused a continuation: another would too
+        if not progress.streaming:
+            # Nothing reached the client, so a node that failed (unreachable, or an error
+            # of its own: a stub that died as its server was killed answers "Stub process
+            # ... is not healthy") is retried on another; the client's own mistakes never
+            # get here.
+            if rec.attempts >= self.settings.max_attempts:
+                return False
+            log.warning("worker %s failed before streaming (%s); retrying", worker.name, exc.message)
+            self.metrics.retries.inc()
+            return True
+        if progress.migrations >= self.settings.max_migrations:
+            return False
+        progress.broke(worker.id, exc)
+        rec.migrations = progress.migrations
+        log.warning(
+            "worker %s failed after %d tokens (%s); continuing the stream elsewhere",
+            worker.name,
+            len(progress.token_ids),
+            exc.message,
+        )
+        return True
+
+    @staticmethod
+    def _failure(worker: WorkerInfo, exc: NodeStreamError, progress: StreamProgress) -> ServiceError:
+        """The error a stream ends with when it is not retried or continued."""
+        where = f"worker {worker.name}"
+        if progress.streaming:
+            where += f" after {len(progress.token_ids)} tokens"
+        if exc.client_error:
+            return NodeFailed(f"{where} could not continue the stream: {exc.message}")
+        if exc.unreachable:
+            return WorkerUnreachable(f"{where}: {exc.message}")
+        return NodeFailed(f"{where} failed: {exc.message}")
 
     def cancel_on_node(self, worker: WorkerInfo, model: str, request_id: str) -> None:
         """Tell the node to stop generating ``request_id`` of ``model`` (in the background; a

@@ -70,6 +70,11 @@ def _views(dialect: str) -> dict[str, str]:
                    {now} - {epoch("d.at")} AS age_s, {hour("d.at")} AS hour
             FROM routing_decisions d LEFT JOIN workers w ON w.id = d.worker_id
                  LEFT JOIN workers a ON a.id = d.affinity_worker_id""",
+        "v_migrations": f"""
+            SELECT m.*, f.name AS from_worker, t.name AS to_worker, {epoch("m.at")} AS at_unix,
+                   {now} - {epoch("m.at")} AS age_s, {hour("m.at")} AS hour
+            FROM migrations m LEFT JOIN workers f ON f.id = m.from_worker_id
+                 LEFT JOIN workers t ON t.id = m.to_worker_id""",
         "worker_uptime_24h": """
             SELECT worker_id, worker, COUNT(*) AS polls,
                    SUM(CASE WHEN ok THEN 1 ELSE 0 END) AS ok_polls,

@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 __all__ = [
     "Base",
     "Heartbeat",
+    "Migration",
     "ModelEvent",
     "PollLease",
     "RequestRecord",
@@ -128,6 +129,9 @@ class RequestRecord(Base):
     status: Mapped[str] = mapped_column(String(16), default="running", doc="running, ok, error, cancelled")
     finish_reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=1)
+    migrations: Mapped[int | None] = mapped_column(
+        Integer, nullable=True, default=0, doc="times the stream was continued on another node"
+    )
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
@@ -163,6 +167,38 @@ class RoutingDecision(Base):
     )
     cached_tokens: Mapped[int | None] = mapped_column(
         Integer, nullable=True, doc="what the node reported, once the request ended"
+    )
+
+
+class Migration(Base):
+    """A stream continued on another node after its node failed mid-stream."""
+
+    __tablename__ = "migrations"
+    __table_args__ = (Index("ix_migrations_at", "at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, doc="uuid, made by the control plane")
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("requests.id", ondelete="CASCADE"), index=True, doc="requests.id (not requests.request_id)"
+    )
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, doc="when the break was seen")
+    model: Mapped[str] = mapped_column(String(256))
+    from_worker_id: Mapped[int | None] = mapped_column(
+        ForeignKey("workers.id", ondelete="SET NULL"), nullable=True, doc="the node that failed"
+    )
+    to_worker_id: Mapped[int | None] = mapped_column(
+        ForeignKey("workers.id", ondelete="SET NULL"), nullable=True, doc="the node that continued (or tried)"
+    )
+    after_tokens: Mapped[int] = mapped_column(Integer, doc="tokens the client had been sent before the break")
+    reason: Mapped[str] = mapped_column(
+        String(32), doc="unreachable (connection lost), node_error, stalled, node_left (out of routing)"
+    )
+    error: Mapped[str] = mapped_column(Text, default="", doc="what the failed node's stream said")
+    outcome: Mapped[str] = mapped_column(
+        String(16),
+        doc="resumed (the new node streamed on), failed (it failed too), no_node (none could take it)",
+    )
+    pause_ms: Mapped[float | None] = mapped_column(
+        Float, nullable=True, doc="from the last token before the break to the first after it (resumed only)"
     )
 
 

@@ -89,6 +89,23 @@ class GenerationRequest:
     # key of each full KV page of the prompt (llava_node.engine.prefix_cache)
     image_keys: list[bytes] | None = None
     page_keys: list[bytes] = field(default_factory=list)
+    # A continuation: the last ``prior_tokens`` of input_ids were generated before (by a
+    # node that failed mid-stream); they count as generated, not as prompt.
+    prior_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the prompt proper (a continuation's prior tokens not counted)."""
+        return int(self.input_ids.shape[0]) - self.prior_tokens
+
+    @property
+    def prior_ids(self) -> list[int]:
+        """A continuation's prior token ids (empty for a new generation)."""
+        return (
+            self.input_ids[self.input_ids.shape[0] - self.prior_tokens :].tolist()
+            if self.prior_tokens
+            else []
+        )
 
     @property
     def greedy(self) -> bool:
@@ -194,6 +211,15 @@ def check_request(req: GenerationRequest, limits: RequestLimits) -> None:
         )
     if isinstance(req.max_tokens, bool) or not isinstance(req.max_tokens, int) or req.max_tokens < 1:
         raise InvalidRequest(f"max_tokens is {req.max_tokens!r}; it must be a positive integer")
+    prior = req.prior_tokens
+    if isinstance(prior, bool) or not isinstance(prior, int) or not 0 <= prior < n:
+        raise InvalidRequest(f"gen_prior_tokens is {prior!r}; it must be in [0, {n}) (input_ids' length)")
+    if prior >= req.max_tokens:
+        raise InvalidRequest(
+            f"a continuation of {prior} prior tokens needs max_tokens above that, not {req.max_tokens}"
+        )
+    if prior and bool((ids[n - prior :] == limits.image_token_id).any()):
+        raise InvalidRequest("a continuation's prior tokens hold the image token")
     temperature = _finite(req.temperature, "temperature")
     if not 0.0 <= temperature <= MAX_TEMPERATURE:
         raise InvalidRequest(f"temperature is {temperature}; it must be between 0 and {MAX_TEMPERATURE}")
@@ -205,7 +231,8 @@ def check_request(req: GenerationRequest, limits: RequestLimits) -> None:
     if not isinstance(req.stop, list) or not all(isinstance(s, str) for s in req.stop):
         raise InvalidRequest("stop must be a list of strings")
     check_stop_strings(req.stop, limits.max_stop_strings, limits.max_stop_length)
-    req.max_tokens = min(req.max_tokens, limits.max_seq_len - n)
+    # (prior tokens are part of the generation's budget: room after the prompt proper)
+    req.max_tokens = min(req.max_tokens, limits.max_seq_len - (n - prior))
 
 
 @dataclass

@@ -53,7 +53,7 @@ from llava_node.engine.base import Engine, GenerationRequest, RequestLimits, saf
 from llava_node.engine.prefix_cache import PrefixCache, block_keys, image_key
 from llava_node.engine.runner import LlavaRunner, PendingTokens, PromptChunk
 from llava_node.textstream import SequenceText
-from llava_wire.protocol import CLIENT_ERROR_PREFIX, FinishReason
+from llava_wire.protocol import CLIENT_ERROR_PREFIX, FinishReason, InvalidRequest
 
 __all__ = [
     "AUTO_STREAM_BATCH",
@@ -80,7 +80,7 @@ class _Running:
     slot: int
     pages: list[int]
     text: SequenceText
-    prompt_tokens: int
+    prompt_tokens: int  # rows to prefill: a continuation's prior tokens too
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
     first_token_at: float = 0.0
@@ -88,6 +88,12 @@ class _Running:
     prefilled: int = 0  # prompt rows launched so far (from the end of a reused prefix)
     cached: int = 0  # prompt tokens reused from the prefix cache
     generated: list[int] = field(default_factory=list)  # every token sampled for it
+
+    @property
+    def cached_shown(self) -> int:
+        """Reused tokens as reported: of the prompt proper (a continuation's prior
+        tokens are rows to prefill here, but not prompt)."""
+        return min(self.cached, self.request.prompt_tokens)
 
     @property
     def decoding(self) -> bool:
@@ -399,7 +405,7 @@ class BatchingEngine(Engine):
     def _end_unstarted(self, req: GenerationRequest) -> None:
         """The final response of a request cancelled before its prompt ran."""
         try:
-            req.sink.send("", [], FinishReason.CANCELLED, int(req.input_ids.shape[0]), 0)
+            req.sink.send("", [], FinishReason.CANCELLED, req.prompt_tokens, 0)
         except Exception as exc:
             log.info("request %s: the cancelled response was not delivered (%s)", req.request_id, exc)
             safe_fail(req, f"sending the final response failed: {exc}")
@@ -411,14 +417,20 @@ class BatchingEngine(Engine):
         n = int(req.input_ids.shape[0])
         try:
             text = SequenceText(self.tokenizer, req.stop, self.eos_token_ids, req.max_tokens)
+            text.resume(req.prior_ids)  # a continuation: as if its prior tokens were generated here
         except Exception as exc:
-            log.exception("request %s: its text state could not be made", req.request_id)
+            client_error = isinstance(exc, InvalidRequest)
+            if not client_error:
+                log.exception("request %s: its text state could not be made", req.request_id)
             self.pages.release(pages)
             with self._cond:
                 self._free_slots.append(slot)
             with self.stats.lock:
                 self.stats.requests_failed += 1
-            safe_fail(req, f"the request could not be started on the node: {exc}")
+            if client_error:
+                safe_fail(req, CLIENT_ERROR_PREFIX + str(exc), client_error=True)
+            else:
+                safe_fail(req, f"the request could not be started on the node: {exc}")
             return
         run = _Running(
             request=req, slot=slot, pages=pages, text=text, prompt_tokens=n, prefilled=cached, cached=cached
@@ -430,7 +442,8 @@ class BatchingEngine(Engine):
             self.stats.queue_seconds += time.monotonic() - req.arrival
         started = time.perf_counter()
         try:
-            self.runner.assign(slot, pages, req.temperature, req.top_p, req.seed)
+            # (a continuation samples on from its step: the seeded stream goes on)
+            self.runner.assign(slot, pages, req.temperature, req.top_p, req.seed, step=req.prior_tokens)
             embeds = None
             if chunked or cached:
                 # The vision tower (unless the images are cached) and the embeddings now
@@ -538,7 +551,12 @@ class BatchingEngine(Engine):
             ids, run.pending_ids = run.pending_ids, []
             try:
                 run.request.sink.send(
-                    text, ids, run.text.finish_reason, run.prompt_tokens, run.text.count, run.cached
+                    text,
+                    ids,
+                    run.text.finish_reason,
+                    run.request.prompt_tokens,
+                    run.text.count,
+                    run.cached_shown,
                 )
             except Exception as exc:  # the client is gone, or the response was refused
                 log.info("request %s: sending failed (%s); stopping it", run.request.request_id, exc)
@@ -579,7 +597,12 @@ class BatchingEngine(Engine):
         try:
             reason = run.text.finish_reason or FinishReason.CANCELLED
             run.request.sink.send(
-                run.pending_text, run.pending_ids, reason, run.prompt_tokens, run.text.count, run.cached
+                run.pending_text,
+                run.pending_ids,
+                reason,
+                run.request.prompt_tokens,
+                run.text.count,
+                run.cached_shown,
             )
         except Exception as exc:  # the client is gone; the stream must still be closed
             log.debug("final response for %s not delivered", run.request.request_id)

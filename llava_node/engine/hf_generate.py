@@ -19,7 +19,7 @@ import torch
 from llava_node.engine.base import Engine, GenerationRequest, RequestLimits, safe_fail
 from llava_node.engine.loading import LoadedModel
 from llava_node.textstream import SequenceText
-from llava_wire.protocol import FinishReason
+from llava_wire.protocol import CLIENT_ERROR_PREFIX, FinishReason, InvalidRequest
 
 __all__ = ["HFGenerateEngine"]
 
@@ -35,7 +35,7 @@ class _Streamer:
         self.text = text
         self.prompt_seen = False
         self.pending: list[int] = []
-        self.prompt_tokens = int(request.input_ids.shape[0])
+        self.prompt_tokens = request.prompt_tokens
         self.done = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -170,10 +170,20 @@ class HFGenerateEngine(Engine):
         if req.sink.is_cancelled():
             with self.stats.lock:
                 self.stats.requests_cancelled += 1
-            req.sink.send("", [], FinishReason.CANCELLED, int(req.input_ids.shape[0]), 0)
+            req.sink.send("", [], FinishReason.CANCELLED, req.prompt_tokens, 0)
             return
         lm = self.loaded
         text = SequenceText(lm.tokenizer, req.stop, lm.eos_token_ids, req.max_tokens)
+        try:
+            # A continuation's prior tokens are in input_ids already; generate() keeps
+            # its own random state, so a seeded sampled continuation is not the stream
+            # it continues (the batching engine's is).
+            text.resume(req.prior_ids)
+        except InvalidRequest as exc:
+            with self.stats.lock:
+                self.stats.requests_failed += 1
+            safe_fail(req, CLIENT_ERROR_PREFIX + str(exc), client_error=True)
+            return
         streamer = _Streamer(self, req, text)
         inputs: dict[str, Any] = {"input_ids": req.input_ids[None].to(lm.device)}
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
@@ -185,7 +195,7 @@ class HFGenerateEngine(Engine):
             sampling = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p, "top_k": 0}
         lm.model.generate(
             **inputs,
-            max_new_tokens=req.max_tokens,
+            max_new_tokens=req.max_tokens - req.prior_tokens,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_StopWhenDone(streamer)]),
             pad_token_id=lm.tokenizer.pad_token_id,

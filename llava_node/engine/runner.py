@@ -325,15 +325,18 @@ class LlavaRunner:
             g.capture()
 
     # -- per-slot state --------------------------------------------------------------
-    def assign(self, slot: int, pages: Sequence[int], temperature: float, top_p: float, seed: int) -> None:
-        """Give ``slot`` its pages and sampling settings before its prefill."""
+    def assign(
+        self, slot: int, pages: Sequence[int], temperature: float, top_p: float, seed: int, step: int = 0
+    ) -> None:
+        """Give ``slot`` its pages and sampling settings before its prefill; its first
+        token is sampled at ``step`` (0, or a continuation's prior tokens)."""
         self.cache.set_block_table(slot, pages)
         lo, hi = split_seed(seed)
         # One upload per dtype, then copies on the device: a Python number assigned into a
         # CUDA tensor (t[slot] = x) waits for every step already launched (profiled at 32
         # streams: ~10 ms per new request, the device idle behind it).
         floats = self.upload(torch.tensor([temperature, top_p], dtype=torch.float32))
-        ints = self.upload(torch.tensor([lo, hi, 0], dtype=torch.int64))
+        ints = self.upload(torch.tensor([lo, hi, step], dtype=torch.int64))
         s = slice(slot, slot + 1)
         self.temperature[s].copy_(floats[0:1])
         self.top_p[s].copy_(floats[1:2])

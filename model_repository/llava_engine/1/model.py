@@ -107,6 +107,7 @@ def _generation_request(request: Any, sink: TritonSink) -> GenerationRequest:
         seed=random.getrandbits(63) if seed is None else int(seed),
         stop=text_list(pb_utils, request, "gen_stop"),
         sink=sink,
+        prior_tokens=int(_one_value(request, "gen_prior_tokens", 0)),
     )
 
 

@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from llava_node.checkpoints import checkpoint_from_env
 from llava_node.preprocess import InvalidRequest, Limits, Preprocessor, RawRequest
-from llava_node.triton_io import bytes_list, param, scalar, text, text_list
+from llava_node.triton_io import bytes_list, int_list, param, scalar, text, text_list
 from llava_wire.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
 from llava_wire.protocol import CLIENT_ERROR_PREFIX, error_text
 
@@ -61,6 +61,9 @@ class TritonPythonModel:
                 top_p=scalar(pb_utils, request, "top_p"),
                 stop=text_list(pb_utils, request, "stop"),
                 seed=scalar(pb_utils, request, "seed"),
+                prior_token_ids=int_list(
+                    pb_utils, request, "prior_token_ids", self.preprocessor.limits.max_tokens_limit
+                ),
             )
             prepared = self.preprocessor.prepare(raw)
             outputs = [
@@ -73,6 +76,7 @@ class TritonPythonModel:
                 pb_utils.Tensor(
                     "gen_stop", np.array([s.encode("utf-8") for s in prepared.stop], dtype=np.object_)
                 ),
+                pb_utils.Tensor("gen_prior_tokens", np.array([prepared.prior_tokens], dtype=np.int32)),
             ]
         except InvalidRequest as exc:
             # The control plane tells client errors from node faults by this prefix (a node
