@@ -99,6 +99,12 @@ class GenerationRequest:
         return int(self.input_ids.shape[0]) - self.prior_tokens
 
     @property
+    def total_tokens(self) -> int:
+        """The most positions the sequence takes: prompt and ``max_tokens`` (which a
+        continuation's prior tokens count toward)."""
+        return self.prompt_tokens + self.max_tokens
+
+    @property
     def prior_ids(self) -> list[int]:
         """A continuation's prior token ids (empty for a new generation)."""
         return (

@@ -215,7 +215,7 @@ class BatchingEngine(Engine):
         the KV cache (client errors), or if the engine is shutting down."""
         if self.refuse_invalid(request, self.limits):
             return
-        need = self.runner.cache.pages_for(int(request.input_ids.shape[0]) + request.max_tokens)
+        need = self.runner.cache.pages_for(request.total_tokens)
         capacity = self.runner.cache.allocator.capacity
         if need > capacity:
             with self.stats.lock:
@@ -233,7 +233,13 @@ class BatchingEngine(Engine):
         with self._cond:
             stopping = self._stopping
             if not stopping:
-                self._waiting.append(request)
+                if request.prior_tokens:
+                    # A continuation's client is mid-stream, waiting since its node failed:
+                    # it goes before the requests that have not started (after earlier ones).
+                    at = next((i for i, r in enumerate(self._waiting) if not r.prior_tokens), len(self._waiting))
+                    self._waiting.insert(at, request)
+                else:
+                    self._waiting.append(request)
                 self._cond.notify()
         if stopping:
             safe_fail(request, "the model is shutting down")
@@ -364,7 +370,7 @@ class BatchingEngine(Engine):
                     ):
                         self.pages.release(reused)
                         reused = []
-                    fresh = self.pages.allocate(cache.pages_for(n + req.max_tokens) - len(reused))
+                    fresh = self.pages.allocate(cache.pages_for(req.total_tokens) - len(reused))
                     if fresh is None:
                         self.pages.release(reused)
                         return  # first in line waits for pages; later ones wait behind it

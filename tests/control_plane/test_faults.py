@@ -1,7 +1,10 @@
 """Fault injection with real nodes: SIGKILL and SIGSTOP of a node, SIGKILL of the control plane.
 
-Each scenario prints its counts (requests sent, completed, retried, failed) and appends
-them to ``$FAULT_REPORT`` (a JSON-lines file) when that is set.
+A node's streams survive it: those that had no token yet are retried elsewhere, those
+that were streaming are continued elsewhere (migration), and each migrated stream's text
+is what one node alone generates for the request (greedy). Each scenario prints its
+counts (requests sent, completed, retried, migrated, failed, pauses) and appends them to
+``$FAULT_REPORT`` (a JSON-lines file) when that is set.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,8 @@ from tests.processes import ControlPlaneProcess, start_nodes
 
 POLL_S = 0.5
 POLL_TIMEOUT_S = 1.0
-STALL_S = 3.0
+STALL_S = 30.0  # the last resort: here, a frozen node's streams must move long before it
+FROZEN_S = 0.5
 
 
 @dataclass
@@ -35,44 +39,109 @@ class Outcome:
     """What one client saw."""
 
     request_id: str
+    api: str
     sent_at: float
     first_text_at: float | None = None
     ended_at: float | None = None
     error_code: int | None = None
     error_text: str = ""
     frames: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    text: str = ""  # the whole text (LLaVA: the last cumulative frame; OpenAI: the deltas)
+    completion_tokens: int | None = None
+    last_text_at: float | None = None
+    max_gap_s: float = 0.0  # the longest wait between two pieces of text: a migration's pause
+
+    def got_text(self) -> None:
+        now = time.monotonic()
+        if self.first_text_at is None:
+            self.first_text_at = now
+        elif self.last_text_at is not None:
+            self.max_gap_s = max(self.max_gap_s, now - self.last_text_at)
+        self.last_text_at = now
 
 
-def stream(url: str, rid: str, max_new_tokens: int, start_gate: threading.Event | None = None) -> Outcome:
-    if start_gate is not None:
-        start_gate.wait()
-    out = Outcome(rid, time.monotonic())
-    prompt = f"USER: story {rid} ASSISTANT:"
+def llava_body(rid: str, max_new_tokens: int) -> dict[str, Any]:
     # greedy: these prompts run (nearly) to max_new_tokens; sampled, a stream can end at
     # an early end-of-sequence token, before the fault it is meant to see
-    body = {"model": "llava", "prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": 0}
+    return {
+        "model": "llava",
+        "prompt": f"USER: story {rid} ASSISTANT:",
+        "max_new_tokens": max_new_tokens,
+        "temperature": 0,
+    }
+
+
+def openai_body(rid: str, max_new_tokens: int) -> dict[str, Any]:
+    return {
+        "model": "llava",
+        "messages": [{"role": "user", "content": f"story {rid}"}],
+        "max_tokens": max_new_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def stream(
+    url: str, rid: str, max_new_tokens: int, start_gate: threading.Event | None = None, api: str = "llava"
+) -> Outcome:
+    """One streamed request through the control plane, as its client sees it."""
+    if start_gate is not None:
+        start_gate.wait()
+    out = Outcome(rid, api, time.monotonic())
+    llava = api == "llava"
+    path, body = (
+        ("/worker_generate_stream", llava_body(rid, max_new_tokens))
+        if llava
+        else ("/v1/chat/completions", openai_body(rid, max_new_tokens))
+    )
     try:
-        with httpx.stream(
-            "POST", f"{url}/worker_generate_stream", json=body, timeout=120, headers={"X-Request-Id": rid}
-        ) as r:
+        with httpx.stream("POST", url + path, json=body, timeout=120, headers={"X-Request-Id": rid}) as r:
             buf = b""
             for data in r.iter_bytes():
                 buf += data
-                *frames, buf = buf.split(b"\0")
+                *frames, buf = buf.split(b"\0" if llava else b"\n\n")
                 for f in frames:
-                    frame = json.loads(f)
-                    out.frames += 1
-                    out.error_code = frame["error_code"]
-                    if frame["error_code"] != 0:
-                        out.error_text = frame["text"]
-                    elif out.first_text_at is None and len(frame["text"]) > len(prompt):
-                        out.first_text_at = time.monotonic()
+                    if llava:
+                        read_llava_frame(out, json.loads(f), len(body["prompt"]))
+                    elif f.startswith(b"data: ") and f != b"data: [DONE]":
+                        read_openai_event(out, json.loads(f[6:]))
+            if r.status_code != 200 and out.error_code is None:
+                out.error_code, out.error_text = r.status_code, buf.decode(errors="replace")
     except httpx.HTTPError as exc:
         out.error_code = -1
         out.error_text = f"{type(exc).__name__}: {exc}"
     out.ended_at = time.monotonic()
+    if out.error_code is None:
+        out.error_code = 0
     return out
+
+
+def read_llava_frame(out: Outcome, frame: dict[str, Any], prompt_chars: int) -> None:
+    out.frames += 1
+    out.error_code = frame["error_code"]
+    if frame["error_code"] != 0:
+        out.error_text = frame["text"]
+        return
+    assert frame["text"].startswith(out.text), "a cumulative frame that does not extend the last one"
+    if len(frame["text"]) > max(len(out.text), prompt_chars):
+        out.got_text()
+    out.text = frame["text"]
+    out.completion_tokens = (frame.get("usage") or {}).get("completion_tokens", out.completion_tokens)
+
+
+def read_openai_event(out: Outcome, event: dict[str, Any]) -> None:
+    out.frames += 1
+    if "error" in event:
+        out.error_code, out.error_text = 1, event["error"].get("message", "")
+        return
+    if event.get("usage"):
+        out.completion_tokens = event["usage"]["completion_tokens"]
+    for choice in event.get("choices") or ():
+        delta = (choice.get("delta") or {}).get("content") or ""
+        out.text += delta
+        if delta:
+            out.got_text()
 
 
 def report(name: str, counts: dict[str, Any]) -> None:
@@ -105,6 +174,7 @@ def cp3(trio: list[TritonNode], tmp_path: Path) -> Iterator[ControlPlaneProcess]
         poll_interval_s=POLL_S,
         env={
             "LLAVA_CP_STALL_TIMEOUT_S": str(STALL_S),
+            "LLAVA_CP_FROZEN_STREAM_S": str(FROZEN_S),
             "LLAVA_CP_POLL_TIMEOUT_S": str(POLL_TIMEOUT_S),
             "LLAVA_CP_DB_FLUSH_INTERVAL_S": "0.05",
             "LLAVA_CP_BREAKER_THRESHOLD": "1000",
@@ -135,21 +205,103 @@ def worker_state(cp: ControlPlaneProcess, name: str) -> str:
 
 
 def run_load(
-    cp: ControlPlaneProcess, n: int, max_new_tokens: int, tag: str, during: Any
+    cp: ControlPlaneProcess, n: int, max_new_tokens: int, tag: str, during: Any, *, both_apis: bool = False
 ) -> tuple[list[Outcome], Any]:
+    """``n`` streams at once (with ``both_apis``, every other one OpenAI), and ``during()``
+    while they run."""
     gate = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(stream, cp.url, f"{tag}-{i}", max_new_tokens, gate) for i in range(n)]
+        futures = [
+            pool.submit(
+                stream,
+                cp.url,
+                f"{tag}-{i}",
+                max_new_tokens,
+                gate,
+                "openai" if both_apis and i % 2 else "llava",
+            )
+            for i in range(n)
+        ]
         gate.set()
         fault = during()
         outcomes = [f.result(180) for f in futures]
     return outcomes, fault
 
 
-def test_sigkill_one_of_three_nodes_during_32_streams(
+def migrations(cp: ControlPlaneProcess) -> dict[str, list[dict[str, Any]]]:
+    """Each request's migrations rows (by its X-Request-Id), in order."""
+    rows = sql(
+        cp,
+        "SELECT r.request_id, m.after_tokens, m.pause_ms, m.reason, m.outcome, m.from_worker_id "
+        "FROM migrations m JOIN requests r ON r.id = m.request_id ORDER BY m.at",
+    )
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(row["request_id"], []).append(row)
+    return out
+
+
+def check_migrated(
+    cp: ControlPlaneProcess,
+    outcomes: list[Outcome],
+    moved: dict[str, list[dict[str, Any]]],
+    max_new_tokens: int,
+) -> None:
+    """Each migrated stream's whole text is what one node generates for the request alone
+    (greedy), its token count too: nothing lost, nothing repeated."""
+    by_id = {o.request_id: o for o in outcomes}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        alone = dict(
+            zip(
+                moved,
+                pool.map(lambda rid: stream(cp.url, rid, max_new_tokens, api=by_id[rid].api), moved),
+                strict=True,
+            )
+        )
+    for rid, ref in alone.items():
+        got = by_id[rid]
+        assert ref.error_code == 0, ref
+        if got.text != ref.text:
+            at = next((i for i, (a, b) in enumerate(zip(got.text, ref.text, strict=False)) if a != b), None)
+            raise AssertionError(
+                f"{rid} ({got.api}, migrated after {[m['after_tokens'] for m in moved[rid]]} tokens): its text "
+                f"differs from one node's at character {at}: {got.text[at - 20 if at else 0 :][:80]!r} vs "
+                f"{ref.text[at - 20 if at else 0 :][:80]!r}"
+            )
+        assert got.completion_tokens == ref.completion_tokens, (
+            rid,
+            got.completion_tokens,
+            ref.completion_tokens,
+        )
+
+
+def pauses(moved: dict[str, list[dict[str, Any]]], outcomes: list[Outcome]) -> dict[str, Any]:
+    """Pause p50, p99 and max (ms) over the migrations that resumed, as the control plane
+    recorded them, and each migrated stream's longest wait between two pieces of text as
+    its client saw it."""
+    values = sorted(m["pause_ms"] for rows in moved.values() for m in rows if m["outcome"] == "resumed")
+    if not values:
+        return {}
+
+    def q(p: float) -> float:
+        return round(values[min(len(values) - 1, int(p * len(values)))], 1)
+
+    gaps = sorted(round(o.max_gap_s * 1000, 1) for o in outcomes if o.request_id in moved)
+    return {
+        "pause_p50_ms": q(0.5),
+        "pause_p99_ms": q(0.99),
+        "pause_max_ms": round(values[-1], 1),
+        "client_longest_gap_ms": gaps,
+    }
+
+
+def test_sigkill_one_of_three_nodes_during_32_streams_loses_no_stream(
     cp3: ControlPlaneProcess, trio: list[TritonNode]
 ) -> None:
     victim = trio[2]
+    victim_id = next(
+        w["id"] for w in admin_get(cp3, "/admin/workers")["workers"] if w["name"] == victim.http_url
+    )
 
     def kill_when_streaming() -> float:
         wait_for(lambda: admin_get(cp3, f"/admin/workers/{victim_id}")["inflight"] >= 8, 30, "victim busy")
@@ -158,65 +310,45 @@ def test_sigkill_one_of_three_nodes_during_32_streams(
         victim.kill()
         return at
 
-    victim_id = next(
-        w["id"] for w in admin_get(cp3, "/admin/workers")["workers"] if w["name"] == victim.http_url
-    )
     try:
         # Long enough that the victim's streams are still running at the kill: with the
         # node's tokens grouped per response, 300 could end within the 0.8 s before it.
-        outcomes, killed_at = run_load(cp3, 32, 1000, "kill", kill_when_streaming)
-        wait_for(lambda: worker_state(cp3, victim.http_url) == "unhealthy", 10, "victim out of routing")
+        outcomes, _ = run_load(cp3, 32, 1000, "kill", kill_when_streaming, both_apis=True)
         wait_for(lambda: not sql(cp3, "SELECT id FROM requests WHERE status = 'running'"), 10, "rows written")
+        moved = migrations(cp3)
         rows = {
             r["request_id"]: r
-            for r in sql(
-                cp3, "SELECT request_id, worker_id, attempts, status, error, first_token_at FROM requests"
-            )
+            for r in sql(cp3, "SELECT request_id, attempts, migrations, status FROM requests")
         }
     finally:
         victim.restart()
-    # Streaming at the kill: the control plane had passed on a first token (it may not have
-    # reached the client yet); only those may fail, the others must be retried elsewhere.
-    started_before = [
-        o
-        for o in outcomes
-        if (o.first_text_at is not None and o.first_text_at < killed_at)
-        or (rows[o.request_id]["first_token_at"] is not None and o.error_code != 0)
-    ]
-    not_started = [o for o in outcomes if o not in started_before]
     failed = [o for o in outcomes if o.error_code != 0]
-    retried = [o for o in outcomes if rows[o.request_id]["attempts"] > 1]
     report(
-        "sigkill node during 32 streams",
+        "sigkill node during 32 streams (both APIs)",
         {
             "sent": len(outcomes),
             "completed": len(outcomes) - len(failed),
-            "retried": len(retried),
             "failed": len(failed),
-            "streaming_at_kill": len(started_before),
-            "slowest_failure_after_kill_s": round(max((o.ended_at or 0) - killed_at for o in failed), 3)
-            if failed
-            else None,
+            "retried_before_first_token": sum(
+                r["attempts"] > 1 and not r["migrations"] for r in rows.values()
+            ),
+            "migrated": len(moved),
+            "migrated_openai": sum(o.api == "openai" for o in outcomes if o.request_id in moved),
+            **pauses(moved, outcomes),
         },
     )
-    assert all(o.error_code == 0 for o in not_started), [
-        (o.request_id, o.error_text) for o in not_started if o.error_code
-    ]
-    assert failed, "some streams were running on the killed node"
-    for o in failed:
-        assert o in started_before and rows[o.request_id]["worker_id"] == victim_id
-        assert o.error_code == 3 and victim.http_url in o.error_text
-        assert (o.ended_at or 0) - killed_at <= 2.0
-        assert rows[o.request_id]["status"] == "error"
-    assert all(
-        rows[o.request_id]["worker_id"] != victim_id
-        for o in not_started
-        if rows[o.request_id]["attempts"] > 1
-    )
+    assert not failed, [(o.request_id, o.api, o.error_text) for o in failed]
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert moved, "some streams were running on the killed node"
+    for rid, ms in moved.items():
+        assert [m["from_worker_id"] for m in ms] == [victim_id] and ms[0]["outcome"] == "resumed", ms
+        assert ms[0]["reason"] in ("unreachable", "node_error"), ms
+        assert rows[rid]["migrations"] == 1
+    check_migrated(cp3, outcomes, moved, 1000)
     wait_for(lambda: worker_state(cp3, victim.http_url) == "healthy", 30, "victim back after restart")
 
 
-def test_sigstop_a_node_is_detected_its_streams_stall_out_and_sigcont_brings_it_back(
+def test_sigstop_a_node_its_streams_move_on_and_sigcont_brings_it_back(
     cp3: ControlPlaneProcess, trio: list[TritonNode]
 ) -> None:
     victim = trio[1]
@@ -236,43 +368,41 @@ def test_sigstop_a_node_is_detected_its_streams_stall_out_and_sigcont_brings_it_
         detected_s = time.monotonic() - stopped_at
 
     try:
-        outcomes, _ = run_load(cp3, 9, 1400, "stop", stop_when_streaming)
+        outcomes, _ = run_load(cp3, 12, 1400, "stop", stop_when_streaming, both_apis=True)
     finally:
         victim.signal(signal.SIGCONT)
     wait_for(
         lambda: not sql(cp3, "SELECT id FROM requests WHERE status = 'running'"), 10, "request rows written"
     )
-    rows = {r["request_id"]: r for r in sql(cp3, "SELECT request_id, worker_id, status, error FROM requests")}
-    # Stalled by the stop: on the victim and still streaming a while after it. A stream that
-    # the node had finished just before the stop can reach its client just after it; such a
-    # stream must have completed (checked below with the others).
-    on_victim = [
-        o
-        for o in outcomes
-        if rows[o.request_id]["worker_id"] == victim_id and (o.ended_at or 0) > stopped_at + STALL_S / 3
-    ]
+    moved = migrations(cp3)
+    failed = [o for o in outcomes if o.error_code != 0]
     report(
-        "sigstop node during 9 streams",
+        "sigstop node during 12 streams (both APIs)",
         {
             "sent": len(outcomes),
-            "completed": sum(o.error_code == 0 for o in outcomes),
-            "failed": sum(o.error_code != 0 for o in outcomes),
+            "completed": len(outcomes) - len(failed),
+            "failed": len(failed),
             "detected_after_s": round(detected_s or -1, 2),
+            "migrated": len(moved),
+            **pauses(moved, outcomes),
         },
     )
     heartbeat_timeout = 2 * (POLL_S + POLL_TIMEOUT_S) + POLL_S
     # (slack for a loaded 2-core machine)
     assert detected_s is not None and detected_s <= heartbeat_timeout + 1.5, detected_s
-    assert on_victim, [(o.request_id, rows[o.request_id]) for o in outcomes]
-    for o in on_victim:
-        assert o.error_code == 3 and "sent nothing for 3 s" in o.error_text, o
-        assert STALL_S - 0.5 <= (o.ended_at or 0) - stopped_at <= STALL_S + 3.0, o
-    assert all(o.error_code == 0 for o in outcomes if o not in on_victim), [
-        (o, rows[o.request_id]) for o in outcomes if o.error_code != 0 and o not in on_victim
-    ]
+    assert not failed, [(o.request_id, o.api, o.error_text) for o in failed]
+    assert moved, "some streams were running on the stopped node"
+    for ms in moved.values():
+        assert [(m["from_worker_id"], m["reason"], m["outcome"]) for m in ms] == [
+            (victim_id, "node_left", "resumed")
+        ], ms
+        # moved once the poller had it out and FROZEN_S passed without a token, long
+        # before the stall timeout would have ended it
+        assert ms[0]["pause_ms"] <= (heartbeat_timeout + 1.5 + FROZEN_S + 2.0) * 1000, ms
+    check_migrated(cp3, outcomes, moved, 1400)
     wait_for(lambda: worker_state(cp3, victim.http_url) == "healthy", 15, "SIGCONT brings it back")
-    # the node stopped generating for the stalled requests once it could: nothing runs on
-    # its engine any more, and no token is generated after that
+    # the node stopped generating for the moved requests once it could (the control plane
+    # cancelled them there): nothing runs on its engine any more, no token is generated after
     try:
         wait_for(lambda: engine_metric(victim, "llava_engine_active_requests") == 0, 20, "the node idle")
         generated = engine_metric(victim, "llava_engine_generated_tokens_total")

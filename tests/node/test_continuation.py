@@ -6,8 +6,9 @@ engine. Engines on the CPU (tiny model, float32) and the preprocessing's checks.
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from llava_node.engine import GenerationRequest
 from llava_node.engine.batching import BatchingEngine
 from llava_node.engine.hf_generate import HFGenerateEngine
 from llava_node.engine.loading import load_llava
+from llava_node.engine.runner import LlavaRunner, RunnerConfig
 from llava_node.preprocess import InvalidRequest, Preprocessor, RawRequest
 from llava_wire.protocol import FinishReason
 from tests.node.test_prefix_cache import encode, image, make_engine
@@ -41,6 +43,9 @@ class ResponseSink:
     error: str | None = None
     client_error: bool | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    done_hook: Callable[[], None] = lambda: None
+    hold: threading.Event | None = None  # set: each send waits for it (the engine thread waits)
+    sending: threading.Event = field(default_factory=threading.Event)  # a send began
 
     def send(
         self,
@@ -52,9 +57,13 @@ class ResponseSink:
         cached_tokens: int = 0,
     ) -> None:
         assert not self.done.is_set(), "response after the final one"
+        self.sending.set()
+        if self.hold is not None:
+            assert self.hold.wait(30)
         self.responses.append(Response(text, list(token_ids), completion_tokens, prompt_tokens))
         if finish_reason is not None:
             self.reason = finish_reason
+            self.done_hook()
             self.done.set()
 
     def fail(self, message: str, client_error: bool = False) -> None:
@@ -210,3 +219,32 @@ def test_preprocessing_appends_prior_tokens_and_checks_them(tiny_checkpoint: Pat
     with pytest.raises(InvalidRequest, match="image token"):
         image_token = pre.tokenizer.convert_tokens_to_ids("<image>")
         pre.prepare(RawRequest(prompt="USER: hi ASSISTANT:", prior_token_ids=[7, image_token]))
+
+
+def test_a_continuation_waits_before_requests_that_have_not_started(tiny_checkpoint: Path, prompt) -> None:
+    """Its client is mid-stream: on a full node it takes the next free slot."""
+    loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    runner = LlavaRunner(loaded, RunnerConfig(max_batch=1))
+    eng = BatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids)
+    order: list[str] = []
+    try:
+        sinks = []
+        for name, prior, max_tokens in (("running", None, 30), ("new", None, 4), ("continuation", [5, 6], 6)):
+            sink = ResponseSink()
+            ids = prompt["input_ids"][0]
+            if prior:
+                ids = torch.cat([ids, torch.tensor(prior)])
+            req = GenerationRequest(name, ids, prompt["pixel_values"], max_tokens, 0.0, 1.0, 0, [], sink)
+            req.prior_tokens = len(prior or [])
+            sink.done_hook = functools.partial(order.append, name)
+            if name == "running":  # it holds the only slot, the engine thread held in its first send
+                sink.hold = held = threading.Event()
+            eng.submit(req)
+            sinks.append(sink)
+            assert sink.hold is None or sink.sending.wait(30)  # started, before the others come
+        held.set()
+        for sink in sinks:
+            assert sink.done.wait(60) and sink.error is None
+    finally:
+        eng.shutdown()
+    assert order == ["running", "continuation", "new"]
