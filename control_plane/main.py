@@ -106,7 +106,7 @@ async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
         retention=RetentionLoop.from_settings(
             db, settings, lambda table, rows: metrics.retention_deleted.labels(table=table).inc(rows)
         ),
-        names=ServedNames(store, settings.model_aliases),
+        names=ServedNames(store, settings.model_aliases, settings.default_model),
         discovery=(
             DnsDiscovery(fleet, settings.discovery_dns, settings.discovery_interval_s)
             if settings.discovery_dns

@@ -186,3 +186,11 @@ async def test_an_alias_set_on_the_control_plane_wins_and_a_name_that_hides_a_mo
         assert h.cp.names.resolve("llava-v1.5-13b") == "llava"
         assert h.cp.names.resolve("llava") == "llava"
         assert h.cp.names.resolve("llava-v1.5-7b") == "llava-v1.5-7b"  # not served so: unknown
+
+
+async def test_models_on_one_checkpoint_keep_one_name_each(tmp_path: Path) -> None:
+    a = node(9000, served_names={"llava": "tiny-llava-v1.5", "alpha": "tiny-llava-v1.5"})
+    a.models.update({"alpha": "READY", "alpha_preprocess": "READY", "alpha_engine": "READY"})
+    async with Harness(tmp_path, [a]).running() as h:  # llava: the default model keeps the name
+        assert (await h.client.post("/list_models")).json() == {"models": ["alpha", "tiny-llava-v1.5"]}
+        assert h.cp.names.resolve("tiny-llava-v1.5") == "llava" and h.cp.names.resolve("alpha") == "alpha"
