@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     poll_timeout_s: float = 1.5
     unhealthy_after_failures: int = 2
     offline_after_s: float = 30.0  # LLaVA drops a worker silent for 30 s
+    offline_worker_ttl_s: float = Field(
+        86400.0,
+        ge=0,
+        description="Remove a worker offline and not seen this long (a removed event); 0: never",
+    )
     lease_period_s: float = Field(
         10.0,
         description="How long a replica's claim to poll a node lasts without renewal; another replica "
@@ -210,6 +215,11 @@ class Settings(BaseSettings):
     # -- model lifecycle (nodes in explicit model-control mode; see lifecycle.py) -----------
     default_model: str = Field(
         "llava", description="Keeps one replica loaded unless model_min_replicas says otherwise"
+    )
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description='Triton model -> the name /list_models and /v1/models show, JSON, e.g. {"llava": '
+        '"llava-v1.5-7b"} (LLaVA\'s web UI picks its prompt format by it); default: the name its nodes report',
     )
     cold_start_timeout_s: float = Field(
         300.0,

@@ -13,6 +13,7 @@ from control_plane.fleet.discovery import DnsDiscovery
 from control_plane.fleet.health import HealthPoller
 from control_plane.fleet.leases import LeaseManager
 from control_plane.fleet.registry import Fleet
+from control_plane.fleet.served_names import ServedNames
 from control_plane.fleet.store import WorkerStore
 from control_plane.lifecycle.admin import ModelAdmin
 from control_plane.lifecycle.manager import ModelManager
@@ -49,4 +50,5 @@ class ControlPlane:
     http: aiohttp.ClientSession  # for image URLs (OpenAI API), when they are allowed
     sql: SqlExecutor  # admin SQL's own threads
     retention: RetentionLoop
+    names: ServedNames  # served names <-> Triton models
     discovery: DnsDiscovery | None = None

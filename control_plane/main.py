@@ -25,6 +25,7 @@ from control_plane.fleet.discovery import DnsDiscovery
 from control_plane.fleet.health import HealthPoller
 from control_plane.fleet.leases import LeaseManager
 from control_plane.fleet.registry import Fleet
+from control_plane.fleet.served_names import ServedNames
 from control_plane.fleet.store import WorkerStore
 from control_plane.lifecycle.admin import ModelAdmin
 from control_plane.lifecycle.events import ModelEventLog
@@ -105,6 +106,7 @@ async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
         retention=RetentionLoop.from_settings(
             db, settings, lambda table, rows: metrics.retention_deleted.labels(table=table).inc(rows)
         ),
+        names=ServedNames(store, settings.model_aliases, settings.default_model),
         discovery=(
             DnsDiscovery(fleet, settings.discovery_dns, settings.discovery_interval_s)
             if settings.discovery_dns

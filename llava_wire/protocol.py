@@ -80,6 +80,7 @@ __all__ = [
     "MAX_STOP_LENGTH",
     "MAX_STOP_STRINGS",
     "MAX_TEMPERATURE",
+    "MODEL_INFO_METRIC",
     "OUTPUTS",
     "QUEUE_METRIC",
     "STEP_SUFFIXES",
@@ -300,6 +301,10 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "active": ("llava_engine_active_requests", "Requests generating now", "gauge"),
     "queue": ("llava_engine_queued_requests", "Requests waiting to start", "gauge"),
 }
+# What a node serves each model as (llava_node/served_name.py): one sample of 1 per model,
+# exported by its preprocess step (label ``model``: that step, e.g. ``llava_preprocess``),
+# labels ``served_name`` (what the control plane lists) and ``checkpoint``.
+MODEL_INFO_METRIC = "llava_served_model_info"
 ACTIVE_METRIC = ENGINE_METRICS["active"][0]
 QUEUE_METRIC = ENGINE_METRICS["queue"][0]
 

@@ -134,17 +134,19 @@ async def register_worker(request: Request, cp: CPDep, admin: WorkerCredentialDe
 
 @router.post("/refresh_all_workers")
 async def refresh_all_workers(cp: CPDep) -> dict[str, Any]:
-    """Poll every node now; unhealthy ones drop out of the model list."""
-    await cp.fleet.refresh()
+    """Probe every node now, as LLaVA's controller re-checks its workers: one that does not
+    answer leaves the model list at once, and is removed if it was out of routing already."""
+    removed = await cp.fleet.refresh()
     workers = cp.store.all()
-    return {"workers": len(workers), "healthy": sum(w.state is WorkerState.HEALTHY for w in workers)}
+    healthy = sum(w.state is WorkerState.HEALTHY for w in workers)
+    return {"workers": len(workers), "healthy": healthy, "removed": [w.name for w in removed]}
 
 
 @router.post("/list_models")
 async def list_models(cp: CPDep) -> dict[str, list[str]]:
     """Models the fleet can serve: those a healthy node lists, loaded or not (a request
     for one that is loaded nowhere loads it first)."""
-    return {"models": cp.store.servable_models()}
+    return {"models": cp.names.listed(cp.store.servable_models())}
 
 
 def _base_url(request: Request, configured: str) -> str:
@@ -166,7 +168,7 @@ async def get_worker_address(request: Request, cp: CPDep) -> dict[str, str]:
     """
     body = await parse_body(request, ModelQuery)
     try:
-        worker = await cp.service.pick_worker(body.model)
+        worker = await cp.service.pick_worker(cp.names.resolve(body.model))
     except ServiceError as exc:
         return {"address": "", "error": exc.message}
     if worker is None:
@@ -197,7 +199,7 @@ async def worker_get_status(cp: CPDep) -> dict[str, Any]:
     """The fleet as one worker: models, total speed, total queue."""
     healthy = [w for w in cp.store.all() if w.state is WorkerState.HEALTHY]
     return {
-        "model_names": cp.store.listed_models(),
+        "model_names": cp.names.listed(cp.store.listed_models()),
         "speed": sum(w.speed for w in healthy),
         "queue_length": sum(w.inflight + w.queue_length for w in healthy),
     }
@@ -209,7 +211,11 @@ async def one_worker_status(worker_id: int, cp: CPDep) -> dict[str, Any]:
     w = cp.store.get(worker_id)
     if w is None:
         raise NotFound(f"no worker with id {worker_id}")
-    return {"model_names": w.ready_models(), "speed": w.speed, "queue_length": w.inflight + w.queue_length}
+    return {
+        "model_names": cp.names.listed(w.ready_models()),
+        "speed": w.speed,
+        "queue_length": w.inflight + w.queue_length,
+    }
 
 
 def _decode_images(images: list[str] | None, limit: int, max_bytes: int) -> list[bytes]:
@@ -246,7 +252,7 @@ def _to_request(
         )
     stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     return GenerateRequest(
-        model=params.model,
+        model=cp.names.resolve(params.model),  # the Triton model (recorded so)
         api="llava",
         prompt=params.prompt,
         images=_decode_images(params.images, cp.settings.max_images, cp.settings.max_image_bytes),

@@ -39,7 +39,7 @@ router = APIRouter(
 
 def _model_card(cp: CPDep, name: str, ready: set[str]) -> dict[str, Any]:
     return {
-        "id": name,
+        "id": cp.names.name_of(name),
         "object": "model",
         "created": 0,
         "owned_by": "llava-triton",
@@ -54,15 +54,20 @@ async def list_models(cp: CPDep) -> dict[str, Any]:
     now, ``state`` is ``loaded``, ``loading``, ``failed`` or ``unloaded`` (a request for
     a model loaded nowhere loads it first)."""
     ready = set(cp.store.listed_models())
-    return {"object": "list", "data": [_model_card(cp, name, ready) for name in cp.store.servable_models()]}
+    cards: dict[str, dict[str, Any]] = {}
+    for name in cp.store.servable_models():  # two models served under one name: the first
+        card = _model_card(cp, name, ready)
+        cards.setdefault(card["id"], card)
+    return {"object": "list", "data": list(cards.values())}
 
 
 @router.get("/models/{model_id}")
 async def retrieve_model(model_id: str, cp: CPDep) -> dict[str, Any]:
     """One model of ``GET /v1/models``; 404 ``model_not_found`` for one the fleet cannot serve."""
-    if model_id not in cp.store.servable_models():
+    model = cp.names.resolve(model_id)
+    if model not in cp.store.servable_models():
         raise UnknownModel(f"model '{model_id}' is not served here; GET /v1/models lists those that are")
-    return _model_card(cp, model_id, set(cp.store.listed_models()))
+    return _model_card(cp, model, set(cp.store.listed_models()))
 
 
 async def to_generate_request(
@@ -115,7 +120,7 @@ async def to_generate_request(
         )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return GenerateRequest(
-        model=body.model,
+        model=cp.names.resolve(body.model),  # the Triton model (recorded so); responses echo body.model
         api="openai",
         messages=messages,
         images=images,

@@ -10,7 +10,16 @@ State machine:
     unknown/healthy --N failed polls--> unhealthy --failing for offline_after_s--> offline
     any state --a successful poll--> healthy
 
-Only healthy workers are routed to; every transition is recorded with its reason.
+Only healthy workers are routed to; every transition is recorded with its reason. A
+worker offline and not seen for ``offline_worker_ttl_s`` is removed (a ``removed`` event).
+Workers restored at start come back ``unknown`` (see :meth:`WorkerStore.load`).
+
+LLaVA's ``/refresh_all_workers`` (:meth:`HealthPoller.refresh`) probes every worker now.
+LLaVA's controller drops every worker that does not answer, and its workers register
+again at their next heartbeat; Triton nodes never register themselves, so here a worker
+that does not answer is removed only if it was out of routing already (unhealthy or
+offline), and a healthy one is taken out of routing at once (back at its next answered
+poll): a node that misses one probe while a web UI page loads is not lost for good.
 
 With several control-plane replicas on one database, a replica polls only the
 workers whose poll lease it holds (:mod:`control_plane.fleet.leases`), so each node is
@@ -33,6 +42,7 @@ from control_plane.fleet.leases import LeaseManager
 from control_plane.fleet.store import WorkerStore
 from control_plane.fleet.workers import WorkerInfo, WorkerState
 from control_plane.nodes.client import NodeClient, PollResult
+from control_plane.storage.schema import utcnow
 
 __all__ = ["HealthPoller"]
 
@@ -79,6 +89,55 @@ class HealthPoller(BackgroundLoop):
         workers = await self._round_targets()
         if workers:
             await asyncio.gather(*(self._poll_and_apply(w) for w in workers))
+        await self._expire(workers)
+
+    async def refresh(self) -> list[WorkerInfo]:
+        """Probe every worker now (LLaVA's ``/refresh_all_workers``); remove those that do
+        not answer and were out of routing already, take healthy ones that do not answer out
+        of routing. Returns the workers removed."""
+        workers = await self._round_targets()
+        before = {w.id: w.state for w in workers}
+        results = await asyncio.gather(*(self._poll_and_apply(w) for w in workers))
+        removed = []
+        for worker, res in zip(workers, results, strict=True):
+            if res is None or res.ok or worker.state is WorkerState.REMOVED:
+                continue
+            was = before[worker.id]
+            if was in (WorkerState.UNHEALTHY, WorkerState.OFFLINE):
+                await self.remove(
+                    worker, f"did not answer /refresh_all_workers while {was.value}: {res.error}"
+                )
+                removed.append(worker)
+            elif worker.state is WorkerState.HEALTHY:
+                self.store.set_state(
+                    worker, WorkerState.UNHEALTHY, f"did not answer /refresh_all_workers: {res.error}"
+                )
+        await self._expire(workers)
+        return removed
+
+    async def _expire(self, workers: list[WorkerInfo]) -> None:
+        ttl = self.settings.offline_worker_ttl_s
+        if ttl <= 0:
+            return
+        now = utcnow()
+        for worker in workers:
+            if worker.state is WorkerState.OFFLINE:
+                gone_s = (now - (worker.last_seen_at or worker.registered_at)).total_seconds()
+                if gone_s >= ttl:
+                    await self.remove(
+                        worker, f"offline, not seen for {gone_s:.0f} s (offline_worker_ttl_s: {ttl:g})"
+                    )
+
+    async def remove(self, info: WorkerInfo, reason: str) -> None:
+        """Remove a worker from the fleet (recorded, its history kept) and forget it."""
+        try:
+            removed = await asyncio.to_thread(self.store.remove, info.id, reason)
+        except Exception as exc:  # the database is away: tried again next round
+            log.warning("could not remove worker %s: %s", info.id, exc)
+            return
+        if removed is not None:
+            log.info("worker %s (%s) removed: %s", info.id, info.name, reason)
+            await self.forget(removed)
 
     async def _round_targets(self) -> list[WorkerInfo]:
         if self.leases is None:

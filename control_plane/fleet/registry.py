@@ -42,7 +42,7 @@ class Fleet:
         self.poller = poller
         self.nodes = nodes
         self.policy = policy
-        self._refresh: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Task[list[WorkerInfo]] | None = None
 
     async def register(
         self,
@@ -123,10 +123,11 @@ class Fleet:
             await self.poller.forget(info)
         return info
 
-    async def refresh(self) -> None:
-        """Poll every worker now (LLaVA's /refresh_all_workers); callers that come while a
+    async def refresh(self) -> list[WorkerInfo]:
+        """Probe every worker now (LLaVA's /refresh_all_workers, see
+        :meth:`HealthPoller.refresh`); returns those removed. Callers that come while a
         refresh runs share it, so clients cannot multiply the polls sent to the nodes."""
         task = self._refresh
         if task is None or task.done():
-            task = self._refresh = asyncio.create_task(self.poller.poll_all(), name="refresh-all-workers")
-        await asyncio.shield(task)
+            task = self._refresh = asyncio.create_task(self.poller.refresh(), name="refresh-all-workers")
+        return await asyncio.shield(task)

@@ -19,11 +19,18 @@ from sqlalchemy.exc import IntegrityError
 
 from control_plane.errors import BadRequest
 from control_plane.fleet.addresses import normalize_worker_url
+from control_plane.fleet.rows import apply_row, info_from_row, models_json
 from control_plane.fleet.workers import ModelStatus, WorkerInfo, WorkerState, is_served_model
 from control_plane.nodes.client import PollResult
 from control_plane.storage.db import Database
 from control_plane.storage.schema import Heartbeat, Worker, WorkerEvent, utcnow
-from control_plane.storage.worker_rows import all_rows, live_rows, mark_removed, upsert_registration
+from control_plane.storage.worker_rows import (
+    all_rows,
+    live_rows,
+    mark_removed,
+    mark_restored,
+    upsert_registration,
+)
 from control_plane.storage.writer import BatchWriter
 
 __all__ = ["SyncResult", "WorkerStore"]
@@ -38,51 +45,6 @@ class SyncResult:
     added: list[WorkerInfo] = field(default_factory=list)
     removed: list[WorkerInfo] = field(default_factory=list)
     updated: int = 0
-
-
-def _models_from_row(models: dict[str, Any] | None) -> dict[str, ModelStatus]:
-    out = {}
-    for name, m in (models or {}).items():
-        if isinstance(m, dict):
-            out[name] = ModelStatus(ready=bool(m.get("ready")), state=str(m.get("state", "")))
-        else:  # older rows kept only the flag
-            out[name] = ModelStatus(ready=bool(m))
-    return out
-
-
-def _info_from_row(row: Worker, state: WorkerState | None = None) -> WorkerInfo:
-    info = WorkerInfo(
-        id=row.id,
-        name=row.name,
-        http_url=row.http_url,
-        grpc_url=row.grpc_url,
-        metrics_url=row.metrics_url,
-        labels=dict(row.labels or {}),
-        speed=row.speed,
-        source=row.source,
-        registered_at=row.registered_at,
-        last_seen_at=row.last_seen_at,
-    )
-    if state is None:
-        _apply_row(info, row)
-    else:
-        info.state = state
-    return info
-
-
-def _apply_row(info: WorkerInfo, row: Worker) -> None:
-    """Take a worker's live state from its row (written by the replica that polls it)."""
-    try:
-        info.set_state(WorkerState(row.state))
-    except ValueError:
-        info.set_state(WorkerState.UNKNOWN)
-    info.set_models(_models_from_row(row.models))
-    info.queue_length = row.queue_length or 0
-    info.last_seen_at = row.last_seen_at
-    info.grpc_url, info.metrics_url = row.grpc_url, row.metrics_url
-    info.labels = dict(row.labels or {})
-    info.speed = row.speed
-    info.source = row.source
 
 
 class WorkerStore:
@@ -107,10 +69,15 @@ class WorkerStore:
 
     # -- loading and registration (blocking: call from a thread) ----------------------------
     def load(self) -> list[WorkerInfo]:
-        """Read the registered (not removed) workers from the database."""
+        """Read the registered (not removed) workers from the database. Those no other live
+        replica polls come back ``unknown`` (not routed to) until their first poll answers,
+        the change recorded; offline ones stay offline."""
+        restored = mark_restored(self.db, self.replica)
+        if restored:
+            log.info("%d workers restored as unknown until their first poll answers", restored)
         loaded = []
         for row in live_rows(self.db):
-            info = _info_from_row(row, WorkerState.UNKNOWN)
+            info = info_from_row(row)
             self._add(info)
             loaded.append(info)
         return loaded
@@ -144,13 +111,13 @@ class WorkerStore:
                 if local is None:
                     if self._removed.get(row.id) == row.registered_at:
                         continue  # removed here after the row was read
-                    info = _info_from_row(row)
+                    info = info_from_row(row)
                     self._workers[info.id] = info
                     self._by_name[info.name] = info.id
                     result.added.append(info)
                     continue
             if not skip(row.id):
-                _apply_row(local, row)
+                apply_row(local, row)
                 result.updated += 1
         for info in result.added:
             log.info("worker %s (%s) registered through another replica", info.id, info.name)
@@ -199,7 +166,7 @@ class WorkerStore:
         self, name: str, fields: dict[str, Any], labels: dict[str, Any] | None, source: str
     ) -> tuple[WorkerInfo, bool]:
         row, created = upsert_registration(self.db, name, fields, labels, source, self.replica)
-        return (_info_from_row(row, WorkerState.UNKNOWN), True) if created else (_info_from_row(row), False)
+        return (info_from_row(row, WorkerState.UNKNOWN), True) if created else (info_from_row(row), False)
 
     def remove(self, worker_id: int, reason: str = "removed by admin") -> WorkerInfo | None:
         """Take a worker out of the fleet (its history stays)."""
@@ -212,6 +179,7 @@ class WorkerStore:
             return None
         mark_removed(self.db, worker_id, info.state.value, reason, self.replica)
         info.set_state(WorkerState.REMOVED)
+        self._persist(info)  # after any update of the row still queued in the writer
         return info
 
     def _add(self, info: WorkerInfo) -> None:
@@ -323,7 +291,7 @@ class WorkerStore:
             {
                 "id": info.id,
                 "state": info.state.value,
-                "models": {n: {"ready": m.ready, "state": m.state} for n, m in info.models.items()},
+                "models": models_json(info.models),
                 "queue_length": info.queue_length,
                 "inflight": info.inflight,
                 "grpc_url": info.grpc_url,
@@ -342,6 +310,10 @@ class WorkerStore:
         is sent to a node that did not answer, even before it counts as unhealthy."""
         info.last_poll_latency_ms = res.latency_ms
         if res.models is not None:
+            # a model's served name is reported while it is loaded, and kept while it is not
+            for name, m in res.models.items():
+                known = info.models.get(name)
+                m.served_name = (res.served_names or {}).get(name) or (known.served_name if known else "")
             info.set_models(res.models)
         if res.queued is not None and res.active is not None:
             info.queue_length, info.active = res.queued, res.active
@@ -370,7 +342,8 @@ class WorkerStore:
 
     def mark_models(self, info: WorkerInfo, names: Iterable[str], status: ModelStatus) -> None:
         """Set models' states ahead of the next poll (a load or unload this control plane made)."""
-        marked = {name: ModelStatus(status.ready, status.state, status.reason) for name in names}
+        served = {n: m.served_name for n, m in info.models.items()}
+        marked = {n: ModelStatus(status.ready, status.state, status.reason, served.get(n, "")) for n in names}
         info.set_models({**info.models, **marked})
 
     def adjust_inflight(self, info: WorkerInfo, delta: int, model: str | None = None) -> None:

@@ -28,11 +28,11 @@ _epochs = itertools.count(1)
 class WorkerState(StrEnum):
     """A worker's health, as the poller sees it."""
 
-    UNKNOWN = "unknown"  # registered, not polled yet
+    UNKNOWN = "unknown"  # registered, or restored at start: no poll answered yet
     HEALTHY = "healthy"  # polls succeed: eligible for routing
     UNHEALTHY = "unhealthy"  # recent polls failed: out of routing, still polled
-    OFFLINE = "offline"  # failing for longer than the expiry: not listed, still polled
-    REMOVED = "removed"  # removed by an admin: not polled
+    OFFLINE = "offline"  # failing for longer than the expiry: not listed, still polled (removed after offline_worker_ttl_s)
+    REMOVED = "removed"  # removed (an admin, the offline retention, /refresh_all_workers): not polled
 
 
 @dataclass

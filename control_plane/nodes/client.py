@@ -35,6 +35,7 @@ class ModelStatus:
     ready: bool
     state: str = ""  # READY, LOADING, UNLOADING, UNAVAILABLE, "" (never loaded), UNREACHABLE (ours)
     reason: str = ""
+    served_name: str = ""  # the name the node serves it under ("": not reported)
 
 
 @dataclass(slots=True)
@@ -46,6 +47,7 @@ class PollResult:
     models: dict[str, ModelStatus] | None = None  # None: the index could not be read
     queued: int | None = None  # None: no metrics
     active: int | None = None
+    served_names: dict[str, str] | None = None  # model -> served name, from the metrics
     latency_ms: float | None = None
     error: str = ""
 

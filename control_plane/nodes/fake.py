@@ -114,6 +114,7 @@ class FakeNode:
     fail_before_first: str | None = None  # "unreachable", "error" or "client": how the stream fails
     fail_after: int | None = None  # fail (node error) after this many tokens
     stall_after: int | None = None  # send nothing more after this many tokens (until cancelled)
+    served_names: dict[str, str] = field(default_factory=dict)  # model -> name, reported while READY
     explicit: bool = True  # takes model loads and unloads
     load_delay_s: float = 0.0
     load_error: str | None = None
@@ -204,6 +205,7 @@ class FakeNodeClient:
             name: ModelStatus(ready=state == "READY", state=state) for name, state in node.models.items()
         }
         res.queued, res.active = node.queued, node.active + len(node.running())
+        res.served_names = {m: n for m, n in node.served_names.items() if node.models.get(m) == "READY"}
         return res
 
     async def discover(self, http_url: str) -> tuple[str, str]:

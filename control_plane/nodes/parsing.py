@@ -13,7 +13,13 @@ import re
 import aiohttp
 
 from control_plane.nodes.client import ModelStatus
-from llava_wire.protocol import ACTIVE_METRIC, CLIENT_ERROR_PREFIX, QUEUE_METRIC
+from llava_wire.protocol import (
+    ACTIVE_METRIC,
+    CLIENT_ERROR_PREFIX,
+    MODEL_INFO_METRIC,
+    QUEUE_METRIC,
+    STEP_SUFFIXES,
+)
 
 __all__ = [
     "MAX_INDEX_BYTES",
@@ -26,6 +32,7 @@ __all__ = [
     "node_message",
     "parse_index",
     "parse_load",
+    "parse_served_names",
     "read_bounded",
 ]
 
@@ -53,6 +60,35 @@ def parse_load(metrics_text: str) -> tuple[int, int]:
         elif line.startswith(ACTIVE_METRIC):
             active += _sample_value(line)
     return clamp_load(queued), clamp_load(active)
+
+
+# A served name as the node may report it (llava_node/served_name.py spells them so); a
+# label value that is not one is ignored, as is everything past MAX_SERVED_NAMES samples.
+SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MAX_SERVED_NAMES = 256
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.){0,512})"')
+
+
+def parse_served_names(metrics_text: str) -> dict[str, str]:
+    """Model -> the name it is served under, from a node's ``llava_served_model_info``
+    samples (label ``model``: the model's preprocess step, e.g. ``llava_preprocess`` for
+    ``llava``). Malformed samples, invalid names and samples past the first
+    ``MAX_SERVED_NAMES`` are ignored; of two names for one model the first counts."""
+    out: dict[str, str] = {}
+    seen = 0
+    for line in metrics_text.splitlines():
+        if not line.startswith(MODEL_INFO_METRIC + "{"):
+            continue
+        seen += 1
+        if seen > MAX_SERVED_NAMES:
+            break
+        labels = dict(_LABEL.findall(line[len(MODEL_INFO_METRIC) + 1 : line.rfind("}")]))
+        step, name = labels.get("model", ""), labels.get("served_name", "")
+        model = step.removesuffix(STEP_SUFFIXES[0])
+        if model == step or not model or len(model) > 256 or not SERVED_NAME.fullmatch(name):
+            continue
+        out.setdefault(model, name)
+    return out
 
 
 def _sample_value(line: str) -> float:

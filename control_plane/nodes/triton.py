@@ -32,6 +32,7 @@ from control_plane.nodes.parsing import (
     node_message,
     parse_index,
     parse_load,
+    parse_served_names,
     read_bounded,
 )
 from control_plane.nodes.watchdog import Watchdog
@@ -106,7 +107,9 @@ class TritonNodeClient:
                 async with self.session.get(metrics_url, timeout=timeout) as m:
                     if m.status == 200:
                         page = await read_bounded(m, MAX_METRICS_BYTES)
-                        res.queued, res.active = parse_load(page.decode("utf-8", "replace"))
+                        text = page.decode("utf-8", "replace")
+                        res.queued, res.active = parse_load(text)
+                        res.served_names = parse_served_names(text)
         return res
 
     async def discover(self, http_url: str, timeout_s: float = 2.0) -> tuple[str, str]:

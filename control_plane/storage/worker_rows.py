@@ -5,18 +5,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from control_plane.storage.db import Database
-from control_plane.storage.schema import Worker, WorkerEvent, utcnow
+from control_plane.storage.schema import PollLease, Worker, WorkerEvent, utcnow
 
-__all__ = ["all_rows", "live_rows", "mark_removed", "upsert_registration"]
+__all__ = ["all_rows", "live_rows", "mark_removed", "mark_restored", "upsert_registration"]
 
 
 def live_rows(db: Database) -> list[Worker]:
     """The registered (not removed) workers (blocking: call from a thread)."""
     with db.session() as s:
         return list(s.scalars(select(Worker).where(Worker.removed_at.is_(None))).all())
+
+
+def mark_restored(db: Database, replica: str) -> int:
+    """At start: every worker last known healthy or unhealthy that no other live replica
+    polls (no unexpired lease of another holder) becomes ``unknown`` until its first poll
+    answers, the change recorded; returns how many. Offline workers stay offline."""
+    with db.session() as s:
+        # the database's clock on PostgreSQL, as the leases are judged
+        now = (
+            s.execute(select(func.timezone("UTC", func.now()))).scalar_one()
+            if db.dialect == "postgresql"
+            else utcnow()
+        )
+        polled = select(PollLease.worker_id).where(PollLease.holder != replica, PollLease.expires_at > now)
+        rows = s.scalars(
+            select(Worker).where(
+                Worker.removed_at.is_(None),
+                Worker.state.in_(("healthy", "unhealthy")),
+                Worker.id.not_in(polled),
+            )
+        ).all()
+        at = utcnow()
+        for row in rows:
+            seen = f"last seen {row.last_seen_at.isoformat()}Z" if row.last_seen_at else "never seen"
+            s.add(
+                WorkerEvent(
+                    worker_id=row.id,
+                    at=at,
+                    from_state=row.state,
+                    to_state="unknown",
+                    reason=f"control plane started ({seen}): unknown until a poll answers",
+                    replica=replica or None,
+                )
+            )
+            row.state = "unknown"
+        return len(rows)
 
 
 def all_rows(db: Database) -> list[Worker]:

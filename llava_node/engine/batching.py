@@ -236,7 +236,9 @@ class BatchingEngine(Engine):
                 if request.prior_tokens:
                     # A continuation's client is mid-stream, waiting since its node failed:
                     # it goes before the requests that have not started (after earlier ones).
-                    at = next((i for i, r in enumerate(self._waiting) if not r.prior_tokens), len(self._waiting))
+                    at = next(
+                        (i for i, r in enumerate(self._waiting) if not r.prior_tokens), len(self._waiting)
+                    )
                     self._waiting.insert(at, request)
                 else:
                     self._waiting.append(request)

@@ -13,6 +13,8 @@ import pytest
 from llava_node.launcher import TritonNode
 from tests.processes import ControlPlaneProcess
 
+# what the nodes serve the tiny checkpoint (a directory "tiny-llava") as: llava_node/served_name.py
+TINY_SERVED_NAME = "tiny-llava-v1.5"
 WORKER_TOKEN = "test-worker-token"  # the module control plane's: LLaVA's worker pushes need it
 
 

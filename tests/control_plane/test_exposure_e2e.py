@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from llava_node.launcher import TritonNode
-from tests.control_plane.conftest import admin_get, llava_stream, sql, wait_for
+from tests.control_plane.conftest import TINY_SERVED_NAME, admin_get, llava_stream, sql, wait_for
 from tests.control_plane.test_resilience import LONG, node_metric
 from tests.media import image_b64
 from tests.processes import ControlPlaneProcess
@@ -45,7 +45,9 @@ def tight_cp(
     cp.start()
     try:
         wait_for(lambda: len(admin_get(cp, "/admin/workers")["workers"]) == 2, 30, "workers")
-        wait_for(lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == ["llava"], 60, "ready")
+        wait_for(
+            lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == [TINY_SERVED_NAME], 60, "ready"
+        )
         yield cp
     finally:
         cp.stop()

@@ -22,7 +22,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from llava_node.launcher import TritonNode
-from tests.control_plane.conftest import wait_for
+from tests.control_plane.conftest import TINY_SERVED_NAME, wait_for
 from tests.processes import ControlPlaneProcess
 
 
@@ -43,7 +43,9 @@ def fuzz_cp(
     )
     cp.start()
     try:
-        wait_for(lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == ["llava"], 60, "ready")
+        wait_for(
+            lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == [TINY_SERVED_NAME], 60, "ready"
+        )
         yield cp
     finally:
         cp.stop()

@@ -7,7 +7,7 @@ import time
 import httpx
 
 from llava_node.launcher import TritonNode
-from tests.control_plane.conftest import admin_get, llava_stream, sql, wait_for
+from tests.control_plane.conftest import TINY_SERVED_NAME, admin_get, llava_stream, sql, wait_for
 from tests.processes import ControlPlaneProcess
 
 
@@ -54,4 +54,4 @@ def test_a_dead_node_leaves_routing_and_returns(
     assert ("healthy", "unhealthy") in transitions and ("unhealthy", "healthy") in transitions
     reason = next(e["reason"] for e in events if e["to_state"] == "unhealthy")
     assert "failed polls" in reason and "connection" in reason
-    assert httpx.post(f"{control_plane.url}/list_models").json() == {"models": ["llava"]}
+    assert httpx.post(f"{control_plane.url}/list_models").json() == {"models": [TINY_SERVED_NAME]}

@@ -24,7 +24,7 @@ import pytest
 
 from llava_node.launcher import DEFAULT_MODEL_REPOSITORY, PROJECT_ROOT, TritonNode
 from llava_node.tiny_checkpoint import build_tiny_checkpoint
-from tests.control_plane.conftest import llava_stream, wait_for
+from tests.control_plane.conftest import TINY_SERVED_NAME, llava_stream, wait_for
 from tests.processes import ControlPlaneProcess, node_config
 
 TTL_S = 4.0
@@ -188,12 +188,13 @@ def cli(cp: ControlPlaneProcess, *args: str) -> subprocess.CompletedProcess[str]
 def test_catalog_lists_every_servable_model_loaded_or_not(
     cp: ControlPlaneProcess, nodes: list[TritonNode]
 ) -> None:
-    names = ["alpha", "beta", "broken", "llava"]
+    # llava under its served name; the models added on the same checkpoint under their own
+    names = ["alpha", "beta", "broken", TINY_SERVED_NAME]
     assert httpx.post(f"{cp.url}/list_models", timeout=10).json() == {"models": names}
     listed = httpx.get(f"{cp.url}/v1/models", timeout=10).json()["data"]
-    assert [m["id"] for m in listed] == names
+    assert [m["id"] for m in listed] == ["alpha", "beta", "broken", TINY_SERVED_NAME]
     state = {m["id"]: (m["ready"], m["state"]) for m in listed}
-    assert state["llava"] == (True, "loaded") and state["alpha"] == (False, "unloaded")
+    assert state[TINY_SERVED_NAME] == (True, "loaded") and state["alpha"] == (False, "unloaded")
     llava = model(cp, "llava")
     assert llava["default"] and llava["min_replicas"] == 1 and llava["replicas"] == 1
     by_worker = {p["worker"]: p for p in llava["placements"]}

@@ -13,7 +13,7 @@ import pytest
 from llava_node.client import stream_generate
 from llava_node.launcher import TritonNode
 from llava_wire.messages import GenerationResult
-from tests.control_plane.conftest import WORKER_TOKEN, admin_get, llava_stream, wait_for
+from tests.control_plane.conftest import TINY_SERVED_NAME, WORKER_TOKEN, admin_get, llava_stream, wait_for
 from tests.media import image_b64, image_bytes
 from tests.processes import ControlPlaneProcess
 
@@ -24,7 +24,7 @@ def test_llava_client_flow_streams_cumulative_frames(control_plane: ControlPlane
     url = control_plane.url
     assert httpx.post(f"{url}/refresh_all_workers", timeout=30).status_code == 200
     models = httpx.post(f"{url}/list_models", timeout=10).json()["models"]
-    assert models == ["llava"]
+    assert models == [TINY_SERVED_NAME]
     address = httpx.post(f"{url}/get_worker_address", json={"model": "llava"}, timeout=10).json()["address"]
     assert address == url  # cache_aware, the default: the node is chosen per stream, from its content
     params = {
@@ -141,7 +141,7 @@ def test_worker_status_heartbeat_and_registration(
 ) -> None:
     url = control_plane.url
     status = httpx.post(f"{url}/worker_get_status").json()
-    assert status["model_names"] == ["llava"] and status["speed"] == 2
+    assert status["model_names"] == [TINY_SERVED_NAME] and status["speed"] == 2
     worker = {"Authorization": f"Bearer {WORKER_TOKEN}"}  # LLaVA's worker pushes need a credential
     beat = {"worker_name": fleet[0].http_url, "queue_length": 0}
     assert httpx.post(f"{url}/receive_heart_beat", json=beat).status_code == 401

@@ -16,7 +16,7 @@ import pytest
 from llava_node.client import stream_generate
 from llava_node.launcher import TritonNode
 from llava_wire.messages import GenerationResult
-from tests.control_plane.conftest import llava_stream, sql, wait_for
+from tests.control_plane.conftest import TINY_SERVED_NAME, llava_stream, sql, wait_for
 from tests.media import image_bytes
 from tests.processes import ControlPlaneProcess
 
@@ -86,7 +86,9 @@ def control_plane(
     cp.start()
     try:
         wait_for(
-            lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == ["llava"], 30, "model listed"
+            lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == [TINY_SERVED_NAME],
+            30,
+            "model listed",
         )
         yield cp
     finally:
@@ -99,7 +101,7 @@ def client(control_plane: ControlPlaneProcess) -> openai.OpenAI:
 
 
 def test_models_lists_llava(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == ["llava"]
+    assert [m.id for m in client.models.list()] == [TINY_SERVED_NAME]
 
 
 def test_a_listed_model_can_be_retrieved_and_an_unknown_one_is_404(client: openai.OpenAI) -> None:
@@ -333,7 +335,9 @@ def test_no_healthy_worker_is_503(fleet: list[TritonNode], tmp_path: Path) -> No
     cp.start()
     try:
         wait_for(
-            lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == ["llava"], 30, "model listed"
+            lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == [TINY_SERVED_NAME],
+            30,
+            "model listed",
         )
         fleet[0].signal(19)  # SIGSTOP: the node stops answering polls
         try:
@@ -345,7 +349,11 @@ def test_no_healthy_worker_is_503(fleet: list[TritonNode], tmp_path: Path) -> No
             assert err.status_code == 503 and "no healthy worker" in err.body["message"]  # type: ignore[index]
         finally:
             fleet[0].signal(18)  # SIGCONT
-        wait_for(lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == ["llava"], 15, "node back")
+        wait_for(
+            lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == [TINY_SERVED_NAME],
+            15,
+            "node back",
+        )
         rows = sql(cp, "SELECT status, error FROM requests WHERE api = 'openai'")
         assert rows and rows[-1]["status"] == "error" and "no healthy worker" in rows[-1]["error"]
     finally:

@@ -20,7 +20,14 @@ import httpx
 import pytest
 
 from llava_node.launcher import PROJECT_ROOT, TritonNode
-from tests.control_plane.conftest import admin_get, llava_stream, sql, sql_statements, wait_for
+from tests.control_plane.conftest import (
+    TINY_SERVED_NAME,
+    admin_get,
+    llava_stream,
+    sql,
+    sql_statements,
+    wait_for,
+)
 from tests.postgres import PostgresServer
 from tests.processes import ControlPlaneProcess
 
@@ -109,7 +116,7 @@ def test_register_through_one_replica_and_stream_through_the_other(
             {"model": "llava", "prompt": f"USER: replica {i} ASSISTANT:", "max_new_tokens": 4},
         )
         assert status == 200 and frames[-1]["error_code"] == 0, frames
-    assert httpx.post(f"{b.url}/list_models", timeout=10).json() == {"models": ["llava"]}
+    assert httpx.post(f"{b.url}/list_models", timeout=10).json() == {"models": [TINY_SERVED_NAME]}
     time.sleep(1.0)  # batched writes
     served = sql(b, "SELECT replica, status, COUNT(*) AS n FROM requests GROUP BY replica, status")
     assert served == [{"replica": "cp-b", "status": "ok", "n": 4}]

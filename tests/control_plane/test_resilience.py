@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from llava_node.launcher import TritonNode, free_port
-from tests.control_plane.conftest import admin_get, llava_stream, sql, wait_for
+from tests.control_plane.conftest import TINY_SERVED_NAME, admin_get, llava_stream, sql, wait_for
 from tests.media import image_b64
 from tests.processes import ControlPlaneProcess
 
@@ -47,7 +47,9 @@ def one_node_cp(fleet: list[TritonNode], tmp_path: Path) -> Iterator[ControlPlan
     )
     cp.start()
     try:
-        wait_for(lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == ["llava"], 30, "ready")
+        wait_for(
+            lambda: httpx.post(f"{cp.url}/list_models").json()["models"] == [TINY_SERVED_NAME], 30, "ready"
+        )
         yield cp
     finally:
         cp.stop()

@@ -113,3 +113,25 @@ def test_control_plane_replicas_share_a_database_under_distinct_names(
         if "secretKeyRef" in e.get("valueFrom", {})
     }
     assert secret["stringData"]["database-url"].startswith("postgresql+psycopg://")
+
+
+@pytest.mark.parametrize(
+    ("deployment", "service", "port_name"),
+    [("triton-node", "triton-nodes", "metrics"), ("llava-control-plane", "llava-control-plane", "http")],
+)
+def test_pods_and_services_are_annotated_for_prometheus_on_their_metrics_port(
+    resources: dict[tuple[str, str], dict[str, Any]], deployment: str, service: str, port_name: str
+) -> None:
+    pod = resources[("Deployment", deployment)]["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in container(resources[("Deployment", deployment)])["ports"]}
+    svc = resources[("Service", service)]
+    for annotated in (pod["metadata"], svc["metadata"]):
+        notes = annotated["annotations"]
+        assert notes["prometheus.io/scrape"] == "true"
+        assert notes["prometheus.io/path"] == "/metrics"
+        assert int(notes["prometheus.io/port"]) == ports[port_name]  # a string, as annotations must be
+    assert any(p["targetPort"] == port_name for p in svc["spec"]["ports"])
+    if deployment == "triton-node":  # Triton's metrics stay on (they are by default)
+        assert not any(
+            "--allow-metrics=false" in a for a in container(resources[("Deployment", deployment)])["command"]
+        )

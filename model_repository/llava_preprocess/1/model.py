@@ -11,6 +11,7 @@ import sys
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,10 @@ import triton_python_backend_utils as pb_utils
 
 from llava_node.checkpoints import checkpoint_from_env
 from llava_node.preprocess import InvalidRequest, Limits, Preprocessor, RawRequest
+from llava_node.served_name import SERVED_NAME_ENV, served_name
 from llava_node.triton_io import bytes_list, int_list, param, scalar, text, text_list
 from llava_wire.gc_freeze import freeze_startup_objects, unfreeze_at_shutdown
-from llava_wire.protocol import CLIENT_ERROR_PREFIX, error_text
+from llava_wire.protocol import CLIENT_ERROR_PREFIX, MODEL_INFO_METRIC, error_text
 
 
 class TritonPythonModel:
@@ -45,7 +47,23 @@ class TritonPythonModel:
             max_tokens_limit=int(limit("max_tokens_limit", d.max_tokens_limit)),
         )
         self.preprocessor = Preprocessor(checkpoint, limits)
+        self._export_served_name(
+            args["model_name"], str(checkpoint), param(config, "served_name", SERVED_NAME_ENV)
+        )
         freeze_startup_objects()
+
+    def _export_served_name(self, model_name: str, checkpoint: str, override: str) -> None:
+        """The name LLaVA's web UI should see, as a metric the control plane reads."""
+        name = served_name(checkpoint, self.preprocessor.processor, override)
+        # A Metric stays valid only while its MetricFamily object lives: keep both.
+        self._info_family = pb_utils.MetricFamily(
+            name=MODEL_INFO_METRIC,
+            description="The name each model is served under (value 1)",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        labels = {"model": model_name, "served_name": name, "checkpoint": Path(checkpoint).name[:200]}
+        self._info = self._info_family.Metric(labels=labels)
+        self._info.set(1)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._one(r) for r in requests]
