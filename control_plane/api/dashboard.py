@@ -47,7 +47,7 @@ PAGE_HEADERS = {
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -103,10 +103,14 @@ async def dashboard_page(request: Request, cp: CPDep) -> Response:
 
 
 def _same_origin(request: Request) -> bool:
-    """A form post from a page of this host (or from a client that names no origin)."""
+    """A form post from a page of this host, as the browser tells (``Sec-Fetch-Site``,
+    else ``Origin``), or from a client that is no browser (it sends neither)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("origin")
-    if origin is None or origin == "null":
-        return origin is None
+    if origin is None:
+        return True
     return urlsplit(origin).netloc == request.headers.get("host", "")
 
 

@@ -64,6 +64,10 @@ async def test_the_page_asks_for_the_token_and_a_session_only_reads(tmp_path: Pa
             "/admin/dashboard/login", f"token={TOKEN}".encode(), headers={"origin": "http://evil.example"}
         )
         assert foreign.status == 403
+        cross_site = await h.client.post(
+            "/admin/dashboard/login", f"token={TOKEN}".encode(), headers={"sec-fetch-site": "cross-site"}
+        )
+        assert cross_site.status == 403
 
         ok = await sign_in(h)
         assert ok.status == 303 and ok.headers["location"] == "/admin/dashboard"
