@@ -32,7 +32,19 @@ STATE_COLORS = {
 # errors the control plane records (control_plane/errors.py and the nodes' own)
 ERROR_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("abandoned at restart", ("previous run", "left running", "restart")),
-    ("bad request", ("invalid request", "bad request", "must be", "too long", "too large")),
+    (
+        "bad request",
+        (
+            "invalid",
+            "bad request",
+            "must be",
+            "must match",
+            "placeholder",
+            "too long",
+            "too large",
+            "out of range",
+        ),
+    ),
     ("model load failed", ("could not be loaded", "load failed", "failed to load")),
     ("model loading", ("still loading", "cold start")),
     ("stalled", ("stall", "no token for", "first token")),

@@ -144,6 +144,7 @@ def test_errors_are_sorted_into_kinds() -> None:
     assert error_kind("left running by a previous run of the control plane") == "abandoned at restart"
     assert error_kind("invalid request: 2 images for 1 placeholder") == "bad request"
     assert error_kind("model llava-13b could not be loaded on any node") == "model load failed"
+    assert error_kind("the prompt has 1 <image> placeholder(s) but 0 image(s) were given") == "bad request"
     assert error_kind("") == "unknown"
 
 

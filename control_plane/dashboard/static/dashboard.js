@@ -51,7 +51,7 @@ function layoutFor(id, data) {
     margin: { l: 56, r: 12, t: 32, b: 36 },
     xaxis: { type: "date", range: [data.range.plot_since, data.range.plot_until] },
     yaxis: Object.assign({ rangemode: "tozero", automargin: true }, spec.yaxis || {}),
-    legend: { orientation: "h", y: -0.18, font: { size: 11 } },
+    legend: { orientation: "h", y: id === "timeline" ? -0.3 : -0.18, font: { size: 11 } },
     barmode: spec.barmode,
     hovermode: id === "timeline" ? "closest" : "x unified",
     uirevision: id, // keep the user's zoom across refreshes
