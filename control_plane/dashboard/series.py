@@ -168,6 +168,7 @@ def _timeline(rows: Rows, span: TimeRange) -> list[dict[str, Any]]:
             "name": state,
             "marker": {"color": STATE_COLORS.get(state, "#17becf")},
             "hovertemplate": "%{y}: %{text}<extra></extra>",
+            "textposition": "none",  # the text is for hovering: written on the bars it spilt over their neighbours
             **t,
         }
         for state, t in sorted(by_state.items())
