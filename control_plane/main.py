@@ -191,7 +191,7 @@ def create_app(settings: Settings | None = None, node_client: NodeClient | None 
 
     ``node_client``: how it talks to nodes; default a :class:`TritonNodeClient` made (and
     closed) by the lifespan."""
-    from control_plane.api import admin, errors, llava, openai
+    from control_plane.api import admin, dashboard, errors, llava, openai
 
     settings = settings or Settings()
     app = FastAPI(
@@ -209,4 +209,5 @@ def create_app(settings: Settings | None = None, node_client: NodeClient | None 
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(admin.public)
+    app.include_router(dashboard.router)
     return app

@@ -133,6 +133,7 @@ def _banner(settings: Any) -> str:
     url = f"http://{settings.host}:{settings.port}"
     return (
         f"\ncontrol plane: {url}   (API docs {url}/docs)\n"
+        f"dashboard:     {url}/admin/dashboard   (sign in with the admin token)\n"
         f"database:      {settings.sqlalchemy_url}\n"
         f"admin token:   {settings.admin_token}\n"
         f"worker pushes: {_push_status(settings)}\n"

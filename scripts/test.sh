@@ -16,6 +16,14 @@ if ! command -v postgres >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/postg
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
     -o Dpkg::Options::=--force-confold postgresql
 fi
+# Chromium and its driver for the dashboard's browser test (Debian's packages; Selenium is
+# pointed at /usr/bin/chromedriver, so it never downloads a driver).
+if [ ! -x /usr/bin/chromedriver ] || { ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; }; then
+  echo "== installing chromium and chromium-driver (the dashboard's browser test)"
+  SUDO=""; if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver
+fi
 PY=.venv/bin/python
 echo "== ruff"
 "$PY" -m ruff check .

@@ -89,6 +89,7 @@ class Client:
         raw = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         hdrs = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         hdrs += [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+        path, _, query = path.partition("?")
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -97,7 +98,7 @@ class Client:
             "scheme": "http",
             "path": path,
             "raw_path": path.encode(),
-            "query_string": b"",
+            "query_string": query.encode(),
             "root_path": "",
             "headers": hdrs,
             "client": ("127.0.0.1", 50000),
