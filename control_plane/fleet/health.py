@@ -93,8 +93,10 @@ class HealthPoller(BackgroundLoop):
 
     async def refresh(self) -> list[WorkerInfo]:
         """Probe every worker now (LLaVA's ``/refresh_all_workers``); remove those that do
-        not answer and were out of routing already, take healthy ones that do not answer out
-        of routing. Returns the workers removed."""
+        not answer and were offline already (silent for ``offline_after_s``: not a node that
+        is merely restarting, which a page load of the web UI would otherwise drop for
+        good), take healthy ones that do not answer out of routing. Returns the workers
+        removed."""
         workers = await self._round_targets()
         before = {w.id: w.state for w in workers}
         results = await asyncio.gather(*(self._poll_and_apply(w) for w in workers))
@@ -103,7 +105,7 @@ class HealthPoller(BackgroundLoop):
             if res is None or res.ok or worker.state is WorkerState.REMOVED:
                 continue
             was = before[worker.id]
-            if was in (WorkerState.UNHEALTHY, WorkerState.OFFLINE):
+            if was is WorkerState.OFFLINE:
                 await self.remove(
                     worker, f"did not answer /refresh_all_workers while {was.value}: {res.error}"
                 )

@@ -358,12 +358,13 @@ def test_refreshes_share_one_poll_round(client: TestClient) -> None:
     cp = client.app.state.cp  # type: ignore[attr-defined]
     rounds = 0
 
-    async def slow_round() -> None:
+    async def slow_round() -> list[object]:
         nonlocal rounds
         rounds += 1
         await asyncio.sleep(0.5)
+        return []
 
-    cp.fleet.poller.poll_all = slow_round
+    cp.fleet.poller.refresh = slow_round
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda _: client.post("/refresh_all_workers").status_code, range(8)))
     assert codes == [200] * 8

@@ -60,14 +60,21 @@ class Outcome:
         self.last_text_at = now
 
 
+def sampling(rid: str) -> dict[str, Any]:
+    """Greedy, but every fourth request sampled with a seed of its own.
+
+    Greedy prompts run (nearly) to max_new_tokens; sampled ones (sharpened) mostly do, but
+    one can end at an end-of-sequence token before the fault it is meant to see."""
+    i = int(rid.rsplit("-", 1)[1])
+    return {"temperature": 0.5, "seed": 1000 + i} if i % 4 == 3 else {"temperature": 0}
+
+
 def llava_body(rid: str, max_new_tokens: int) -> dict[str, Any]:
-    # greedy: these prompts run (nearly) to max_new_tokens; sampled, a stream can end at
-    # an early end-of-sequence token, before the fault it is meant to see
     return {
         "model": "llava",
         "prompt": f"USER: story {rid} ASSISTANT:",
         "max_new_tokens": max_new_tokens,
-        "temperature": 0,
+        **sampling(rid),
     }
 
 
@@ -76,9 +83,9 @@ def openai_body(rid: str, max_new_tokens: int) -> dict[str, Any]:
         "model": "llava",
         "messages": [{"role": "user", "content": f"story {rid}"}],
         "max_tokens": max_new_tokens,
-        "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **sampling(rid),
     }
 
 
@@ -248,7 +255,8 @@ def check_migrated(
     max_new_tokens: int,
 ) -> None:
     """Each migrated stream's whole text is what one node generates for the request alone
-    (greedy), its token count too: nothing lost, nothing repeated."""
+    (greedy, or sampled with the same seed), its token count too: nothing lost, nothing
+    repeated."""
     by_id = {o.request_id: o for o in outcomes}
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         alone = dict(
@@ -334,6 +342,7 @@ def test_sigkill_one_of_three_nodes_during_32_streams_loses_no_stream(
             ),
             "migrated": len(moved),
             "migrated_openai": sum(o.api == "openai" for o in outcomes if o.request_id in moved),
+            "migrated_sampled_seeded": sum("seed" in sampling(rid) for rid in moved),
             **pauses(moved, outcomes),
         },
     )
@@ -384,6 +393,7 @@ def test_sigstop_a_node_its_streams_move_on_and_sigcont_brings_it_back(
             "failed": len(failed),
             "detected_after_s": round(detected_s or -1, 2),
             "migrated": len(moved),
+            "migrated_sampled_seeded": sum("seed" in sampling(rid) for rid in moved),
             **pauses(moved, outcomes),
         },
     )

@@ -105,8 +105,10 @@ def test_models_lists_llava(client: openai.OpenAI) -> None:
 
 
 def test_a_listed_model_can_be_retrieved_and_an_unknown_one_is_404(client: openai.OpenAI) -> None:
+    # by its Triton name or by its served name: the card names it as /v1/models does
     model = client.models.retrieve("llava")
-    assert model.id == "llava" and model.object == "model"
+    assert model.id == TINY_SERVED_NAME and model.object == "model"
+    assert client.models.retrieve(TINY_SERVED_NAME).id == TINY_SERVED_NAME
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("no-such-model")
     body = err.value.body

@@ -16,7 +16,7 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ from llava_node.engine.loading import load_llava
 from llava_node.engine.runner import LlavaRunner, RunnerConfig
 from llava_node.launcher import PROJECT_ROOT
 from llava_node.preprocess import Preprocessor
-from llava_wire.protocol import CLIENT_ERROR_PREFIX
+from llava_wire.protocol import CLIENT_ERROR_PREFIX, MODEL_INFO_METRIC
 
 FINAL = 1
 
@@ -126,10 +126,38 @@ def load_model(name: str) -> Any:
     return module
 
 
+class MetricFamily:
+    """Triton's custom-metric family: its metrics' labels and values, as set."""
+
+    COUNTER, GAUGE = "counter", "gauge"
+    families: ClassVar[list[MetricFamily]] = []
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name, self.kind = name, kind
+        self.metrics: list[_Metric] = []
+        MetricFamily.families.append(self)
+
+    def Metric(self, labels: dict[str, str]) -> _Metric:
+        metric = _Metric(labels)
+        self.metrics.append(metric)
+        return metric
+
+
+class _Metric:
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels, self.value = labels, 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def increment(self, value: float) -> None:
+        self.value += value
+
+
 @pytest.fixture(scope="module")
 def models() -> Iterator[dict[str, Any]]:
     fake = types.ModuleType("triton_python_backend_utils")
-    for obj in (TritonError, Tensor, InferenceResponse, get_input_tensor_by_name):
+    for obj in (TritonError, Tensor, InferenceResponse, get_input_tensor_by_name, MetricFamily):
         setattr(fake, obj.__name__, obj)
     fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL  # type: ignore[attr-defined]
     saved = sys.modules.get("triton_python_backend_utils")
@@ -212,8 +240,13 @@ def test_preprocess_reads_its_limits_from_the_model_config(
     }
     config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
     model = models["llava_preprocess"].TritonPythonModel()
-    model.initialize({"model_config": json.dumps(config)})
+    model.initialize({"model_config": json.dumps(config), "model_name": "llava_preprocess"})
     try:
+        # the name LLaVA's web UI should see, exported for the control plane
+        (info,) = [m for f in MetricFamily.families if f.name == MODEL_INFO_METRIC for m in f.metrics]
+        assert info.value == 1 and info.labels["model"] == "llava_preprocess"
+        assert info.labels["served_name"] == "tiny-llava-v1.5"
+        assert info.labels["checkpoint"] == tiny_checkpoint.name
         limits = model.preprocessor.limits
         assert (limits.max_image_side, limits.max_image_aspect, limits.max_resized_pixels) == (
             4096,
