@@ -32,6 +32,10 @@ POLL_S = 0.5
 POLL_TIMEOUT_S = 1.0
 STALL_S = 30.0  # the last resort: here, a frozen node's streams must move long before it
 FROZEN_S = 0.5
+# 32 streams fill the three nodes' 24 engine slots: a migrated stream waits for a slot on
+# the two left (its pause); fewer (FAULT_KILL_STREAMS=12) leave room, and show the pause
+# without that wait
+KILL_STREAMS = int(os.environ.get("FAULT_KILL_STREAMS", "32"))
 
 
 @dataclass
@@ -312,7 +316,11 @@ def test_sigkill_one_of_three_nodes_during_32_streams_loses_no_stream(
     )
 
     def kill_when_streaming() -> float:
-        wait_for(lambda: admin_get(cp3, f"/admin/workers/{victim_id}")["inflight"] >= 8, 30, "victim busy")
+        wait_for(
+            lambda: admin_get(cp3, f"/admin/workers/{victim_id}")["inflight"] >= KILL_STREAMS // 4,
+            30,
+            "victim busy",
+        )
         time.sleep(0.8)  # let some streams start on every node
         at = time.monotonic()
         victim.kill()
@@ -321,7 +329,7 @@ def test_sigkill_one_of_three_nodes_during_32_streams_loses_no_stream(
     try:
         # Long enough that the victim's streams are still running at the kill: with the
         # node's tokens grouped per response, 300 could end within the 0.8 s before it.
-        outcomes, _ = run_load(cp3, 32, 1000, "kill", kill_when_streaming, both_apis=True)
+        outcomes, _ = run_load(cp3, KILL_STREAMS, 1000, "kill", kill_when_streaming, both_apis=True)
         wait_for(lambda: not sql(cp3, "SELECT id FROM requests WHERE status = 'running'"), 10, "rows written")
         moved = migrations(cp3)
         rows = {
@@ -332,7 +340,7 @@ def test_sigkill_one_of_three_nodes_during_32_streams_loses_no_stream(
         victim.restart()
     failed = [o for o in outcomes if o.error_code != 0]
     report(
-        "sigkill node during 32 streams (both APIs)",
+        f"sigkill node during {KILL_STREAMS} streams (both APIs)",
         {
             "sent": len(outcomes),
             "completed": len(outcomes) - len(failed),
@@ -459,8 +467,9 @@ def test_sigkill_and_restart_of_the_control_plane_under_load(fleet: list[TritonN
         def active() -> float:
             return sum(engine_metric(n, "llava_engine_active_requests") for n in fleet)
 
-        # the nodes go on generating for the dead control plane's streams (1000 tokens each)
-        assert active() > 0, "nothing was running on the nodes any more: the test would prove nothing"
+        # the nodes go on generating for the dead control plane's streams (1000 tokens each);
+        # their gauge is published once a second, so it may not show them yet at the kill
+        wait_for(lambda: active() > 0, 3.0, "the dead control plane's streams running on the nodes")
         cp.start()
         up = time.monotonic()
         # the restarted control plane cancels them on their nodes (their gauge is published
