@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ def node_config(checkpoint: Path, **kwargs: Any) -> TritonNodeConfig:
     )  # type: ignore[arg-type]
 
 
-def start_nodes(checkpoint: Path, count: int) -> list[TritonNode]:
-    """Start ``count`` nodes in parallel and wait until all are ready."""
+def start_nodes(checkpoint: Path, count: int, configs: Sequence[dict[str, Any]] = ()) -> list[TritonNode]:
+    """Start ``count`` nodes in parallel (node i with ``configs[i]`` as its config's
+    keywords, when given) and wait until all are ready."""
     nodes = []
-    for _ in range(count):
-        n = TritonNode(node_config(checkpoint))
+    for i in range(count):
+        n = TritonNode(node_config(checkpoint, **(configs[i] if i < len(configs) else {})))
         n.start(wait=False)  # ports are taken now, so the next block differs
         nodes.append(n)
     try:

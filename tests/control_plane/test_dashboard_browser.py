@@ -23,8 +23,9 @@ import pytest
 
 from llava_node.launcher import PROJECT_ROOT, TritonNode
 from tests.control_plane.conftest import llava_stream, wait_for
+from tests.fast.test_dashboard import PLOTS
 from tests.media import image_bytes
-from tests.processes import ControlPlaneProcess, node_config
+from tests.processes import ControlPlaneProcess, start_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +33,6 @@ TOKEN = "browser-test-admin-token"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver"
-PLOTS = (
-    "timeline",
-    "requests",
-    "errors",
-    "ttft_worker",
-    "ttft_api",
-    "tokens_worker",
-    "tokens_api",
-    "load",
-    "model_loads",
-    "cache",
-    "routing",
-)
 # Per plot: its traces, points with an x, and SVG marks drawn (bars, points, line paths).
 RENDERED_JS = """
 const out = {};
@@ -100,15 +88,11 @@ def browser() -> Iterator[Any]:
 def nodes(tiny_checkpoint: Path) -> Iterator[list[TritonNode]]:
     """Two nodes in explicit model control, as the run command starts them: node 1 with
     ``llava`` loaded, node 2 with nothing (the test loads it there: a cold start)."""
-    started = [
-        TritonNode(node_config(tiny_checkpoint, model_control="explicit", load_models=load))
-        for load in (("llava",), ())
-    ]
+    loads = (("llava",), ())
+    started = start_nodes(
+        tiny_checkpoint, 2, [{"model_control": "explicit", "load_models": m} for m in loads]
+    )
     try:
-        for n in started:
-            n.start(wait=False)
-        for n in started:
-            n.wait_ready(180)
         yield started
     finally:
         for n in started:
@@ -209,7 +193,7 @@ def test_the_dashboard_renders_every_plot_with_data_after_a_real_run(
     loads = _wait_loads(browser, 0)
     browser.get_log("browser")  # what came before the session (the sign-in page's own 401)
 
-    rendered = browser.execute_script(RENDERED_JS, list(PLOTS))
+    rendered = browser.execute_script(RENDERED_JS, sorted(PLOTS))
     empty = {k: v for k, v in rendered.items() if not (v["traces"] and v["points"] and v["marks"])}
     shot = _screenshot(browser, "1h")
     assert not empty, f"plots without data: {empty} (screenshot {shot})"

@@ -25,7 +25,7 @@ import pytest
 from llava_node.launcher import DEFAULT_MODEL_REPOSITORY, PROJECT_ROOT, TritonNode
 from llava_node.tiny_checkpoint import build_tiny_checkpoint
 from tests.control_plane.conftest import TINY_SERVED_NAME, llava_stream, wait_for
-from tests.processes import ControlPlaneProcess, node_config
+from tests.processes import ControlPlaneProcess, start_nodes
 
 TTL_S = 4.0
 TOKEN = "lifecycle-admin-token"
@@ -68,19 +68,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) 
 @pytest.fixture(scope="module")
 def nodes(repository: Path, tiny_checkpoint: Path) -> Iterator[list[TritonNode]]:
     """Node 0 with llava loaded, node 1 with nothing: explicit model control on both."""
-    started = [
-        TritonNode(
-            node_config(
-                tiny_checkpoint, model_repository=repository, model_control="explicit", load_models=load
-            )
-        )
-        for load in (("llava",), ())
-    ]
+    loads = (("llava",), ())
+    configs = [{"model_repository": repository, "model_control": "explicit", "load_models": m} for m in loads]
+    started = start_nodes(tiny_checkpoint, 2, configs)
     try:
-        for n in started:
-            n.start(wait=False)
-        for n in started:
-            n.wait_ready(180)
         yield started
     finally:
         for n in started:
