@@ -4,7 +4,7 @@ The checkpoint is a real ``LlavaForConditionalGeneration`` directory that
 ``from_pretrained`` loads like any llava-hf model: a 2-layer Llama language model,
 a 2-layer CLIP vision tower, random weights from a fixed seed, a byte-level BPE
 tokenizer trained here with ``tokenizers`` (``<image>`` is a special added token),
-a ``CLIPImageProcessor``, a LLaVA-1.5-style chat template, and a ``LlavaProcessor``.
+a CLIP image processor (PIL backend), a LLaVA-1.5-style chat template, and a ``LlavaProcessor``.
 Nothing is downloaded. Two builds with the same seed are identical.
 
 Usage::
@@ -177,11 +177,13 @@ def _llava_config(tokenizer: Any, shape: _Shape) -> Any:
 
 
 def _save_processor_and_card(out: Path, tokenizer: Any, shape: _Shape, card: dict[str, Any]) -> None:
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    # The PIL backend by name: the same pixels on every machine, and no notice about a
+    # missing torchvision (``CLIPImageProcessor`` names the torchvision backend now)
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     size = shape.image_size
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
+        image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         ),
         tokenizer=tokenizer,
