@@ -46,6 +46,8 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
     if kind == "hf_generate":
         from llava_node.engine.hf_generate import HFGenerateEngine
 
+        if w_dtype is not None:
+            log.warning("weight_dtype %s applies to the batching engine only; hf_generate runs bf16", w_dtype)
         return HFGenerateEngine(loaded, workers=options.hf_workers)
     from llava_node.engine.batching import BatchingEngine
 
