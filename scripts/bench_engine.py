@@ -405,10 +405,17 @@ def bench_engine(
 
 
 def check_against_transformers(
-    checkpoint: Path, prompt: str, image: bytes, steps: int = 16, kv_cache_dtype: str = "auto"
+    checkpoint: Path,
+    prompt: str,
+    image: bytes,
+    steps: int = 16,
+    kv_cache_dtype: str = "auto",
+    weight_dtype: str = "auto",
 ) -> dict[str, Any]:
     """The batching engine against transformers on the GPU, bf16: first-step logits,
-    teacher-forced per-step logits and argmax, and free-running greedy tokens."""
+    teacher-forced per-step logits and argmax, and free-running greedy tokens. With
+    ``weight_dtype`` fp8 the engine's linear layers are float8 and transformers' bf16
+    model is the reference: the error is fp8's against bf16."""
     import threading
 
     import torch
@@ -417,6 +424,7 @@ def check_against_transformers(
 
     from llava_node.engine.base import GenerationRequest
     from llava_node.engine.batching import BatchingEngine
+    from llava_node.engine.fp8_weights import weight_dtype as w_dtype
     from llava_node.engine.kv_cache import kv_cache_dtype as kv_dtype
     from llava_node.engine.loading import load_llava
     from llava_node.engine.runner import LlavaRunner, RunnerConfig
@@ -455,7 +463,11 @@ def check_against_transformers(
     runner = LlavaRunner(
         loaded,
         RunnerConfig(
-            max_batch=4, num_pages=512, graph_batch_sizes=(1, 2, 4), kv_cache_dtype=kv_dtype(kv_cache_dtype)
+            max_batch=4,
+            num_pages=512,
+            graph_batch_sizes=(1, 2, 4),
+            kv_cache_dtype=kv_dtype(kv_cache_dtype),
+            weight_dtype=w_dtype(weight_dtype),
         ),
     )
     runner.warmup()
@@ -521,6 +533,7 @@ def check_against_transformers(
     return {
         "fused_kernels": runner_fused,
         "kv_cache_dtype": kv_cache_dtype,
+        "weight_dtype": weight_dtype,
         "first_step_logits_rel_error": per_step[0]["rel_error"],
         "first_step_logits_rel_error_torch_ops_prefill": torch_ops_error,
         "first_step_logits_rel_error_cached_prefix": prefix_error,
@@ -528,6 +541,7 @@ def check_against_transformers(
         "cached_prefix_tokens": prefix_tokens,
         "transformers_eager_vs_sdpa_first_step_rel_error": floor,
         "max_step_logits_rel_error": max(p["rel_error"] for p in per_step),
+        "mean_step_logits_rel_error": round(sum(p["rel_error"] for p in per_step) / len(per_step), 5),
         "teacher_forced_argmax_equal_steps": sum(p["argmax_equal"] for p in per_step),
         "greedy_tokens_equal": got == ref_tokens,
         "free_running_first_difference_at": first_diff,
@@ -560,11 +574,16 @@ def step_kernels(runner: Any, slots: list[int]) -> dict[str, Any]:
 
 
 def micro_decode(
-    checkpoint: Path, batch_sizes: list[int], context: int = 616, kv_cache_dtype: str = "auto"
+    checkpoint: Path,
+    batch_sizes: list[int],
+    context: int = 616,
+    kv_cache_dtype: str = "auto",
+    weight_dtype: str = "auto",
 ) -> dict[str, Any]:
     """The bare decode step (no Triton): ms per step at several batch sizes, CUDA graphs."""
     import torch
 
+    from llava_node.engine.fp8_weights import weight_dtype as w_dtype
     from llava_node.engine.kv_cache import kv_cache_dtype as kv_dtype
     from llava_node.engine.loading import load_llava
     from llava_node.engine.runner import LlavaRunner, RunnerConfig
@@ -576,11 +595,13 @@ def micro_decode(
             max_batch=max(batch_sizes),
             graph_batch_sizes=tuple(batch_sizes),
             kv_cache_dtype=kv_dtype(kv_cache_dtype),
+            weight_dtype=w_dtype(weight_dtype),
         ),
     )
     runner.warmup()
     out: dict[str, Any] = {
         "kv_cache_dtype": kv_cache_dtype,
+        "weight_dtype": weight_dtype,
         "fused_kernels": runner.fused is not None,
         "graph_capture_s": runner.graphs.capture_s,
     }
@@ -608,7 +629,11 @@ def micro_decode(
             "kernels": step_kernels(runner, slots),
         }
         runner.seq_lens[:b] = context
-        print(f"[micro {kv_cache_dtype}] batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:.0f} tok/s", flush=True)
+        print(
+            f"[micro kv={kv_cache_dtype} weights={weight_dtype}] batch {b}: {ms:.2f} ms/step, "
+            f"{b * 1000 / ms:.0f} tok/s",
+            flush=True,
+        )
     if runner.gemv is not None:  # batch 1 again with cuBLAS instead of the Triton GEMV
         runner.gemv = None
         runner.graphs.capture()
@@ -908,6 +933,92 @@ def micro_gemv(layers: int = 32) -> dict[str, Any]:
     return out
 
 
+def micro_fp8_linear(layers: int = 8, rows: tuple[int, ...] = (1, 8, 32, 64, 256)) -> dict[str, Any]:
+    """The 7B shape's four projections of ``layers`` layers (own weights, streamed from
+    memory) at several row counts, CUDA graphs: bf16 through cuBLAS (``F.linear``)
+    against float8 weights (``kernels.gemv`` for one row, ``kernels.fp8_matmul`` for
+    more; a few other tile shapes too), with each one's error against the float64
+    product of the dequantized weights."""
+    import torch
+    import torch.nn.functional as F
+
+    from llava_node.engine.fp8_weights import quantize_fp8
+    from llava_node.engine.kernels import Fp8MatmulConfig, fp8_matmul, fp8_matmul_config, gemv
+
+    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+    dev = torch.device("cuda")
+    bf16 = {
+        n: [torch.randn(*s, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+        for n, s in shapes.items()
+    }
+    fp8 = {n: [quantize_fp8(w) for w in ws] for n, ws in bf16.items()}
+    bytes_bf16 = sum(w.numel() * 2 for ws in bf16.values() for w in ws)
+
+    def timed(fn: Any) -> float:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / 20 * 1000
+
+    out: dict[str, Any] = {"layers": layers, "weights_gb_bf16": round(bytes_bf16 / 1e9, 2)}
+    for m in rows:
+        xs = {n: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for n, (_o, k) in shapes.items()}
+        row: dict[str, Any] = {}
+        ms = timed(lambda xs=xs: [F.linear(xs[n], w) for n, ws in bf16.items() for w in ws])
+        row["bf16_cublas_ms"] = round(ms, 3)
+
+        def fp8_lin(x: Any, w: Any, cfg: Any = None, m: int = m) -> Any:
+            if m == 1 and cfg is None:
+                return gemv(x, w.q, scale=w.scale)
+            return fp8_matmul(x, w.q, w.scale, cfg)
+
+        ms = timed(lambda xs=xs: [fp8_lin(xs[n], w) for n, ws in fp8.items() for w in ws])
+        row["fp8_ms"] = round(ms, 3)
+        row["speedup"] = round(row["bf16_cublas_ms"] / ms, 2)
+        if m > 1:
+            row["config"] = str(fp8_matmul_config(m, 4096, dev))
+        variants = [
+            Fp8MatmulConfig(block_m=max(16, min(m, 64)), block_n=128, block_k=128, num_warps=4, num_stages=4),
+            Fp8MatmulConfig(block_m=max(16, min(m, 64)), block_n=64, block_k=128, num_warps=4, num_stages=3),
+            Fp8MatmulConfig(block_m=max(16, min(m, 64)), block_n=32, block_k=256, num_warps=4, num_stages=4),
+        ]
+        if m >= 256:
+            variants = [
+                Fp8MatmulConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+                Fp8MatmulConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+            ]
+        for cfg in variants:
+            try:
+                ms = timed(
+                    lambda xs=xs, cfg=cfg: [fp8_lin(xs[n], w, cfg) for n, ws in fp8.items() for w in ws]
+                )
+                row[str(cfg)] = round(ms, 3)
+            except Exception as exc:  # a tile shape that does not fit
+                row[str(cfg)] = f"failed: {type(exc).__name__}"
+        errs = {}
+        for n in shapes:
+            w = fp8[n][0]
+            ref = xs[n].double() @ w.dequantize(torch.float64).T
+            got = fp8_lin(xs[n], w).double()
+            errs[n] = round(float((got - ref).norm() / ref.norm()), 5)
+            errs[n + "_bf16_vs_fp8_weights"] = round(
+                float((F.linear(xs[n], bf16[n][0]).double() - got).norm() / got.norm()), 5
+            )
+        row["rel_err"] = errs
+        out[f"m{m}"] = row
+        print(f"[fp8_linear] rows {m}:", json.dumps(row), flush=True)
+    return out
+
+
 def main() -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -956,7 +1067,18 @@ def main() -> int:
     )
     parser.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)  # of one phase
     parser.add_argument(
-        "--phase", choices=["check", "micro", "prefill", "gemv", "mixed"], help=argparse.SUPPRESS
+        "--weight-dtypes",
+        default="auto",
+        help="linear-layer weight dtypes the check and micro phases run with, comma-separated (auto,fp8)",
+    )
+    parser.add_argument("--weight-dtype", default="auto", help=argparse.SUPPRESS)  # of one phase
+    parser.add_argument(
+        "--fp8-linear", action="store_true", help="time the 7B projections: bf16 cuBLAS vs float8 weights"
+    )
+    parser.add_argument(
+        "--phase",
+        choices=["check", "micro", "prefill", "gemv", "mixed", "fp8_linear"],
+        help=argparse.SUPPRESS,
     )
     args = parser.parse_args()
     # SIGTERM as an exception, so that the finally blocks stop the node this run started.
@@ -965,19 +1087,30 @@ def main() -> int:
         prompt = prompt_for(args.checkpoint)[0] if args.phase in ("check", "prefill", "mixed") else ""
         if args.phase == "check":
             out = check_against_transformers(
-                args.checkpoint, prompt, bench_image(), kv_cache_dtype=args.kv_cache_dtype
+                args.checkpoint,
+                prompt,
+                bench_image(),
+                kv_cache_dtype=args.kv_cache_dtype,
+                weight_dtype=args.weight_dtype,
             )
         elif args.phase == "prefill":
             out = micro_prefill(args.checkpoint, prompt, bench_image())
         elif args.phase == "gemv":
             out = micro_gemv()
+        elif args.phase == "fp8_linear":
+            out = micro_fp8_linear()
         elif args.phase == "mixed":
             import torch
 
             with torch.inference_mode():
                 out = micro_mixed(args.checkpoint, prompt, bench_image())
         else:
-            out = micro_decode(args.checkpoint, [1, 8, 32], kv_cache_dtype=args.kv_cache_dtype)
+            out = micro_decode(
+                args.checkpoint,
+                [1, 8, 32],
+                kv_cache_dtype=args.kv_cache_dtype,
+                weight_dtype=args.weight_dtype,
+            )
         args.out.write_text(json.dumps(out, default=str))
         return 0
     args.streams = [int(s) for s in args.streams.split(",") if s]
@@ -1006,10 +1139,15 @@ def main() -> int:
     def save() -> None:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
-    def phase(name: str, kv_cache_dtype: str = "auto") -> Any:
+    def variant(kv_cache_dtype: str, weight_dtype: str) -> str:
+        """The suffix of a phase's key: '' for the model's dtypes, else e.g. '_fp8_weights-fp8'."""
+        kv = "" if kv_cache_dtype == "auto" else f"_{kv_cache_dtype}"
+        return kv + ("" if weight_dtype == "auto" else f"_weights-{weight_dtype}")
+
+    def phase(name: str, kv_cache_dtype: str = "auto", weight_dtype: str = "auto") -> Any:
         import subprocess
 
-        path = args.out.with_suffix(f".{name}{'' if kv_cache_dtype == 'auto' else '-' + kv_cache_dtype}.json")
+        path = args.out.with_suffix(f".{name}{variant(kv_cache_dtype, weight_dtype).replace('_', '-')}.json")
         subprocess.run(
             [
                 sys.executable,
@@ -1022,23 +1160,30 @@ def main() -> int:
                 str(path),
                 "--kv-cache-dtype",
                 kv_cache_dtype,
+                "--weight-dtype",
+                weight_dtype,
             ],
             check=True,
         )
         return json.loads(path.read_text())
 
     kv_dtypes = [k for k in args.kv_cache_dtypes.split(",") if k]
-    for kv in kv_dtypes if args.check else []:
-        key = "check" if kv == "auto" else f"check_{kv}"
-        result[key] = phase("check", kv)
+    w_dtypes = [w for w in args.weight_dtypes.split(",") if w]
+    variants = [(kv, wd) for wd in w_dtypes for kv in kv_dtypes]
+    for kv, wd in variants if args.check else []:
+        key = "check" + variant(kv, wd)
+        result[key] = phase("check", kv, wd)
         print(
             f"[{key}]",
             {k: v for k, v in result[key].items() if k not in ("ours", "transformers", "steps")},
             flush=True,
         )
         save()
-    for kv in kv_dtypes if args.micro else []:
-        result["micro" if kv == "auto" else f"micro_{kv}"] = phase("micro", kv)
+    for kv, wd in variants if args.micro else []:
+        result["micro" + variant(kv, wd)] = phase("micro", kv, wd)
+        save()
+    if args.fp8_linear:
+        result["fp8_linear"] = phase("fp8_linear")
         save()
     if args.prefill:
         result["prefill"] = phase("prefill")

@@ -27,12 +27,14 @@ log = logging.getLogger(__name__)
 
 def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
     """Load ``checkpoint`` and start the engine ``options.kind`` asks for."""
+    from llava_node.engine.fp8_weights import weight_dtype
     from llava_node.engine.kv_cache import kv_cache_dtype
     from llava_node.engine.runner import LlavaRunner, RunnerConfig, supports
 
     if options.kind not in ENGINE_KINDS:
         raise ValueError(f"unknown engine {options.kind!r}; expected one of {ENGINE_KINDS}")
     kv_dtype = kv_cache_dtype(options.kv_cache_dtype)  # a bad value fails before loading
+    w_dtype = weight_dtype(options.weight_dtype)
     device, dtype = pick_device(options.device)
     loaded = load_llava(checkpoint, device, dtype)
     kind = options.kind
@@ -44,6 +46,8 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
     if kind == "hf_generate":
         from llava_node.engine.hf_generate import HFGenerateEngine
 
+        if w_dtype is not None:
+            log.warning("weight_dtype %s applies to the batching engine only; hf_generate runs bf16", w_dtype)
         return HFGenerateEngine(loaded, workers=options.hf_workers)
     from llava_node.engine.batching import BatchingEngine
 
@@ -61,6 +65,7 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
             page_size=options.page_size,
             kv_cache_fraction=options.kv_cache_fraction,
             kv_cache_dtype=kv_dtype,
+            weight_dtype=w_dtype,
             cuda_graphs=options.cuda_graphs,
             fused_kernels=options.fused_kernels,
             mixed_rows=prefill_chunk,

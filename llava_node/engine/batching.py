@@ -171,6 +171,7 @@ class BatchingEngine(Engine):
             "page_size": r.cache.page_size,
             "kv_tokens": r.cache.allocator.capacity * r.cache.page_size,
             "kv_cache_dtype": str(r.kv_dtype).removeprefix("torch."),
+            "weight_dtype": str(r.weight_dtype or r.dtype).removeprefix("torch."),
             "cuda_graphs": r.graphs is not None,
             "vision_graph": (r.vision_graph.error or "captured") if r.vision_graph is not None else None,
             "fused_kernels": r.fused is not None,

@@ -28,6 +28,7 @@ import triton.language as tl
 __all__ = [
     "add_rms_norm",
     "decode_num_splits",
+    "fp8_matmul",
     "gemv",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -999,14 +1000,17 @@ def rope_store(
 def _gemv_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     w_ptr,
+    s_ptr,
     y_ptr,
     N,
     K,
     stride_wn,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
-    # One program per BLOCK_N output rows, streaming their weights along K once.
+    # One program per BLOCK_N output rows, streaming their weights along K once. SCALED:
+    # w holds float8 e4m3 (fp8_weights.py), each row's sum times its scale s_ptr[row].
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -1020,7 +1024,10 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
             other=0.0,
         )
         acc += w.to(tl.float32) * x[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_mask)
+    y = tl.sum(acc, axis=1)
+    if SCALED:
+        y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
 @dataclass(frozen=True)
@@ -1038,17 +1045,29 @@ class GemvConfig:
     num_stages: int = 3
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+# Over float8 weights: twice the columns per load, so that each thread still loads 16
+# bytes (see GEMV_FP8_CONFIG's measurement in docs/performance.md, issue 18).
+GEMV_FP8_CONFIG = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=3)
+
+
+def gemv(
+    x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ w.T`` for one row: ``x`` ``[1, K]`` (or ``[K]``), ``w`` ``[N, K]`` with unit
     column stride; returns ``[1, N]`` in ``x``'s dtype, accumulated in float32.
+
+    With ``scale`` [N] (float32), ``w`` is float8 e4m3 (:class:`~llava_node.engine.
+    fp8_weights.Fp8Weight`'s values) and output ``n`` is multiplied by ``scale[n]``.
 
     Batch-1 decode is a stream of weights through the device: this reads each weight
     once, coalesced along K, with enough programs to occupy every multiprocessor.
     """
-    cfg = config or GemvConfig()
+    cfg = config or (GEMV_FP8_CONFIG if scale is not None else GemvConfig())
     n, k = w.shape
     if w.stride(1) != 1:
         raise ValueError("w must have unit column stride")
+    if scale is not None and scale.shape != (n,):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}; w expects ({n},)")
     xv = x.reshape(-1)
     if xv.shape[0] != k:
         raise ValueError(f"x has {xv.shape[0]} values; w expects {k}")
@@ -1061,12 +1080,148 @@ def gemv(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> 
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         xv,
         w,
+        scale if scale is not None else y,
         y,
         n,
         k,
         w.stride(0),
         BLOCK_N=block_n,
         BLOCK_K=cfg.block_k,
+        SCALED=scale is not None,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# Linear layer over float8 weights for several rows: y = (x @ q.T) * scale
+# --------------------------------------------------------------------------------------
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _fp8_matmul_kernel(  # type: ignore[no-untyped-def]
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    # Tiles of y [M, N]; the float8 tile of w converted to x's dtype (exact) before the
+    # dot, float32 accumulation, each column times its scale at the end. Programs in
+    # groups of GROUP_M row tiles, so that a weight tile is reused from L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    n_mask = rn < N
+    a_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    b_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + rk) < K
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        if IEEE:  # noqa: SIM108 - a constexpr branch, compiled away
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    acc = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@dataclass(frozen=True)
+class Fp8MatmulConfig:
+    """Launch parameters of :func:`fp8_matmul` (0 for ``block_n``: from the shape)."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+    group_m: int = 8
+
+
+def fp8_matmul_config(m: int, n: int, device: torch.device) -> Fp8MatmulConfig:
+    """The launch parameters for ``m`` rows and ``n`` outputs: small row tiles for decode
+    batches (memory-bound: the weights' bytes), square tiles for prompts (compute-bound);
+    narrower column tiles when too few programs would fill the device."""
+    if m <= 16:
+        cfg = Fp8MatmulConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
+    elif m <= 32:
+        cfg = Fp8MatmulConfig(block_m=32, block_n=64, block_k=256, num_warps=4, num_stages=4)
+    elif m <= 64:
+        cfg = Fp8MatmulConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    else:
+        return Fp8MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+    if triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m) < _num_sms(device):
+        cfg = Fp8MatmulConfig(cfg.block_m, 32, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
+    return cfg
+
+
+def fp8_matmul(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, config: Fp8MatmulConfig | None = None
+) -> torch.Tensor:
+    """``(x @ w.T) * scale`` for ``x`` [M, K] (bf16, or float32 under the interpreter),
+    ``w`` [N, K] float8 e4m3 with unit column stride and ``scale`` [N] float32: the
+    weight-only float8 linear layer (fp8_weights.py) for more than one row. Returns
+    [M, N] in ``x``'s dtype, accumulated in float32. Graph-capturable (shapes only)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], not {tuple(x.shape)}")
+    m, k = x.shape
+    n, kw = w.shape
+    if kw != k:
+        raise ValueError(f"x has {k} columns; w expects {kw}")
+    if w.stride(1) != 1:
+        raise ValueError("w must have unit column stride")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or fp8_matmul_config(m, n, x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _fp8_matmul_kernel[grid](
+        x,
+        w,
+        scale,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        y.stride(0),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        EVEN_K=k % cfg.block_k == 0,
+        IEEE=x.dtype == torch.float32,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

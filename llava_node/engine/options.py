@@ -21,6 +21,9 @@ class EngineOptions:
     max_seq_len: int = 0
     kv_cache_fraction: float = 0.9
     kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: float8 e4m3 (see kv_cache.py)
+    # auto: the model's dtype; fp8: the language model's linear layers as float8 e4m3 with
+    # a scale per output channel, activations in bf16 (see fp8_weights.py)
+    weight_dtype: str = "auto"
     page_size: int = 16
     cuda_graphs: bool = True
     hf_workers: int = 1
@@ -46,6 +49,7 @@ class EngineOptions:
             max_seq_len=_count(opt("max_seq_len", "LLAVA_MAX_SEQ_LEN", "0"), "max_seq_len"),
             kv_cache_fraction=_fraction(opt("kv_cache_fraction", "LLAVA_KV_CACHE_FRACTION", "0.9")),
             kv_cache_dtype=opt("kv_cache_dtype", "LLAVA_KV_CACHE_DTYPE", "auto"),
+            weight_dtype=opt("weight_dtype", "LLAVA_WEIGHT_DTYPE", "auto"),
             cuda_graphs=_boolean(opt("cuda_graphs", "LLAVA_CUDA_GRAPHS", "true"), "cuda_graphs"),
             stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
             fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),

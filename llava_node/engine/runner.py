@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llava_node.engine.fp8_weights import Fp8Weight, Weight, quantize_fp8
+from llava_node.engine.fp8_weights import linear as weight_linear
 from llava_node.engine.kv_cache import PagedKVCache
 from llava_node.engine.loading import LoadedModel
 from llava_node.engine.prefix_cache import ImageFeatureCache
@@ -76,6 +78,9 @@ class RunnerConfig:
     num_pages: int = 0  # 0: sized from memory (GPU) or max_batch full sequences (CPU)
     kv_cache_fraction: float = 0.9  # share of free GPU memory for the KV cache
     kv_cache_dtype: torch.dtype | None = None  # None: the model's; torch.float8_e4m3fn: 8-bit
+    # None: the model's; torch.float8_e4m3fn: the language model's linear layers (not the
+    # LM head, the embeddings or the vision tower) as float8 with per-row scales
+    weight_dtype: torch.dtype | None = None
     cuda_graphs: bool = True
     fused_kernels: bool | None = None  # None: on CUDA when Triton is importable
     batch1_gemv: bool = True  # with the fused kernels: batch-1 decode GEMMs as a Triton GEMV
@@ -144,13 +149,14 @@ class MixedLayout:
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's weights, fused for fewer, larger matrix products."""
+    """One decoder layer's weights, fused for fewer, larger matrix products (the four
+    matrices float8 with per-row scales under ``weight_dtype`` fp8: fp8_weights.py)."""
 
-    wqkv: torch.Tensor  # [(H + 2*KVH) * hd, D]
+    wqkv: Weight  # [(H + 2*KVH) * hd, D]
     bqkv: torch.Tensor | None
-    wo: torch.Tensor  # [D, H * hd]
-    wgu: torch.Tensor  # [2F, D]
-    wdown: torch.Tensor  # [D, F]
+    wo: Weight  # [D, H * hd]
+    wgu: Weight  # [2F, D]
+    wdown: Weight  # [D, F]
     ln1: torch.Tensor
     ln2: torch.Tensor
 
@@ -204,6 +210,9 @@ class LlavaRunner:
         self.embed = lm.embed_tokens.weight
         self.norm = lm.norm.weight
         self.lm_head = _pad_rows(hf.lm_head.weight, LM_HEAD_ROW_MULTIPLE)
+        if config.weight_dtype not in (None, torch.float8_e4m3fn):
+            raise ValueError(f"unsupported weight dtype {config.weight_dtype}")
+        self.weight_dtype = config.weight_dtype
         self.layers = [self._fuse(layer) for layer in lm.layers]
         # The HF layers are no longer needed: free them (the fused copies replace them).
         lm.layers = torch.nn.ModuleList()
@@ -276,17 +285,24 @@ class LlavaRunner:
         if attn.q_proj.bias is not None:
             bqkv = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], dim=0)
         wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
+        # float8 (weight_dtype fp8): each matrix quantized per output row (fp8_weights.py)
+        store: Callable[[torch.Tensor], Weight] = (
+            quantize_fp8 if self.weight_dtype == torch.float8_e4m3fn else lambda t: t
+        )
         weights = LayerWeights(
-            wqkv=wqkv.contiguous(),
+            wqkv=store(wqkv.contiguous()),
             bqkv=bqkv,
-            wo=attn.o_proj.weight,
-            wgu=wgu.contiguous(),
-            wdown=mlp.down_proj.weight,
+            wo=store(attn.o_proj.weight),
+            wgu=store(wgu.contiguous()),
+            wdown=store(mlp.down_proj.weight),
             ln1=layer.input_layernorm.weight,
             ln2=layer.post_attention_layernorm.weight,
         )
         # Drop the originals of what was copied, one layer at a time, to cap peak memory.
-        for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+        copied = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+        if self.weight_dtype is not None:
+            copied += [attn.o_proj, mlp.down_proj]
+        for m in copied:
             m.weight = None
         return weights
 
@@ -369,7 +385,7 @@ class LlavaRunner:
 
     def _qkv(self, x: torch.Tensor, w: LayerWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = _rms_norm(x, w.ln1, self.eps)
-        qkv = F.linear(h, w.wqkv, w.bqkv)
+        qkv = weight_linear(h, w.wqkv, w.bqkv)
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         return q.unflatten(-1, (nh, hd)), k.unflatten(-1, (nkv, hd)), v.unflatten(-1, (nkv, hd))
@@ -380,8 +396,8 @@ class LlavaRunner:
 
     def _mlp(self, x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         h = _rms_norm(x, w.ln2, self.eps)
-        gate, up = F.linear(h, w.wgu).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w.wdown)
+        gate, up = weight_linear(h, w.wgu).chunk(2, dim=-1)
+        return weight_linear(F.silu(gate) * up, w.wdown)
 
     # -- prefill ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -799,10 +815,20 @@ class LlavaRunner:
         LM head, if any, dropped)."""
         return self._linear(h, self.lm_head)[:, : self.vocab].float()
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear``; for one row, the Triton GEMV when enabled (it streams the weights
-        faster than cuBLAS's batch-1 kernels)."""
-        if self.gemv is not None and self.fused is not None and x.shape[0] == 1 and x.dim() == 2:
+        faster than cuBLAS's batch-1 kernels). A float8 weight (:class:`Fp8Weight`): the
+        GEMV over its bytes for one row, :func:`kernels.fp8_matmul` for more."""
+        one_row = self.gemv is not None and self.fused is not None and x.shape[0] == 1 and x.dim() == 2
+        if isinstance(w, Fp8Weight):
+            if one_row:
+                y = self.gemv(x, w.q, scale=w.scale)
+            elif self.fused is not None and x.dim() == 2:
+                y = self.fused.fp8_matmul(x, w.q, w.scale)
+            else:
+                return weight_linear(x, w, bias)
+            return y if bias is None else y + bias
+        if one_row:
             y = self.gemv(x, w)
             return y if bias is None else y + bias
         return F.linear(x, w, bias)
@@ -826,7 +852,7 @@ class LlavaRunner:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             self.cache.write(i, rows, k, v)
             kc, vc = self.cache.layer(i)
-            x = x + F.linear(attend(q, kc, vc, v), w.wo)
+            x = x + weight_linear(attend(q, kc, vc, v), w.wo)
             x = x + self._mlp(x, w)
         return _rms_norm(x, self.norm, self.eps)
 

@@ -17,6 +17,7 @@ def test_the_defaults_are_automatic() -> None:
     assert (o.kind, o.device, o.max_batch, o.max_seq_len) == ("auto", "auto", 0, 0)
     assert (o.kv_cache_fraction, o.kv_cache_dtype, o.cuda_graphs) == (0.9, "auto", True)
     assert (o.stream_interval, o.fused_kernels, o.prefill_chunk) == (0, None, -1)
+    assert o.weight_dtype == "auto"  # float8 weights are off unless asked for
 
 
 def test_values_are_parsed() -> None:
@@ -35,9 +36,9 @@ def test_values_are_parsed() -> None:
 
 
 def test_the_environment_fills_in_for_missing_parameters() -> None:
-    env = {"LLAVA_MAX_BATCH": "16", "LLAVA_DEVICE": "cpu"}
+    env = {"LLAVA_MAX_BATCH": "16", "LLAVA_DEVICE": "cpu", "LLAVA_WEIGHT_DTYPE": "fp8"}
     o = EngineOptions.from_model_config(lambda _key, var, default: env.get(var, default))
-    assert (o.max_batch, o.device) == (16, "cpu")
+    assert (o.max_batch, o.device, o.weight_dtype) == (16, "cpu", "fp8")
 
 
 @pytest.mark.parametrize(
