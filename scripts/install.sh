@@ -26,5 +26,6 @@ fi
 # the README's client examples (the openai SDK) work in this venv; --dev adds the tests' tools
 extras="[examples]"
 if [ "${1:-}" = "--dev" ]; then extras="[dev,examples]"; fi
-"$PY" -m pip install -q -e ".${extras}"
+# (without setuptools' "Editable installation" notice box, printed at every install)
+PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install -q -e ".${extras}"
 echo "installed into $VENV ($("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"
