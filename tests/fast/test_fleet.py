@@ -88,13 +88,15 @@ async def test_two_replicas_share_the_polling_and_one_takes_over_when_the_other_
 
 async def test_a_replica_that_dies_holding_leases_loses_them_after_the_lease_period(tmp_path: Path) -> None:
     a = node(9000)
-    first = Harness(tmp_path, [a], instance_name="first", lease_period_s=0.5)
-    second = Harness(tmp_path, [a], instance_name="second", lease_period_s=0.5, fakes=first.nodes)
+    # (a lease period long against the second replica's start-up on a loaded machine: it
+    # must find the lease still held, then take it once it has run out)
+    first = Harness(tmp_path, [a], instance_name="first", lease_period_s=2.0)
+    second = Harness(tmp_path, [a], instance_name="second", lease_period_s=2.0, fakes=first.nodes)
     async with first.running():
         await eventually(lambda: first.cp.leases.holds(first.worker(a).id), what="the first holds the lease")
         await first.cp.poller.stop()  # it "dies": no more rounds, its leases are never released
         async with second.running():
             assert not second.cp.leases.holds(second.worker(a).id)
-            await eventually(lambda: second.cp.leases.holds(second.worker(a).id), 3, "taken over")
+            await eventually(lambda: second.cp.leases.holds(second.worker(a).id), 6, "taken over")
             holders = await second.rows("SELECT holder FROM poll_leases")
             assert [r["holder"] for r in holders] == ["second"]

@@ -149,7 +149,8 @@ async def test_the_served_name_is_listed_taken_in_requests_and_the_triton_name_r
     tmp_path: Path,
 ) -> None:
     a = node(9000, served_names={"llava": "llava-v1.5-7b"})
-    async with Harness(tmp_path, [a]).running() as h:
+    # (no minimum replica: the unload below must not be undone by the lifecycle's reload)
+    async with Harness(tmp_path, [a], model_min_replicas={"llava": 0}).running() as h:
         assert (await h.client.post("/list_models")).json() == {"models": ["llava-v1.5-7b"]}
         cards = (await h.client.get("/v1/models")).json()["data"]
         assert [(c["id"], c["ready"]) for c in cards] == [("llava-v1.5-7b", True)]
