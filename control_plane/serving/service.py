@@ -232,7 +232,7 @@ class GenerationService:
                             self.metrics.ttft.labels(req.api).observe(rec.first_token - rec.started)
                             self.breaker.success(worker)
                         if progress.pending is not None:
-                            self._resumed(rec, req.model, progress)
+                            self._resumed(rec, req, progress)
                         progress.sent(chunk)
                         rec.prompt_tokens = chunk.prompt_tokens
                         rec.completion_tokens = chunk.completion_tokens
@@ -297,13 +297,18 @@ class GenerationService:
             progress.pending.to_worker = decision.worker.id
         return decision
 
-    def _resumed(self, rec: RequestState, model: str, progress: StreamProgress) -> None:
+    def _resumed(self, rec: RequestState, req: GenerateRequest, progress: StreamProgress) -> None:
         """A continuation's first chunk: its break is over."""
         brk = progress.pending
         assert brk is not None
         pause = time.monotonic() - brk.last_token
-        log.info("request %s resumed after %d tokens (pause %.0f ms)", rec.key, brk.after_tokens, pause * 1e3)
-        self.records.migration(rec, model, brk, "resumed", pause)
+        log.info(
+            "request %s resumed after %d tokens (pause %.0f ms)",
+            req.request_id,
+            brk.after_tokens,
+            pause * 1e3,
+        )
+        self.records.migration(rec, req.model, brk, "resumed", pause)
         progress.pending = None
 
     def _recover(
