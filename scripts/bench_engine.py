@@ -866,6 +866,29 @@ def mixed_check(
     }
 
 
+# The four projections of a LLaVA-1.5-7B layer: (output, input) features
+PROJECTIONS_7B = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+
+
+def timed(fn: Any) -> float:
+    """Milliseconds per replay of ``fn`` captured in a CUDA graph (warmed, 20 replays)."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 20 * 1000
+
+
 def micro_gemv(layers: int = 32) -> dict[str, Any]:
     """Batch-1 linear layers of the 7B shape (each layer's own weights, so they stream
     from memory as in a decode step): cuBLAS (``F.linear``) against ``kernels.gemv``
@@ -875,7 +898,7 @@ def micro_gemv(layers: int = 32) -> dict[str, Any]:
 
     from llava_node.engine.kernels import GemvConfig, gemv
 
-    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+    shapes = PROJECTIONS_7B
     dev = torch.device("cuda")
     weights = {
         name: [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
@@ -883,21 +906,6 @@ def micro_gemv(layers: int = 32) -> dict[str, Any]:
     }
     xs = {name: torch.randn(1, k, device=dev, dtype=torch.bfloat16) for name, (_n, k) in shapes.items()}
     total_bytes = sum(w.numel() * 2 for ws in weights.values() for w in ws)
-
-    def timed(fn: Any) -> float:
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / 20 * 1000
 
     out: dict[str, Any] = {"weights_gb": round(total_bytes / 1e9, 2)}
 
@@ -945,7 +953,7 @@ def micro_fp8_linear(layers: int = 8, rows: tuple[int, ...] = (1, 8, 32, 64, 256
     from llava_node.engine.fp8_weights import quantize_fp8
     from llava_node.engine.kernels import Fp8MatmulConfig, fp8_matmul, fp8_matmul_config, gemv
 
-    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+    shapes = PROJECTIONS_7B
     dev = torch.device("cuda")
     bf16 = {
         n: [torch.randn(*s, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
@@ -953,21 +961,6 @@ def micro_fp8_linear(layers: int = 8, rows: tuple[int, ...] = (1, 8, 32, 64, 256
     }
     fp8 = {n: [quantize_fp8(w) for w in ws] for n, ws in bf16.items()}
     bytes_bf16 = sum(w.numel() * 2 for ws in bf16.values() for w in ws)
-
-    def timed(fn: Any) -> float:
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) / 20 * 1000
 
     out: dict[str, Any] = {"layers": layers, "weights_gb_bf16": round(bytes_bf16 / 1e9, 2)}
     for m in rows:
