@@ -452,8 +452,9 @@ class Preprocessor:
                 f"max_tokens ({max_tokens}, after capping at the context)"
             )
         prior = np.asarray(list(ids), dtype=np.int64)
-        image_token = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-        if prior.size and bool((prior == image_token).any()):
+        if not prior.size:  # (every request but a continuation)
+            return prior
+        if bool((prior == self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)).any()):
             raise InvalidRequest("prior_token_ids holds the image token; a continuation cannot")
         return prior
 

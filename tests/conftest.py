@@ -18,7 +18,7 @@ import pytest
 from llava_node.launcher import TritonNode
 from llava_node.tiny_checkpoint import build_tiny_checkpoint
 from tests.postgres import PostgresServer, find_pg_bin
-from tests.processes import start_nodes
+from tests.processes import running_nodes
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +33,8 @@ def fleet(tiny_checkpoint: Path) -> Iterator[list[TritonNode]]:
 
     Tests that stop a node must bring it back (``node.restart()``) before they end.
     """
-    nodes = start_nodes(tiny_checkpoint, 2)
-    try:
+    with running_nodes(tiny_checkpoint, 2) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 @pytest.fixture(scope="session")

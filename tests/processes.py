@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from llava_node.launcher import TritonNode, TritonNodeConfig, free_port_block
 from llava_stack.processes import ControlPlaneProcess
 
-__all__ = ["ControlPlaneProcess", "node_config", "start_nodes"]
+__all__ = ["ControlPlaneProcess", "node_config", "running_nodes", "start_nodes"]
 
 _HANDED_OUT: set[int] = set()
 
@@ -42,3 +43,16 @@ def start_nodes(checkpoint: Path, count: int, configs: Sequence[dict[str, Any]] 
             n.stop()
         raise
     return nodes
+
+
+@contextmanager
+def running_nodes(
+    checkpoint: Path, count: int, configs: Sequence[dict[str, Any]] = ()
+) -> Iterator[list[TritonNode]]:
+    """:func:`start_nodes`, stopped (by PID) on the way out."""
+    nodes = start_nodes(checkpoint, count, configs)
+    try:
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()

@@ -25,7 +25,7 @@ from llava_node.launcher import PROJECT_ROOT, TritonNode
 from tests.control_plane.conftest import llava_stream, wait_for
 from tests.fast.test_dashboard import PLOTS
 from tests.media import image_bytes
-from tests.processes import ControlPlaneProcess, start_nodes
+from tests.processes import ControlPlaneProcess, running_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -89,14 +89,10 @@ def nodes(tiny_checkpoint: Path) -> Iterator[list[TritonNode]]:
     """Two nodes in explicit model control, as the run command starts them: node 1 with
     ``llava`` loaded, node 2 with nothing (the test loads it there: a cold start)."""
     loads = (("llava",), ())
-    started = start_nodes(
+    with running_nodes(
         tiny_checkpoint, 2, [{"model_control": "explicit", "load_models": m} for m in loads]
-    )
-    try:
+    ) as started:
         yield started
-    finally:
-        for n in started:
-            n.stop()
 
 
 @pytest.fixture(scope="module")

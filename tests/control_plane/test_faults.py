@@ -26,7 +26,7 @@ import pytest
 
 from llava_node.launcher import TritonNode
 from tests.control_plane.conftest import admin_get, sql, wait_for
-from tests.processes import ControlPlaneProcess, start_nodes
+from tests.processes import ControlPlaneProcess, running_nodes
 
 POLL_S = 0.5
 POLL_TIMEOUT_S = 1.0
@@ -165,11 +165,8 @@ def report(name: str, counts: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def third_node(tiny_checkpoint: Path) -> Iterator[TritonNode]:
-    nodes = start_nodes(tiny_checkpoint, 1)
-    try:
+    with running_nodes(tiny_checkpoint, 1) as nodes:
         yield nodes[0]
-    finally:
-        nodes[0].stop()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import pytest
 from llava_node.launcher import DEFAULT_MODEL_REPOSITORY, PROJECT_ROOT, TritonNode
 from llava_node.tiny_checkpoint import build_tiny_checkpoint
 from tests.control_plane.conftest import TINY_SERVED_NAME, llava_stream, wait_for
-from tests.processes import ControlPlaneProcess, start_nodes
+from tests.processes import ControlPlaneProcess, running_nodes
 
 TTL_S = 4.0
 TOKEN = "lifecycle-admin-token"
@@ -70,12 +70,8 @@ def nodes(repository: Path, tiny_checkpoint: Path) -> Iterator[list[TritonNode]]
     """Node 0 with llava loaded, node 1 with nothing: explicit model control on both."""
     loads = (("llava",), ())
     configs = [{"model_repository": repository, "model_control": "explicit", "load_models": m} for m in loads]
-    started = start_nodes(tiny_checkpoint, 2, configs)
-    try:
+    with running_nodes(tiny_checkpoint, 2, configs) as started:
         yield started
-    finally:
-        for n in started:
-            n.stop()
 
 
 @pytest.fixture(scope="module")
