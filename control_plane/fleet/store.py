@@ -169,7 +169,8 @@ class WorkerStore:
         return (info_from_row(row, WorkerState.UNKNOWN), True) if created else (info_from_row(row), False)
 
     def remove(self, worker_id: int, reason: str = "removed by admin") -> WorkerInfo | None:
-        """Take a worker out of the fleet (its history stays)."""
+        """Take a worker out of the fleet (its history stays). Blocking: call it off the
+        event loop."""
         with self._lock:
             info = self._workers.pop(worker_id, None)
             if info is not None:
@@ -177,6 +178,9 @@ class WorkerStore:
                 self._removed[worker_id] = info.registered_at
         if info is None:
             return None
+        # (in a worker thread) the transitions still queued in the writer first, so that
+        # the removal's event, written directly, comes after them
+        self.writer.flush(5.0)
         mark_removed(self.db, worker_id, info.state.value, reason, self.replica)
         info.set_state(WorkerState.REMOVED)
         self._persist(info)  # after any update of the row still queued in the writer
