@@ -52,12 +52,19 @@ def load_llava(checkpoint: str | Path, device: torch.device, dtype: torch.dtype)
         eos = tokenizer.eos_token_id
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     text_config = model.config.text_config
+    image_token_id = int(model.config.image_token_id)
+    # The image token is a placeholder of the input, never an output: LLaVA's own
+    # checkpoints cannot emit it (its index, -200, is outside their vocabulary), and a
+    # reply holding it would turn into an image slot when the conversation is sent back.
+    # transformers' generate() then suppresses it as the engine's sampler does.
+    suppressed = list(model.generation_config.suppress_tokens or [])
+    model.generation_config.suppress_tokens = sorted({*suppressed, image_token_id})
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
         eos_token_ids=eos_ids,
-        image_token_id=int(model.config.image_token_id),
+        image_token_id=image_token_id,
         context_length=int(text_config.max_position_embeddings),
     )

@@ -565,7 +565,10 @@ class LlavaRunner:
         return nxt
 
     def _sample(self, logits: torch.Tensor, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
-        """Each slot's next token from its logits row; it becomes the slot's last token."""
+        """Each slot's next token from its logits row; it becomes the slot's last token.
+        The image token is never one (an input placeholder: see
+        :func:`~llava_node.engine.loading.load_llava`)."""
+        logits[:, self.image_token_id] = float("-inf")  # (in place: graph-safe, no copy)
         nxt = sample_tokens(
             logits,
             self.temperature[slots],

@@ -558,3 +558,46 @@ def test_shutdown_ends_every_request_at_once(tiny_checkpoint: Path, processor) -
         late = CollectingSink()
         eng.submit(request(x, late))
         assert late.done.is_set() and late.error == "the model is shutting down"
+
+
+def test_the_image_token_is_never_generated_even_where_the_model_prefers_it(
+    tiny_checkpoint: Path, processor
+) -> None:
+    """The image token is an input placeholder (LLaVA's own checkpoints cannot emit it):
+    with its LM-head row made the first step's clear favourite, both engines and
+    transformers' generate() pass it over, greedy or sampled, and agree on what follows."""
+    x = make_inputs(processor, 3)
+
+    def favouring_the_image_token() -> LoadedModel:
+        loaded = load_llava(tiny_checkpoint, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            head = loaded.model.lm_head.weight
+            head[loaded.image_token_id] = 10 * head[int(loaded.model(**x).logits[0, -1].argmax())]
+        return loaded
+
+    reference = favouring_the_image_token()
+    image_id = reference.image_token_id
+    unsuppressed = reference.model.generate(**x, max_new_tokens=1, do_sample=False, suppress_tokens=[])
+    assert int(unsuppressed[0, -1]) == image_id  # what the model itself would say
+    expected = hf_greedy(reference, x, 24)  # its generation_config suppresses it
+    assert image_id not in expected
+
+    # (the runner takes the model's layers: each engine gets its own copy)
+    batching = favouring_the_image_token()
+    engines = [
+        BatchingEngine(
+            LlavaRunner(batching, RunnerConfig(max_batch=2)), batching.tokenizer, batching.eos_token_ids
+        ),
+        HFGenerateEngine(favouring_the_image_token()),
+    ]
+    try:
+        for eng in engines:
+            greedy, sampled = CollectingSink(), CollectingSink()
+            eng.submit(request(x, greedy, max_tokens=24, rid="greedy"))
+            eng.submit(request(x, sampled, max_tokens=24, temperature=1.0, seed=7, rid="sampled"))
+            assert greedy.wait().ids == expected, type(eng).__name__
+            assert sampled.wait().error is None and len(sampled.ids) == 24
+            assert image_id not in sampled.ids, type(eng).__name__
+    finally:
+        for eng in engines:
+            eng.shutdown()
