@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import signal
 import statistics
@@ -77,16 +78,43 @@ def engine_inputs(checkpoint: Path, prompt: str, image: bytes) -> dict[str, Any]
     }
 
 
+def distinct_image(image: bytes, i: int) -> bytes:
+    """The benchmark image with one pixel changed by ``i``: another image's bytes (so
+    neither the node's image cache nor its prefix cache knows it) of the same content."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(image)).convert("RGB")
+    img.putpixel((i % 336, (i // 336) % 336), (i % 251, (i // 251) % 251, 7))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
 def request_inputs(
-    grpcclient: Any, args: argparse.Namespace, prompt: str, image: bytes, max_tokens: int
+    grpcclient: Any,
+    args: argparse.Namespace,
+    prompt: str,
+    image: bytes,
+    max_tokens: int,
+    variant: int | None = None,
 ) -> tuple[str, list[Any]]:
-    """(model, inputs): the ``llava`` ensemble, or ``llava_engine`` directly (numeric inputs)."""
+    """(model, inputs): the ``llava`` ensemble, or ``llava_engine`` directly (numeric
+    inputs). ``variant`` (with ``--distinct-images``) makes the image one no earlier
+    request had: one pixel value moved by 1e-3, or one pixel of the PNG changed."""
     if args.via == "ensemble":
+        if variant is not None:
+            image = distinct_image(image, variant)
         return "llava", build_inputs(
             grpcclient, prompt=prompt, images=[image], max_tokens=max_tokens, temperature=0.0
         )
+    pixels = args.engine_arrays["pixel_values"]
+    if variant is not None:
+        pixels = pixels.copy()
+        flat = pixels.reshape(-1)
+        flat[variant % flat.size] += np.float32(1e-3) * (1 + variant // flat.size)
     arrays = {
         **args.engine_arrays,
+        "pixel_values": pixels,
         "gen_max_tokens": np.array([max_tokens], np.int32),
         "gen_temperature": np.array([0.0], np.float32),
         "gen_top_p": np.array([1.0], np.float32),
@@ -99,6 +127,35 @@ def request_inputs(
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
     return "llava_engine", inputs
+
+
+def inputs_maker(
+    grpcclient: Any, args: argparse.Namespace, prompt: str, image: bytes, max_tokens: int
+) -> Any:
+    """A function giving each request's (model, inputs): the same for all, or with
+    ``--distinct-images`` each with an image of its own."""
+    if not args.distinct_images:
+        shared = request_inputs(grpcclient, args, prompt, image, max_tokens)
+        return lambda: shared
+    return lambda: request_inputs(grpcclient, args, prompt, image, max_tokens, next(args.image_variants))
+
+
+async def cancel_on_node(client: Any, rids: list[str]) -> None:
+    """Stop the engine's requests ``rids`` (a window cut them short): so the next phase
+    starts on an idle node (Triton 2.51 does not pass a closed stream on to the engine)."""
+    import tritonclient.grpc.aio as grpcclient
+
+    from llava_wire.protocol import engine_model
+
+    for rid in rids:
+        inp = grpcclient.InferInput("cancel_request_id", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([rid.encode()], dtype=np.object_))
+
+        async def cancel_req(inp: Any = inp) -> Any:
+            yield {"model_name": engine_model("llava"), "inputs": [inp]}
+
+        async for _ in client.stream_infer(cancel_req()):
+            break
 
 
 async def one_stream(
@@ -155,28 +212,22 @@ async def run_load(
     """``streams`` concurrent requests; aggregate rate over the run (or a time window)."""
     import tritonclient.grpc.aio as grpcclient
 
-    from llava_wire.protocol import engine_model
-
     client = grpcclient.InferenceServerClient(grpc_url)
     await client.is_server_ready()  # connect first: TTFT is the request's, not the TCP handshake's
+    make = inputs_maker(grpcclient, args, prompt, image, max_tokens)
+    requests = [make() for _ in range(streams)]
     deadline = time.perf_counter() + window_s
     t0 = time.perf_counter()
-    model, inputs = request_inputs(grpcclient, args, prompt, image, max_tokens)
     results = await asyncio.gather(
-        *(one_stream(client, model, inputs, f"{tag}-{i}", deadline) for i in range(streams))
+        *(
+            one_stream(client, model, inputs, f"{tag}-{i}", deadline)
+            for i, (model, inputs) in enumerate(requests)
+        )
     )
     elapsed = time.perf_counter() - t0
-    # stop whatever the window cut short, so the next phase starts on an idle node
-    cut = [i for i, r in enumerate(results) if r["tokens"] < max_tokens and elapsed >= window_s]
-    for i in cut if args.cancel_cut else []:
-        inp = grpcclient.InferInput("cancel_request_id", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([f"{tag}-{i}".encode()], dtype=np.object_))
-
-        async def cancel_req(inp: Any = inp) -> Any:
-            yield {"model_name": engine_model("llava"), "inputs": [inp]}
-
-        async for _ in client.stream_infer(cancel_req()):
-            break
+    cut = [f"{tag}-{i}" for i, r in enumerate(results) if r["tokens"] < max_tokens and elapsed >= window_s]
+    if args.cancel_cut:
+        await cancel_on_node(client, cut)
     await client.close()
     total = sum(r["tokens"] for r in results)
     ttfts = [(r["first"] - r["start"]) * 1000 for r in results if r["first"]]
@@ -214,7 +265,7 @@ async def run_sustained(
 
     client = grpcclient.InferenceServerClient(grpc_url)
     await client.is_server_ready()
-    model, inputs = request_inputs(grpcclient, args, prompt, image, max_tokens)
+    make = inputs_maker(grpcclient, args, prompt, image, max_tokens)
     t0 = time.perf_counter()
     counted_from = t0 + args.sustained_warmup_s
     end = t0 + args.sustained_s
@@ -224,10 +275,14 @@ async def run_sustained(
     async def client_loop(i: int) -> None:
         n = 0
         while time.perf_counter() < end:
-            results.append(await one_stream(client, model, inputs, f"{tag}-{i}-{n}", end, events))
+            model, inputs = make()
+            rid = f"{tag}-{i}-{n}"
+            results.append({"rid": rid, **await one_stream(client, model, inputs, rid, end, events)})
             n += 1
 
     await asyncio.gather(*(client_loop(i) for i in range(streams)))
+    if args.cancel_cut:  # (the last request of each client, cut by the window's end)
+        await cancel_on_node(client, [r["rid"] for r in results if r["tokens"] < max_tokens])
     await client.close()
     window = end - counted_from
     counted = sum(k for t, k in events if counted_from <= t <= end)
@@ -255,6 +310,9 @@ ENGINE_COUNTERS = (
     "llava_engine_decode_steps_total",
     "llava_engine_mixed_steps_total",
     "llava_engine_generated_tokens_total",
+    "llava_engine_prefix_cache_hit_tokens_total",
+    "llava_engine_prefix_cache_miss_tokens_total",
+    "llava_engine_image_cache_misses_total",
 )
 
 
@@ -358,27 +416,28 @@ def bench_engine(
             # per request so that they end (its aggregate rate is its one-stream rate anyway).
             new_tokens = args.baseline_conc_tokens if engine == "hf_generate" else args.new_tokens
             out[f"c{streams}_new_tokens"] = new_tokens
-            r = measured(
-                node,
-                lambda streams=streams, new_tokens=new_tokens: asyncio.run(
-                    run_load(
-                        node.grpc_url,
-                        args,
-                        prompt,
-                        image,
-                        streams,
-                        new_tokens,
-                        window,
-                        f"{engine}-c{streams}",
-                    )
-                ),
-            )
-            out[f"c{streams}"] = r
-            print(
-                f"[{spec}] {streams} streams: {r['aggregate_tok_s']} tok/s aggregate, "
-                f"TTFT p50 {r['ttft_ms_p50']} ms, engine {r['engine']}",
-                flush=True,
-            )
+            if not args.sustained_only:  # a burst: all at once, each to its end
+                r = measured(
+                    node,
+                    lambda streams=streams, new_tokens=new_tokens: asyncio.run(
+                        run_load(
+                            node.grpc_url,
+                            args,
+                            prompt,
+                            image,
+                            streams,
+                            new_tokens,
+                            window,
+                            f"{engine}-c{streams}",
+                        )
+                    ),
+                )
+                out[f"c{streams}"] = r
+                print(
+                    f"[{spec}] {streams} streams: {r['aggregate_tok_s']} tok/s aggregate, "
+                    f"TTFT p50 {r['ttft_ms_p50']} ms, engine {r['engine']}",
+                    flush=True,
+                )
             if args.sustained_s:
                 r = measured(
                     node,
@@ -722,7 +781,7 @@ def micro_prefill(checkpoint: Path, prompt: str, image: bytes, reps: int = 10) -
 
 
 def micro_mixed(
-    checkpoint: Path, prompt: str, image: bytes, batch: int = 32, context: int = 680, reps: int = 10
+    checkpoint: Path, prompt: str, image: bytes, batch: int = 64, context: int = 680, reps: int = 10
 ) -> dict[str, Any]:
     """Mixed steps (no Triton): ``batch`` requests decoding at ``context`` tokens while a
     prompt's rows ride along in chunks of several sizes, against the decode step alone
@@ -821,6 +880,14 @@ def micro_mixed(
             "captured": bool(runner.mixed_graphs is not None and runner.mixed_graphs.graphs),
         }
     out["check"] = mixed_check(runner, index, batch, ids, pixels, embeds, context)
+    if cuda:  # what the engine replays: the smallest of several captured row counts
+        from llava_node.engine.cuda_graphs import MixedGraphSet
+        from llava_node.engine.runner import mixed_row_sizes
+
+        runner.mixed_graphs = MixedGraphSet(runner, mixed_row_sizes(256, 512), runner.graphs.batch_sizes)
+        runner.mixed_graphs.capture()
+        out["check_set_512"] = mixed_check(runner, index, batch, ids, pixels, embeds, context, chunk=512)
+        out["check_set_512"]["captured"] = sorted(runner.mixed_graphs.graphs)
     print(f"[mixed] {json.dumps(out)}", flush=True)
     return out
 
@@ -1054,6 +1121,14 @@ def main() -> int:
     )
     parser.add_argument("--sustained-warmup-s", type=float, default=5.0)
     parser.add_argument(
+        "--sustained-only", action="store_true", help="no burst runs: each concurrency sustained only"
+    )
+    parser.add_argument(
+        "--distinct-images",
+        action="store_true",
+        help="every request its own image (one pixel changed): no prefix or image cache hits",
+    )
+    parser.add_argument(
         "--kv-cache-dtypes",
         default="auto",
         help="KV-cache dtypes the check and micro phases run with, comma-separated (auto,fp8)",
@@ -1107,6 +1182,8 @@ def main() -> int:
         args.out.write_text(json.dumps(out, default=str))
         return 0
     args.streams = [int(s) for s in args.streams.split(",") if s]
+    args.image_variants = itertools.count(1)
+    started = time.monotonic()
     import torch
 
     from llava_node.tiny_checkpoint import build_llava_7b_shaped_checkpoint, is_checkpoint
@@ -1126,6 +1203,7 @@ def main() -> int:
     image = bench_image()
     result["prompt"] = {"text_tokens": text_tokens, "image_tokens": 576, "new_tokens": args.new_tokens}
     result["via"] = args.via
+    result["distinct_images"] = args.distinct_images
     if args.via == "engine":
         args.engine_arrays = engine_inputs(args.checkpoint, prompt, image)
 
@@ -1201,23 +1279,24 @@ def main() -> int:
             ("TTFT p50 (ms)", h["single"]["ttft_ms_p50"], column("single", "ttft_ms_p50")),
             ("decode, 1 stream (tok/s)", h["single"]["decode_tok_s"], column("single", "decode_tok_s")),
         ]
-        rows += [
-            (
-                f"{s} streams, aggregate (tok/s)",
-                h[f"c{s}"]["aggregate_tok_s"],
-                column(f"c{s}", "aggregate_tok_s"),
-            )
-            for s in args.streams
-        ]
-        if args.sustained_s:
-            rows += [
-                (
-                    f"{s} streams, sustained (tok/s)",
-                    h[f"sustained{s}"]["aggregate_tok_s"],
-                    column(f"sustained{s}", "aggregate_tok_s"),
+        kinds = [] if args.sustained_only else [("c", "aggregate")]
+        kinds += [("sustained", "sustained")] if args.sustained_s else []
+        for key, label in kinds:
+            for s in args.streams:
+                rows.append(
+                    (
+                        f"{s} streams, {label} (tok/s)",
+                        h[f"{key}{s}"]["aggregate_tok_s"],
+                        column(f"{key}{s}", "aggregate_tok_s"),
+                    )
                 )
-                for s in args.streams
-            ]
+                rows.append(
+                    (
+                        f"{s} streams, {label}: TTFT p50 (ms)",
+                        h[f"{key}{s}"]["ttft_ms_p50"],
+                        column(f"{key}{s}", "ttft_ms_p50"),
+                    )
+                )
         # "batching" stays the first engine's column name (the JSON's readers use it)
         result["table"] = [
             {
@@ -1238,7 +1317,9 @@ def main() -> int:
         for m, x, ys in rows:
             cells = " ".join(f"{y!s:>24} {round(y / x, 2) if x and y else '-'!s:>6}" for y in ys)
             print(f"{m:32} {x!s:>12} {cells}")
-    print(f"wrote {args.out}")
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    save()
+    print(f"wrote {args.out} after {result['wall_s']} s")
     return 0
 
 

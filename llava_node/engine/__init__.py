@@ -29,7 +29,7 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
     """Load ``checkpoint`` and start the engine ``options.kind`` asks for."""
     from llava_node.engine.fp8_weights import weight_dtype
     from llava_node.engine.kv_cache import kv_cache_dtype
-    from llava_node.engine.runner import LlavaRunner, RunnerConfig, supports
+    from llava_node.engine.runner import LlavaRunner, RunnerConfig, mixed_row_sizes, supports
 
     if options.kind not in ENGINE_KINDS:
         raise ValueError(f"unknown engine {options.kind!r}; expected one of {ENGINE_KINDS}")
@@ -57,6 +57,8 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
         from llava_node.engine.batching import DEFAULT_PREFILL_CHUNK
 
         prefill_chunk = DEFAULT_PREFILL_CHUNK if device.type == "cuda" else 0
+    chunk_max = options.prefill_chunk_max
+    chunk_max = max(prefill_chunk, 2 * prefill_chunk if chunk_max < 0 else chunk_max) if prefill_chunk else 0
     runner = LlavaRunner(
         loaded,
         RunnerConfig(
@@ -68,7 +70,8 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
             weight_dtype=w_dtype,
             cuda_graphs=options.cuda_graphs,
             fused_kernels=options.fused_kernels,
-            mixed_rows=prefill_chunk,
+            mixed_rows=chunk_max,
+            mixed_row_sizes=mixed_row_sizes(prefill_chunk, chunk_max),
         ),
     )
     runner.warmup()
@@ -78,5 +81,6 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
         loaded.eos_token_ids,
         stream_interval=options.stream_interval,
         prefill_chunk=prefill_chunk,
+        prefill_chunk_max=chunk_max,
         prefix_cache=options.prefix_cache,
     )

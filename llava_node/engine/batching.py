@@ -12,8 +12,9 @@ decode is prefilled in chunks of ``prefill_chunk`` tokens, each carried by a dec
 step ("mixed step"): a decode step of a 7B model is bound by reading the weights, so
 the prompt's rows ride on that read nearly for free, and the running requests keep
 getting a token per step instead of waiting out a whole prefill. When prompts arrive
-faster than the chunks clear them, the excess is prefilled whole (see
-``MAX_CHUNK_BACKLOG_STEPS``).
+faster than one chunk a step clears them, steps carry bigger chunks (up to
+``prefill_chunk_max``, from CUDA graphs captured at several prompt-row counts); beyond
+that the excess is prefilled whole (see ``MAX_CHUNK_BACKLOG_STEPS``).
 
 Each response through Triton's Python backend is a round trip between its processes
 (0.3-0.7 ms of the engine thread's time on the H100 hosts measured), so with many
@@ -69,8 +70,9 @@ AUTO_STREAM_BATCH = 8  # running requests up to which every token is its own res
 MAX_STREAM_INTERVAL = 8  # the most tokens the automatic rule puts in one response
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a mixed step carries
 # Prompts wait for chunks only while those already waiting fill at most this many mixed
-# steps; beyond that (arrivals faster than the chunks clear them) a prompt is prefilled
-# whole, as without chunks, so that time to first token stays bounded under overload.
+# steps of ``prefill_chunk`` rows (fewer of the larger steps a backlog gets); beyond that
+# (arrivals faster than the chunks clear them) a prompt is prefilled whole, as without
+# chunks, so that time to first token stays bounded under overload.
 MAX_CHUNK_BACKLOG_STEPS = 16
 
 
@@ -122,6 +124,7 @@ class BatchingEngine(Engine):
         cancel_check_every: int = 1,
         stream_interval: int = 0,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk_max: int = 0,
         prefix_cache: bool = True,
     ) -> None:
         super().__init__()
@@ -137,6 +140,10 @@ class BatchingEngine(Engine):
         # 0: prompts are prefilled whole, between steps; else whole blocks of prompt rows
         block = runner.cfg.chunk_block
         self.prefill_chunk = -(-max(0, prefill_chunk) // block) * block
+        # under a backlog (more rows waiting than two chunks), a step carries up to this many
+        self.prefill_chunk_max = max(self.prefill_chunk, -(-max(0, prefill_chunk_max) // block) * block)
+        if not self.prefill_chunk:
+            self.prefill_chunk_max = 0
         self._cond = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
         self._running: dict[int, _Running] = {}
@@ -179,6 +186,8 @@ class BatchingEngine(Engine):
             "batch1_gemv": r.gemv is not None,
             "stream_interval": self.stream_interval or f"auto (1 up to {AUTO_STREAM_BATCH} requests)",
             "prefill_chunk": self.prefill_chunk or "off",
+            "prefill_chunk_max": self.prefill_chunk_max or "off",
+            "mixed_graph_rows": r.mixed_graphs.sizes if r.mixed_graphs is not None else None,
             "prefix_cache": self.pages.enabled,
             "image_cache": r.image_cache.capacity,
         }
@@ -308,11 +317,16 @@ class BatchingEngine(Engine):
 
     def _launch(self) -> _Step | None:
         """Launch the next step: the decoding requests, with up to ``prefill_chunk`` rows
-        of the prompts still being prefilled, oldest first."""
+        of the prompts still being prefilled, oldest first; up to ``prefill_chunk_max``
+        when more than two chunks' rows wait (prompts arriving faster than one chunk a
+        step clears them: at 64 streams of 655-row prompts and 128 new tokens, ~330 prompt
+        rows a step keep up)."""
         runs = [r for r in self._running.values() if r.decoding]
         chunks: list[tuple[_Running, PromptChunk]] = []
         block = self.runner.cfg.chunk_block
         budget = self.prefill_chunk  # prompt rows, each chunk padded to whole blocks
+        if self.prefill_chunk_max > budget and self._backlog() > 2 * budget:
+            budget = self.prefill_chunk_max
         for r in self._running.values():  # admission order
             if r.decoding:
                 continue
@@ -393,8 +407,11 @@ class BatchingEngine(Engine):
         others are running and the chunks already waiting are few enough (else whole)."""
         if not (self.prefill_chunk and self._running):
             return False
-        backlog = sum(r.prompt_tokens - r.prefilled for r in self._running.values() if not r.decoding)
-        return backlog < MAX_CHUNK_BACKLOG_STEPS * self.prefill_chunk
+        return self._backlog() < MAX_CHUNK_BACKLOG_STEPS * self.prefill_chunk
+
+    def _backlog(self) -> int:
+        """Prompt rows still waiting for mixed steps."""
+        return sum(r.prompt_tokens - r.prefilled for r in self._running.values() if not r.decoding)
 
     def _whole_prefill_is_faster(self, cached: int) -> bool:
         """Whether a prompt prefilled alone (not in chunks) that could reuse ``cached``
@@ -409,7 +426,7 @@ class BatchingEngine(Engine):
         graphs = self.runner.mixed_graphs
         if self.runner.prefill_graphs is None or graphs is None:
             return False
-        return cached < graphs.rows
+        return cached < (self.prefill_chunk or graphs.rows)
 
     def _end_unstarted(self, req: GenerationRequest) -> None:
         """The final response of a request cancelled before its prompt ran."""

@@ -11,7 +11,7 @@ hundred more launches that would otherwise sit in front of every prompt's prefil
 is the language model's prefill, per padded prompt length (a multiple of 16 tokens),
 when a length is first seen: on a host with a slow CPU the ~400 launches of an eager
 prefill, not the GPU, would set its pace. So are mixed steps (decode rows plus a fixed
-number of prompt rows), per decode-batch bucket, when a bucket is first needed.
+number of prompt rows), per decode-batch bucket and per prompt-row count, at start-up.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["DecodeGraphs", "ImageFeatureGraph", "MixedGraphs", "PrefillGraphs"]
+__all__ = ["DecodeGraphs", "ImageFeatureGraph", "MixedGraphSet", "MixedGraphs", "PrefillGraphs"]
 
 log = logging.getLogger(__name__)
 
@@ -373,3 +373,55 @@ class MixedGraphs:
         )
         self.graphs[(b, all_greedy)] = (graph, out)
         return graph, out
+
+
+class MixedGraphSet:
+    """Mixed steps captured at several prompt-row counts (:class:`MixedGraphs` each, one
+    memory pool): a step replays the smallest that holds its prompt rows, so a prompt's
+    tail, or a step the budget lets carry more rows under a backlog, is not padded to
+    one fixed size."""
+
+    def __init__(self, runner: LlavaRunner, rows: Sequence[int], batch_sizes: Sequence[int]) -> None:
+        self.sets = [MixedGraphs(runner, r, batch_sizes) for r in sorted(set(rows))]
+        self.rows = self.sets[-1].rows  # the most prompt rows a captured step holds
+        self.batch_sizes = self.sets[-1].batch_sizes
+
+    @property
+    def sizes(self) -> list[int]:
+        """The prompt-row counts captured."""
+        return [g.rows for g in self.sets]
+
+    @property
+    def graphs(self) -> dict[tuple[int, int, bool], Any]:
+        """Every captured step, by (prompt rows, decode rows, greedy)."""
+        return {(g.rows, *key): entry for g in self.sets for key, entry in g.graphs.items()}
+
+    @property
+    def error(self) -> str | None:
+        """Why a capture failed (that row count's steps run eagerly), if one did."""
+        return next((g.error for g in self.sets if g.error is not None), None)
+
+    def capture(self) -> None:
+        """Capture every row count's steps, the largest first, all in one memory pool."""
+        started = time.monotonic()
+        pool = None
+        for g in reversed(self.sets):
+            g.pool = pool
+            g.capture()
+            pool = g.pool if g.pool is not None else pool
+        log.info(
+            "captured %d mixed steps (%s prompt rows) in %.1f s",
+            len(self.graphs),
+            "/".join(map(str, self.sizes)),
+            time.monotonic() - started,
+        )
+
+    def launch(self, slots: Sequence[int], chunks: Sequence[Any], all_greedy: bool) -> torch.Tensor | None:
+        """Replay the step in the smallest row count that holds ``chunks`` (each padded to
+        whole blocks); None when none does or it cannot be captured (run it eagerly)."""
+        block = self.sets[0].runner.cfg.chunk_block
+        need = sum(-(-(c.end - c.start) // block) * block for c in chunks)
+        for g in self.sets:
+            if g.rows >= need:
+                return g.launch(slots, chunks, all_greedy)
+        return None

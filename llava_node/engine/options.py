@@ -33,6 +33,9 @@ class EngineOptions:
     # a GPU, where a decode step is bound by reading the weights; 0 on the CPU, where it
     # is not, so chunks would only delay first tokens)
     prefill_chunk: int = -1
+    # prompt tokens a mixed step may carry when more prompt rows wait than two steps of
+    # prefill_chunk hold; -1: auto (twice prefill_chunk); at most prefill_chunk: no more
+    prefill_chunk_max: int = -1
     # reuse the KV pages of cached prompt prefixes, and the vision tower's output for a
     # repeated image (see prefix_cache.py); false: every request computes its whole prompt
     prefix_cache: bool = True
@@ -54,6 +57,9 @@ class EngineOptions:
             stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
             fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),
             prefill_chunk=_prefill_chunk(opt("prefill_chunk", "LLAVA_PREFILL_CHUNK", "auto")),
+            prefill_chunk_max=_prefill_chunk(
+                opt("prefill_chunk_max", "LLAVA_PREFILL_CHUNK_MAX", "auto"), "prefill_chunk_max"
+            ),
             prefix_cache=_boolean(opt("prefix_cache", "LLAVA_PREFIX_CACHE", "true"), "prefix_cache"),
         )
 
@@ -68,8 +74,8 @@ def _tristate(value: str) -> bool | None:
     raise ValueError(f"expected auto, true or false, not {value!r}")
 
 
-def _prefill_chunk(value: str) -> int:
-    """``auto`` (-1: chunks on a GPU only) or a number of prompt tokens per step (0: off)."""
+def _prefill_chunk(value: str, name: str = "prefill_chunk") -> int:
+    """``auto`` (-1) or a number of prompt tokens per step (0: off)."""
     if value.strip().lower() == "auto":
         return -1
     try:
@@ -77,7 +83,7 @@ def _prefill_chunk(value: str) -> int:
     except ValueError:
         tokens = -1
     if tokens < 0:
-        raise ValueError(f"prefill_chunk must be 'auto' or a number of tokens (0: off), not {value!r}")
+        raise ValueError(f"{name} must be 'auto' or a number of tokens (0: off), not {value!r}")
     return tokens
 
 

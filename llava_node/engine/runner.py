@@ -34,6 +34,7 @@ __all__ = [
     "PromptChunk",
     "RunnerConfig",
     "UnsupportedModel",
+    "mixed_row_sizes",
     "supports",
 ]
 
@@ -87,9 +88,19 @@ class RunnerConfig:
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
     prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
     mixed_rows: int = 256  # prompt rows a captured mixed step holds (a multiple of chunk_block)
+    # the prompt-row counts mixed steps are captured at, up to mixed_rows (a step replays
+    # the smallest that holds its rows); empty: mixed_rows only
+    mixed_row_sizes: tuple[int, ...] = ()
     chunk_block: int = 64  # a prompt's rows in a mixed step are padded to a multiple of this
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
     image_cache_entries: int = 64  # images whose vision-tower output is kept (0: none)
+
+
+def mixed_row_sizes(chunk: int, chunk_max: int) -> tuple[int, ...]:
+    """The prompt-row counts to capture mixed steps at, for a budget of ``chunk`` rows a
+    step that grows to ``chunk_max`` under a backlog: half a chunk (a prompt's tail, or
+    a short prompt, is not padded to a whole chunk), the chunk, and the most."""
+    return tuple(sorted({r for r in (chunk // 2, chunk, chunk_max) if r > 0}))
 
 
 @dataclass
@@ -263,6 +274,7 @@ class LlavaRunner:
                 DecodeGraphs,
                 ImageFeatureGraph,
                 MixedGraphs,
+                MixedGraphSet,
                 PrefillGraphs,
             )
 
@@ -271,7 +283,8 @@ class LlavaRunner:
             if config.prefill_graphs and self.fused is not None:
                 self.prefill_graphs = PrefillGraphs(self, config.prefill_bucket)
             if config.mixed_rows and self.paged_attention is not None:
-                self.mixed_graphs = MixedGraphs(self, config.mixed_rows, self.graphs.batch_sizes)
+                sizes = [r for r in config.mixed_row_sizes if r < config.mixed_rows] + [config.mixed_rows]
+                self.mixed_graphs = MixedGraphSet(self, sizes, self.graphs.batch_sizes)
                 block = config.chunk_block
                 self.prompt_graphs = [
                     MixedGraphs(self, r, [1]) for r in range(block, self.mixed_graphs.rows, block)

@@ -115,11 +115,14 @@ def hf_greedy(reference: LoadedModel, inputs, n: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def chunked_engine(checkpoint: Path, chunk: int, chunk_block: int = 64) -> BatchingEngine:
-    """A CPU engine with prompts prefilled in chunks of ``chunk`` rows (0: whole)."""
+def chunked_engine(checkpoint: Path, chunk: int, chunk_block: int = 64, chunk_max: int = 0) -> BatchingEngine:
+    """A CPU engine with prompts prefilled in chunks of ``chunk`` rows (0: whole), up to
+    ``chunk_max`` under a backlog."""
     loaded = load_llava(checkpoint, torch.device("cpu"), torch.float32)
     runner = LlavaRunner(loaded, RunnerConfig(max_batch=8, chunk_block=chunk_block))
-    return BatchingEngine(runner, loaded.tokenizer, loaded.eos_token_ids, prefill_chunk=chunk)
+    return BatchingEngine(
+        runner, loaded.tokenizer, loaded.eos_token_ids, prefill_chunk=chunk, prefill_chunk_max=chunk_max
+    )
 
 
 def check_staggered(engine: BatchingEngine, processor, reference) -> None:
@@ -601,3 +604,35 @@ def test_the_image_token_is_never_generated_even_where_the_model_prefers_it(
     finally:
         for eng in engines:
             eng.shutdown()
+
+
+def test_a_backlog_of_prompts_rides_in_bigger_chunks_with_the_same_tokens(
+    tiny_checkpoint: Path, processor, reference
+) -> None:
+    """Prompts arriving together while one request decodes: while more than two chunks'
+    rows wait, steps carry up to ``prefill_chunk_max`` rows (128 here), then ``prefill_chunk``
+    (64) again; every request still gets transformers' tokens."""
+    eng = chunked_engine(tiny_checkpoint, 64, chunk_block=32, chunk_max=128)
+    steps: list[int] = []
+    launch = eng.runner.mixed_launch
+
+    def recording(slots, chunks, all_greedy):  # type: ignore[no-untyped-def]
+        steps.append(sum(c.end - c.start for c in chunks))
+        return launch(slots, chunks, all_greedy)
+
+    eng.runner.mixed_launch = recording  # type: ignore[method-assign]
+    try:
+        inputs = [make_inputs(processor, i) for i in range(5)]
+        expected = [hf_greedy(reference, x, 48) for x in inputs]
+        sinks = [CollectingSink() for _ in inputs]
+        eng.submit(request(inputs[0], sinks[0], max_tokens=48, rid="r0"))
+        wait_for_tokens(sinks[:1])
+        for i in range(1, 5):
+            eng.submit(request(inputs[i], sinks[i], max_tokens=48, rid=f"r{i}"))
+        for sink, exp in zip(sinks, expected, strict=True):
+            assert sink.wait().error is None
+            assert sink.ids == exp
+        assert max(steps) == 128 and steps.count(128) > 4, steps  # the backlog
+        assert steps[-1] <= 64, steps  # the last rows, once two chunks hold what waits
+    finally:
+        eng.shutdown()

@@ -52,6 +52,7 @@ def test_the_environment_fills_in_for_missing_parameters() -> None:
         ({"stream_interval": "x"}, "stream_interval must be 'auto' or a positive number"),
         ({"fused_kernels": "sometimes"}, "expected auto, true or false"),
         ({"prefill_chunk": "-5"}, "prefill_chunk must be 'auto' or a number of tokens"),
+        ({"prefill_chunk_max": "many"}, "prefill_chunk_max must be 'auto' or a number of tokens"),
     ],
 )
 def test_a_bad_value_is_named(given: dict[str, str], message: str) -> None:
