@@ -411,7 +411,7 @@ def bench_engine(
             f"{out['single']['decode_tok_s']} tok/s, engine {singles['engine']}",
             flush=True,
         )
-        for streams in args.streams:
+        for streams in args.baseline_streams if engine == "hf_generate" else args.streams:
             # The baseline serves one request at a time: its concurrent runs use fewer tokens
             # per request so that they end (its aggregate rate is its one-stream rate anyway).
             new_tokens = args.baseline_conc_tokens if engine == "hf_generate" else args.new_tokens
@@ -1087,6 +1087,11 @@ def main() -> int:
     parser.add_argument("--engines", default="batching,hf_generate")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--streams", default="8,32")
+    parser.add_argument(
+        "--baseline-streams",
+        help="the baseline's concurrencies (default: --streams); it serves one request at a time, "
+        "so more streams only queue behind it",
+    )
     parser.add_argument("--single-runs", type=int, default=5)
     parser.add_argument("--baseline-window-s", type=float, default=15.0)
     parser.add_argument("--engine-env", action="append", default=[], help="KEY=VALUE for the node (repeat)")
@@ -1182,6 +1187,7 @@ def main() -> int:
         args.out.write_text(json.dumps(out, default=str))
         return 0
     args.streams = [int(s) for s in args.streams.split(",") if s]
+    args.baseline_streams = [int(s) for s in (args.baseline_streams or "").split(",") if s] or args.streams
     args.image_variants = itertools.count(1)
     started = time.monotonic()
     import torch
@@ -1273,7 +1279,10 @@ def main() -> int:
         h = result["hf_generate"]
 
         def column(key: str, field: str) -> list[Any]:
-            return [result[e][key][field] for e in engines]
+            return [result[e].get(key, {}).get(field) for e in engines]
+
+        def base(key: str, field: str) -> Any:
+            return h.get(key, {}).get(field)  # (None where the baseline did not run)
 
         rows = [
             ("TTFT p50 (ms)", h["single"]["ttft_ms_p50"], column("single", "ttft_ms_p50")),
@@ -1286,14 +1295,14 @@ def main() -> int:
                 rows.append(
                     (
                         f"{s} streams, {label} (tok/s)",
-                        h[f"{key}{s}"]["aggregate_tok_s"],
+                        base(f"{key}{s}", "aggregate_tok_s"),
                         column(f"{key}{s}", "aggregate_tok_s"),
                     )
                 )
                 rows.append(
                     (
                         f"{s} streams, {label}: TTFT p50 (ms)",
-                        h[f"{key}{s}"]["ttft_ms_p50"],
+                        base(f"{key}{s}", "ttft_ms_p50"),
                         column(f"{key}{s}", "ttft_ms_p50"),
                     )
                 )

@@ -3,7 +3,9 @@
 # the mixed-step micro-benchmark at 64 decode rows with its correctness check (chunked
 # against whole prefill, the graph set at 512 rows), then 1, 8, 32 and 64 streams
 # sustained through tritonserver for the engine, the engine with one chunk size
-# (LLAVA_PREFILL_CHUNK_MAX=256: what it did before), and transformers' generate.
+# (LLAVA_PREFILL_CHUNK_MAX=256: what it did before), and transformers' generate (1 and 8
+# streams: it serves one at a time). --no-cancel: the stub's BYTES inputs break under the
+# device's NumPy 2, and the engine's cancel call is one. MIXED=1 adds the micro-benchmark.
 #
 #   bash scripts/sustained_device_run.sh                 # every request its own image
 #   IMAGES=same bash scripts/sustained_device_run.sh     # one image: the prefix cache serves it
@@ -17,13 +19,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv
 if [ "${IMAGES:-distinct}" = distinct ]; then
-    extra=(--distinct-images --mixed)
+    extra=(--distinct-images)
+    [ -n "${MIXED:-}" ] && extra+=(--mixed)
     engines="batching,batching@LLAVA_PREFILL_CHUNK_MAX=256,hf_generate"
 else
     extra=()
     engines="batching,hf_generate"
 fi
 timeout 560 python3 scripts/bench_engine.py --via engine --checkpoint /tmp/llava7b "${extra[@]}" \
-    --engines "$engines" --streams 1,8,32,64 --sustained-only --sustained-s 10 --sustained-warmup-s 3 \
+    --engines "$engines" --streams 1,8,32,64 --baseline-streams 1,8 --no-cancel --sustained-only --sustained-s 10 --sustained-warmup-s 3 \
     --single-runs 3 --out "$OUT/sustained-${IMAGES:-distinct}.json" 2>&1 | grep -v "Loading\|it/s\]" \
     | tee "$OUT/log-${IMAGES:-distinct}.txt" | tail -40
