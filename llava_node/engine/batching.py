@@ -70,7 +70,7 @@ AUTO_STREAM_BATCH = 8  # running requests up to which every token is its own res
 MAX_STREAM_INTERVAL = 8  # the most tokens the automatic rule puts in one response
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens a mixed step carries
 # Prompts wait for chunks only while those already waiting fill at most this many mixed
-# steps of ``prefill_chunk`` rows (fewer of the larger steps a backlog gets); beyond that
+# steps of ``prefill_chunk_max`` rows (what a step carries under a backlog); beyond that
 # (arrivals faster than the chunks clear them) a prompt is prefilled whole, as without
 # chunks, so that time to first token stays bounded under overload.
 MAX_CHUNK_BACKLOG_STEPS = 16
@@ -407,7 +407,7 @@ class BatchingEngine(Engine):
         others are running and the chunks already waiting are few enough (else whole)."""
         if not (self.prefill_chunk and self._running):
             return False
-        return self._backlog() < MAX_CHUNK_BACKLOG_STEPS * self.prefill_chunk
+        return self._backlog() < MAX_CHUNK_BACKLOG_STEPS * self.prefill_chunk_max
 
     def _backlog(self) -> int:
         """Prompt rows still waiting for mixed steps."""
