@@ -1,5 +1,9 @@
 """Triton kernels of the fused decode step: paged attention, RMSNorm, SiLU*up, RoPE + cache store.
 
+The batch-1 GEMV lives in :mod:`~llava_node.engine.gemv` (re-exported here). The decode
+step's kernels take ``pdl``: launched with programmatic dependent launch
+(:mod:`~llava_node.engine.launch`), each program waits for the previous kernel first.
+
 Every wrapper here is CUDA-graph capturable: it launches kernels whose grids depend on
 tensor *shapes* only, allocates its outputs with ``torch.empty`` and never reads a
 tensor's values on the host. Values that vary from step to step (sequence lengths,
@@ -17,7 +21,6 @@ attention kernels convert what they read to the queries' dtype.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
+from llava_node.engine.gemv import GEMV_FP8_CONFIG, GemvConfig, gemv, gemv_norm
+from llava_node.engine.launch import num_sms, pdl_enter, pdl_options
+
 __all__ = [
+    "GEMV_FP8_CONFIG",
+    "GemvConfig",
     "add_rms_norm",
     "decode_num_splits",
     "fp8_matmul",
     "gemv",
+    "gemv_norm",
     "paged_decode_attention",
     "paged_prefill_attention",
     "rms_norm",
@@ -45,13 +54,6 @@ __all__ = [
 PROGRAMS_PER_SM = 3
 # Upper bound on the split-K partitions of one (row, head).
 MAX_SPLITS = 32
-# SM count assumed when no CUDA device is involved: Triton's CPU interpreter, which runs a
-# grid one program at a time in Python. With a GPU's count (132) the tiny model's decode
-# launched a program per output row of every projection (1,025 for its lm_head) and 32
-# attention partitions per head, and the fused-path tests took 17 minutes of CI; with 4
-# the same kernels run the same branches (several programs, split partitions and their
-# reduction, masked tails) on grids 10-60 times smaller.
-DEFAULT_NUM_SMS = 4
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ def _decode_heads_kernel(  # type: ignore[no-untyped-def]
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     # One program per (batch row, query head, split). The online softmax runs per key
     # *lane*: each of the BLOCK_N lanes keeps its own running max, sum and [HEAD_DIM]
@@ -168,6 +171,7 @@ def _decode_heads_kernel(  # type: ignore[no-untyped-def]
     b = pid // H
     h = pid % H
     kvh = h // GROUP
+    pdl_enter(USE_GDC)
     start, end = _split_range(lens_ptr, b, split, num_splits, max_len, BLOCK_N)
 
     d = tl.arange(0, HEAD_DIM)
@@ -246,6 +250,7 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     # One program per (batch row, KV head, split): the GROUP query heads that share a KV
     # head are padded to BLOCK_G (>= 16) rows so that q.K^T and p.V run on the tensor
@@ -255,6 +260,7 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     num_splits = tl.num_programs(1)
     b = pid // KVH
     kvh = pid % KVH
+    pdl_enter(USE_GDC)
     start, end = _split_range(lens_ptr, b, split, num_splits, max_len, BLOCK_N)
 
     d = tl.arange(0, HEAD_DIM)
@@ -319,11 +325,13 @@ def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
     stride_od,
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     # One program per (batch row, query head): merge the partitions' (max, sum, acc).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // H
     h = pid % H
+    pdl_enter(USE_GDC)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
     s_mask = s < num_splits
@@ -338,11 +346,8 @@ def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, o.to(out_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=16)
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return DEFAULT_NUM_SMS
+    return num_sms(device)
 
 
 def decode_num_splits(
@@ -376,6 +381,7 @@ def paged_decode_attention(
     *,
     num_splits: int | None = None,
     group_kernel: bool | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per batch row over that row's paged KV cache.
 
@@ -395,6 +401,7 @@ def paged_decode_attention(
             tile once. False: one program per (row, query head, split), elementwise. None
             (default): the group kernel, but over a float8 cache without grouped heads
             (``H == KVH``) the heads kernel, which was faster there.
+        pdl: launched with programmatic dependent launch (:mod:`~llava_node.engine.launch`).
 
     Returns:
         ``[B, H, D]`` in ``q``'s dtype. Softmax statistics and accumulation are float32.
@@ -475,6 +482,7 @@ def paged_decode_attention(
             SPLIT=num_splits > 1,
             DOT_PRECISION=precision,
             **launch,
+            **pdl_options(pdl),
         )
     else:
         _decode_heads_kernel[(batch * n_heads, num_splits)](
@@ -497,6 +505,7 @@ def paged_decode_attention(
             BLOCK_N=block_n,
             SPLIT=num_splits > 1,
             **launch,
+            **pdl_options(pdl),
         )
     if num_splits > 1:
         _decode_reduce_kernel[(batch * n_heads,)](
@@ -512,6 +521,7 @@ def paged_decode_attention(
             BLOCK_S=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             num_warps=4,
+            **pdl_options(pdl),
         )
     return out
 
@@ -688,10 +698,12 @@ def _rms_norm_kernel(  # type: ignore[no-untyped-def]
     stride_res_out,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    pdl_enter(USE_GDC)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
@@ -719,7 +731,7 @@ def _check_norm_args(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"weight must be contiguous [{x.shape[1]}], got {tuple(weight.shape)}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False) -> torch.Tensor:
     """LlamaRMSNorm of each row of ``x`` ``[N, hidden]``.
 
     ``weight * (x32 * rsqrt(mean(x32**2) + eps)).to(x.dtype)``, with ``x32 = x.float()``;
@@ -746,12 +758,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         HAS_RESIDUAL=False,
         BLOCK=block,
         num_warps=_norm_warps(block),
+        **pdl_options(pdl),
     )
     return y
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add then RMSNorm: ``h = x + residual``; returns ``(rms_norm(h), h)``.
 
@@ -784,6 +797,7 @@ def add_rms_norm(
         HAS_RESIDUAL=True,
         BLOCK=block,
         num_warps=_norm_warps(block),
+        **pdl_options(pdl),
     )
     return y, new_residual
 
@@ -799,10 +813,12 @@ def _silu_mul_kernel(  # type: ignore[no-untyped-def]
     stride_gu,
     stride_out,
     BLOCK: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
+    pdl_enter(USE_GDC)
     gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     # Two roundings, as torch's eager F.silu(gate) * up does in the model's dtype, so the
@@ -814,7 +830,7 @@ def _silu_mul_kernel(  # type: ignore[no-untyped-def]
 SILU_BLOCK = 1024
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` of shape ``[N, 2F]``; returns ``[N, F]``.
 
     Computed in float32, rounding ``silu(gate)`` and the product to ``gate_up``'s dtype,
@@ -836,6 +852,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         out.stride(0),
         BLOCK=block,
         num_warps=4,
+        **pdl_options(pdl),
     )
     return out
 
@@ -895,9 +912,11 @@ def _rope_store_kernel(  # type: ignore[no-untyped-def]
     BLOCK_H: tl.constexpr,
     BLOCK_KVH: tl.constexpr,
     KV_FP8: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     # One program per batch row: rotate q in place, rotate k into the cache, copy v.
     b = tl.program_id(0).to(tl.int64)
+    pdl_enter(USE_GDC)
     j = tl.arange(0, HALF)
     c1 = tl.load(cos_ptr + b * stride_cb + j * stride_cd).to(tl.float32)
     c2 = tl.load(cos_ptr + b * stride_cb + (j + HALF) * stride_cd).to(tl.float32)
@@ -937,6 +956,8 @@ def rope_store(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     rows: torch.Tensor,
+    *,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Rotary embedding of q and k, and the KV-cache write, in one launch.
 
@@ -989,109 +1010,9 @@ def rope_store(
         BLOCK_KVH=triton.next_power_of_2(n_kv_heads),
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=4,
+        **pdl_options(pdl),
     )
     return q
-
-
-# --------------------------------------------------------------------------------------
-# Batch-1 linear layer (GEMV): y = x @ w.T for x [1, K], w [N, K]
-# --------------------------------------------------------------------------------------
-@triton.jit  # type: ignore[misc,untyped-decorator]
-def _gemv_kernel(  # type: ignore[no-untyped-def]
-    x_ptr,
-    w_ptr,
-    s_ptr,
-    y_ptr,
-    N,
-    K,
-    stride_wn,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SCALED: tl.constexpr,
-):
-    # One program per BLOCK_N output rows, streaming their weights along K once. SCALED:
-    # w holds float8 e4m3 (fp8_weights.py), each row's sum times its scale s_ptr[row].
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = tl.load(
-            w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :],
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
-        acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)
-    if SCALED:
-        y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    """Launch parameters of the batch-1 linear kernel.
-
-    The default was the fastest of eight tried on an H100 (bf16, the 7B shape's four
-    projections of 32 layers, 12.95 GB, CUDA graphs): 4.75 ms (2.73 TB/s) against
-    cuBLAS's 4.94 ms (2.62 TB/s); `scripts/bench_engine.py --gemv`.
-    """
-
-    block_n: int = 4  # 0: from the shape (enough programs to fill the device)
-    block_k: int = 1024
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-# Over float8 weights: twice the columns per load, so that each thread still loads 16
-# bytes (see GEMV_FP8_CONFIG's measurement in docs/performance.md, issue 18).
-GEMV_FP8_CONFIG = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=3)
-
-
-def gemv(
-    x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None, scale: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``x @ w.T`` for one row: ``x`` ``[1, K]`` (or ``[K]``), ``w`` ``[N, K]`` with unit
-    column stride; returns ``[1, N]`` in ``x``'s dtype, accumulated in float32.
-
-    With ``scale`` [N] (float32), ``w`` is float8 e4m3 (:class:`~llava_node.engine.
-    fp8_weights.Fp8Weight`'s values) and output ``n`` is multiplied by ``scale[n]``.
-
-    Batch-1 decode is a stream of weights through the device: this reads each weight
-    once, coalesced along K, with enough programs to occupy every multiprocessor.
-    """
-    cfg = config or (GEMV_FP8_CONFIG if scale is not None else GemvConfig())
-    n, k = w.shape
-    if w.stride(1) != 1:
-        raise ValueError("w must have unit column stride")
-    if scale is not None and scale.shape != (n,):
-        raise ValueError(f"scale has shape {tuple(scale.shape)}; w expects ({n},)")
-    xv = x.reshape(-1)
-    if xv.shape[0] != k:
-        raise ValueError(f"x has {xv.shape[0]} values; w expects {k}")
-    xv = xv.contiguous()
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n = cfg.block_n
-    if not block_n:
-        per_program = max(1, n // (4 * _num_sms(x.device)))
-        block_n = min(16, 1 << (per_program.bit_length() - 1))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        xv,
-        w,
-        scale if scale is not None else y,
-        y,
-        n,
-        k,
-        w.stride(0),
-        BLOCK_N=block_n,
-        BLOCK_K=cfg.block_k,
-        SCALED=scale is not None,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return y
 
 
 # --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from llava_node.engine.fp8_weights import Fp8Weight, Weight, quantize_fp8
 from llava_node.engine.fp8_weights import linear as weight_linear
 from llava_node.engine.kv_cache import PagedKVCache
+from llava_node.engine.launch import pdl_available
 from llava_node.engine.loading import LoadedModel
 from llava_node.engine.prefix_cache import ImageFeatureCache
 from llava_node.engine.sampling import sample_tokens, split_seed
@@ -85,6 +86,12 @@ class RunnerConfig:
     cuda_graphs: bool = True
     fused_kernels: bool | None = None  # None: on CUDA when Triton is importable
     batch1_gemv: bool = True  # with the fused kernels: batch-1 decode GEMMs as a Triton GEMV
+    # with the batch-1 GEMV: the norms (and their residual adds) and SiLU*up computed
+    # inside the GEMVs that read them (gemv.py), not as kernels of their own
+    batch1_fused: bool = True
+    # the decode step's Triton kernels launched with programmatic dependent launch where
+    # the device and Triton have it (launch.py): each overlaps the previous one's end
+    pdl: bool = True
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
     prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
     mixed_rows: int = 256  # prompt rows a captured mixed step holds (a multiple of chunk_block)
@@ -262,6 +269,8 @@ class LlavaRunner:
         self.fused: Any = _fused_kernels(self.device, config.fused_kernels)
         self.paged_attention: Any = _paged_attention(self.device, self.fused)
         self.gemv: Any = self.fused.gemv if self.fused is not None and config.batch1_gemv else None
+        self.batch1_fused = config.batch1_fused
+        self.pdl = bool(config.pdl and self.fused is not None and pdl_available(self.device))
         self.graphs: Any = None
         self.vision_graph: Any = None
         self.prefill_graphs: Any = None
@@ -611,8 +620,10 @@ class LlavaRunner:
             scale = 1.0 / math.sqrt(self.head_dim)
             paged = self.paged_attention
 
+            pdl = self.pdl
+
             def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return paged(q, kc, vc, tables, lens, scale, cache.page_size).reshape(q.shape[0], -1)
+                return paged(q, kc, vc, tables, lens, scale, cache.page_size, pdl=pdl).reshape(q.shape[0], -1)
 
             return attend
         # torch: gather each slot's keys (to the longest length; all of max_seq_len on a
@@ -838,16 +849,33 @@ class LlavaRunner:
         one_row = self.gemv is not None and self.fused is not None and x.shape[0] == 1 and x.dim() == 2
         if isinstance(w, Fp8Weight):
             if one_row:
-                y = self.gemv(x, w.q, scale=w.scale)
+                y = self.gemv(x, w.q, scale=w.scale, pdl=self.pdl)
             elif self.fused is not None and x.dim() == 2:
                 y = self.fused.fp8_matmul(x, w.q, w.scale)
             else:
                 return weight_linear(x, w, bias)
             return y if bias is None else y + bias
         if one_row:
-            y = self.gemv(x, w)
+            y = self.gemv(x, w, pdl=self.pdl)
             return y if bias is None else y + bias
         return F.linear(x, w, bias)
+
+    def _gemv(self, x: torch.Tensor, w: Weight, silu: bool = False) -> torch.Tensor:
+        """The batch-1 GEMV of ``x`` by ``w`` (bf16 or :class:`Fp8Weight`); ``silu``:
+        ``x`` is ``[gate | up]`` and the product's input ``silu(gate) * up``."""
+        assert self.fused is not None
+        if isinstance(w, Fp8Weight):
+            return self.fused.gemv(x, w.q, scale=w.scale, silu=silu, pdl=self.pdl)
+        return self.fused.gemv(x, w, silu=silu, pdl=self.pdl)
+
+    def _gemv_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, w: Weight
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rms_norm(x + residual) @ w.T`` for one row and the new residual (gemv.py)."""
+        assert self.fused is not None
+        if isinstance(w, Fp8Weight):
+            return self.fused.gemv_norm(x, residual, norm, self.eps, w.q, scale=w.scale, pdl=self.pdl)
+        return self.fused.gemv_norm(x, residual, norm, self.eps, w, pdl=self.pdl)
 
     def _layers(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, attend: Attend
@@ -856,7 +884,7 @@ class LlavaRunner:
         ``rows``, rotated at ``cos``/``sin`` [N, hd]: on the fused kernels when loaded,
         else torch ops. Returns the final-normed hidden states [N, D]."""
         if self.fused is not None:
-            return self._fused_layers(x, cos, sin, rows, attend, self._linear)
+            return self._fused_layers(x, cos, sin, rows, attend)
         return self._torch_layers(x, cos, sin, rows, attend)
 
     def _torch_layers(
@@ -879,27 +907,65 @@ class LlavaRunner:
         sin: torch.Tensor,
         rows: torch.Tensor,
         attend: Attend,
-        linear: Any,
     ) -> torch.Tensor:
         """:meth:`_layers` on the fused kernels (residual add + RMSNorm, RoPE + KV-cache
         write, SiLU*up): the same arithmetic in fewer launches."""
         k = self.fused
         assert k is not None
         n = x.shape[0]
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        if n == 1 and x.dim() == 2 and self.gemv is not None and self.batch1_fused:
+            return self._one_row_layers(x, cos, sin, rows, attend)
+        pdl, linear = self.pdl, self._linear
         residual = x
-        h = k.rms_norm(x, self.layers[0].ln1, self.eps)
+        h = k.rms_norm(x, self.layers[0].ln1, self.eps, pdl=pdl)
         for i, w in enumerate(self.layers):
-            qkv = linear(h, w.wqkv, w.bqkv)
-            q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            kc, vc = self.cache.layer(i)
-            v = v.reshape(n, nkv, hd)
-            q = k.rope_store(q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v, cos, sin, kc, vc, rows)
-            h, residual = k.add_rms_norm(linear(attend(q, kc, vc, v), w.wo), residual, w.ln2, self.eps)
-            down = linear(k.silu_mul(linear(h, w.wgu)), w.wdown)
+            q, kc, vc, v = self._attention_input(i, linear(h, w.wqkv, w.bqkv), cos, sin, rows)
+            h, residual = k.add_rms_norm(
+                linear(attend(q, kc, vc, v), w.wo), residual, w.ln2, self.eps, pdl=pdl
+            )
+            down = linear(k.silu_mul(linear(h, w.wgu), pdl=pdl), w.wdown)
             weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
-            h, residual = k.add_rms_norm(down, residual, weight, self.eps)
+            h, residual = k.add_rms_norm(down, residual, weight, self.eps, pdl=pdl)
         return h
+
+    def _one_row_layers(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, attend: Attend
+    ) -> torch.Tensor:
+        """:meth:`_fused_layers` for one row (batch-1 decode): each norm, with its residual
+        add, runs inside the GEMV that reads it, and SiLU*up inside the down projection's,
+        so a layer is 5 to 6 kernels (QKV, RoPE + store, attention and its reduction, O,
+        gate/up, down)."""
+        k = self.fused
+        assert k is not None
+        residual: torch.Tensor | None = None
+        for i, w in enumerate(self.layers):
+            qkv, residual = self._gemv_norm(x, residual, w.ln1, w.wqkv)
+            if w.bqkv is not None:
+                qkv = qkv + w.bqkv
+            q, kc, vc, v = self._attention_input(i, qkv, cos, sin, rows)
+            o = self._gemv(attend(q, kc, vc, v), w.wo)
+            gate_up, residual = self._gemv_norm(o, residual, w.ln2, w.wgu)
+            x = self._gemv(gate_up, w.wdown, silu=True)
+        h, _ = k.add_rms_norm(x, residual, self.norm, self.eps, pdl=self.pdl)
+        return h
+
+    def _attention_input(
+        self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries of a fused QKV output [N, (H + 2 KVH) hd], with the rotated keys
+        and the values written to layer ``layer``'s cache at ``rows``: ``(q, k_cache,
+        v_cache, v)``, what :data:`Attend` takes."""
+        k = self.fused
+        assert k is not None
+        n = qkv.shape[0]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        kc, vc = self.cache.layer(layer)
+        v = v.reshape(n, nkv, hd)
+        q = k.rope_store(
+            q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v, cos, sin, kc, vc, rows, pdl=self.pdl
+        )
+        return q, kc, vc, v
 
     @torch.inference_mode()
     def decode_launch(self, slots: Sequence[int], all_greedy: bool) -> PendingTokens:

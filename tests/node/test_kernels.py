@@ -22,6 +22,7 @@ triton = pytest.importorskip("triton")
 
 from llava_node.engine import kernels  # noqa: E402
 from llava_node.engine.kv_cache import to_cache_dtype  # noqa: E402
+from llava_node.engine.launch import pdl_available  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("KERNELS_TEST_DEVICE", "cpu"))
 # Triton's interpreter rounds float32 -> bfloat16 casts toward zero; GPUs round to nearest.
@@ -430,6 +431,108 @@ def test_gemv(n: int, k: int, dtype: torch.dtype) -> None:
     ref = x.double().cpu() @ w.double().cpu().T
     assert out.shape == (1, n) and out.dtype == dtype
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add-norm"])
+@pytest.mark.parametrize("n,k", [(48, 96), (33, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_norm_is_the_norm_then_the_product(
+    n: int, k: int, dtype: torch.dtype, with_residual: bool
+) -> None:
+    # Several programs and K tiles (block_k 64 against K 96/200: a masked tail), so the
+    # norm's statistics are summed across tiles and only program 0 writes the residual.
+    gen = torch.Generator().manual_seed(n + k)
+    x = (torch.randn(1, k, generator=gen) * 3).to(DEVICE, dtype)
+    residual = torch.randn(1, k, generator=gen).to(DEVICE, dtype) if with_residual else None
+    g = (1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE, dtype)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    y, h = kernels.gemv_norm(x, residual, g, 1e-5, w, kernels.GemvConfig(block_n=4, block_k=64))
+    want_h = x if residual is None else x + residual
+    if residual is None:
+        assert h.data_ptr() == x.data_ptr()
+    elif INTERPRETED and dtype == torch.bfloat16:
+        torch.testing.assert_close(h, want_h, rtol=8e-3, atol=0)
+    else:  # torch's single rounding of x + residual
+        torch.testing.assert_close(h, want_h, rtol=0, atol=0)
+    h64 = want_h.double().cpu()
+    ref = (
+        h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double().cpu()
+    ) @ w.double().cpu().T
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert rel_err(y, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("k", [96, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_silu_is_silu_mul_then_the_product(k: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(k)
+    gate_up = (torch.randn(1, 2 * k, generator=gen) * 4).to(DEVICE, dtype)
+    w = torch.randn(40, k, generator=gen).to(DEVICE, dtype)
+    y = kernels.gemv(gate_up, w, kernels.GemvConfig(block_k=64), silu=True)
+    # against the two kernels it replaces: the same roundings of silu(gate) and the product
+    ref = kernels.gemv(kernels.silu_mul(gate_up), w, kernels.GemvConfig(block_k=64))
+    torch.testing.assert_close(y, ref, rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-5)
+    gate, up = gate_up.double().cpu().chunk(2, dim=-1)
+    assert rel_err(y, (F.silu(gate) * up) @ w.double().cpu().T) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.skipif(
+    not (DEVICE.type == "cuda" and pdl_available(DEVICE)), reason="PDL needs a GPU of compute capability 9.0+"
+)
+def test_pdl_launches_compute_exactly_what_plain_launches_compute_in_a_graph() -> None:
+    # A decode layer's kernels back to back, captured in a CUDA graph (as the engine runs
+    # them): with PDL each kernel starts before its predecessor ends, and must still read
+    # only what that predecessor finished writing.
+    gen = torch.Generator().manual_seed(11)
+    hidden, inter, layers = 512, 1376, 6
+    ws = [
+        [
+            torch.randn(n, k, generator=gen).to(DEVICE, torch.bfloat16) * 0.05
+            for n, k in ((3 * hidden, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter))
+        ]
+        for _ in range(layers)
+    ]
+    g = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, torch.bfloat16)
+    x0 = torch.randn(1, hidden, generator=gen).to(DEVICE, torch.bfloat16)
+
+    def run(pdl: bool) -> torch.Tensor:
+        x, res = x0, None
+        for wqkv, wo, wgu, wdown in ws:
+            qkv, res = kernels.gemv_norm(x, res, g, 1e-5, wqkv, pdl=pdl)
+            o = kernels.gemv(kernels.silu_mul(qkv[:, : 2 * hidden], pdl=pdl), wo, pdl=pdl)
+            h, res = kernels.add_rms_norm(o, res, g, 1e-5, pdl=pdl)
+            gu, res = kernels.gemv_norm(h, res, g, 1e-5, wgu, pdl=pdl)
+            x = kernels.gemv(gu, wdown, silu=True, pdl=pdl)
+        return torch.cat([x, res], dim=1)
+
+    outs = []
+    for pdl in (False, True):
+        run(pdl)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run(pdl)
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append(out.clone())
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_gemv_refuses_inputs_that_do_not_fit() -> None:
+    w = torch.zeros(8, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        kernels.gemv(torch.zeros(2, 64, device=DEVICE), w)
+    with pytest.raises(ValueError, match="expects 64"):
+        kernels.gemv(torch.zeros(1, 64, device=DEVICE), w, silu=True)  # [gate | up] of 2 x 32
+    with pytest.raises(ValueError, match="norm_weight"):
+        kernels.gemv_norm(torch.zeros(1, 64, device=DEVICE), None, torch.ones(32, device=DEVICE), 1e-6, w)
+    with pytest.raises(ValueError, match="residual"):
+        kernels.gemv_norm(
+            torch.zeros(1, 64, device=DEVICE),
+            torch.zeros(1, 32, device=DEVICE),
+            torch.ones(64, device=DEVICE),
+            1e-6,
+            w,
+        )
 
 
 # --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ tokens), which made them 17 minutes of CI.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,49 @@ def test_fused_prefill_and_decode_match_the_torch_path(
     # value (6 % away), so the two paths agree less closely there
     assert rel < (1e-4 if kv_dtype is None else 1e-2), rel
     assert tokens[True] == tokens[False]
+
+
+def test_one_row_decode_with_the_norms_inside_the_gemvs_matches_a_kernel_per_op(
+    small_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batch-1 decode runs each norm (with its residual add) and SiLU*up inside the GEMV
+    # that reads it; the step's logits must be those of the layer loop that runs them as
+    # kernels of their own (float32: the norm's rounding order does not show).
+    r = runner(small_checkpoint, True)
+    processor = AutoProcessor.from_pretrained(small_checkpoint)
+    img = Image.new("RGB", (64, 64), (9, 99, 199))
+    enc = processor(images=[img], text="USER: <image>\nHi ASSISTANT:", return_tensors="pt")
+    pages = list(range(1, 1 + r.cache.pages_for(int(enc["input_ids"].shape[1]) + 8)))
+    r.assign(0, pages, 0.0, 1.0, 0)
+    r.prefill(0, enc["input_ids"][0], enc["pixel_values"])
+    slots = torch.tensor([0])
+    names = ("add_rms_norm", "silu_mul", "gemv_norm")
+    calls: list[str] = []
+
+    def counting(name: str) -> Any:
+        fn = getattr(r.fused, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name in names:
+        monkeypatch.setattr(r.fused, name, counting(name))
+    layers = r.n_layers
+    want = {
+        True: {"add_rms_norm": 1, "silu_mul": 0, "gemv_norm": 2 * layers},
+        False: {"add_rms_norm": 2 * layers, "silu_mul": layers, "gemv_norm": 0},
+    }
+    logits = {}
+    for fused in (True, False):
+        r.batch1_fused = fused
+        calls.clear()
+        logits[fused] = r.step_logits(slots, r.seq_lens[slots])
+        assert {n: calls.count(n) for n in names} == want[fused]
+    rel = float((logits[True] - logits[False]).norm() / logits[False].norm())
+    assert rel < 1e-5, rel
 
 
 def test_fp8_cache_stays_close_to_the_model_dtype_cache(tiny_checkpoint: Path) -> None:

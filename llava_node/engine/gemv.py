@@ -1,0 +1,259 @@
+"""Batch-1 linear layers (GEMV), with the decode step's small ops fused in front.
+
+At batch 1 a decode step is the language model's weights streaming through the device
+once (13.2 GB for the 7B shape): each projection is ``y = x @ w.T`` for one row ``x``.
+:func:`gemv` streams ``w`` [N, K] along K, ``BLOCK_N`` output rows per program, and can
+compute its input on the fly from what the previous kernel wrote:
+
+* ``gemv_norm``: ``rms_norm(x + residual) @ w.T`` (the layer's input norm, or the one
+  after attention): each program accumulates ``sum_k w[n, k] * s[k] * g[k]`` and
+  ``sum_k s[k]**2`` over the same loop (``s = x + residual``, rounded to the model's dtype
+  as torch rounds it) and scales its outputs by ``rsqrt(mean(s**2) + eps)`` at the end;
+  program 0 also writes ``s``, the new residual. This replaces the add + RMSNorm kernel.
+* ``gemv(..., silu=True)``: ``(silu(gate) * up) @ w.T`` for ``x = [gate | up]`` (the
+  MLP's down projection), rounded as torch's ``F.silu(gate) * up``; this replaces the
+  SiLU*up kernel.
+
+With PDL (:mod:`~llava_node.engine.launch`) a program loads its first tile of weights
+before it waits for the previous kernel. Every launch depends on shapes only (CUDA
+graphs capture it); the kernels also run under Triton's CPU interpreter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from llava_node.engine.launch import num_sms, pdl_enter, pdl_options
+
+__all__ = ["GEMV_FP8_CONFIG", "SHAPE_CONFIGS", "GemvConfig", "gemv", "gemv_norm"]
+
+# what a program computes its input from (the kernel's PROLOGUE)
+_PLAIN, _NORM, _ADD_NORM, _SILU = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of the batch-1 linear kernel.
+
+    The default was the fastest of eight tried on an H100 (bf16, the 7B shape's four
+    projections of 32 layers, 12.95 GB, CUDA graphs): 4.75 ms (2.73 TB/s) against
+    cuBLAS's 4.94 ms (2.62 TB/s); `scripts/bench_engine.py --gemv`.
+    """
+
+    block_n: int = 4  # 0: from the shape (enough programs to fill the device)
+    block_k: int = 1024
+    num_warps: int = 4
+    num_stages: int = 3
+    evict_first: bool = False  # weights loaded with L2's evict-first policy (each read once)
+
+
+# Over float8 weights: twice the columns per load, so that each thread still loads 16
+# bytes (see GEMV_FP8_CONFIG's measurement in docs/performance.md, issue 18).
+GEMV_FP8_CONFIG = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=3)
+
+# Launch parameters per weight shape, (N, K, float8) -> GemvConfig, where they differ from
+# the defaults above (``scripts/bench_batch1.py`` sets them from its sweep).
+SHAPE_CONFIGS: dict[tuple[int, int, bool], GemvConfig] = {}
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _load_weights(ptrs, mask, EVICT_FIRST: tl.constexpr):  # type: ignore[no-untyped-def]
+    if EVICT_FIRST:
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, PROLOGUE: tl.constexpr):  # type: ignore[no-untyped-def]
+    # The input columns `cols` of the product (float32) and, for the norms, the values
+    # whose squares make the norm's statistics.
+    dt = x_ptr.dtype.element_ty
+    if PROLOGUE == 3:  # x = [gate | up]
+        gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+        v = (act * up).to(dt).to(tl.float32)
+        s = v
+    else:
+        s = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if PROLOGUE == 2:  # the residual add, rounded to the model's dtype as torch's
+            s = (s + tl.load(res_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)).to(dt)
+            tl.store(res_out_ptr + cols, s, mask=cols < res_end)  # program 0's columns
+            s = s.to(tl.float32)
+        v = s
+        if PROLOGUE != 0:  # the norm's weight; its 1/rms scales the sums at the end
+            v = s * tl.load(g_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return v, s
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _gemv_kernel(  # type: ignore[no-untyped-def]
+    x_ptr,
+    res_ptr,
+    g_ptr,
+    res_out_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    eps,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SCALED: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    EVICT_FIRST: tl.constexpr,
+    USE_GDC: tl.constexpr,
+):
+    # One program per BLOCK_N output rows, streaming their weights along K once. SCALED:
+    # w holds float8 e4m3 (fp8_weights.py), each row's sum times its scale s_ptr[row].
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    res_end = tl.where(pid == 0, K, 0)  # the new residual: written by program 0
+    cols = tl.arange(0, BLOCK_K)
+    col_mask = cols < K
+    # The first tile of weights, before waiting for the previous kernel (no kernel
+    # writes weights): with PDL its load overlaps that kernel's last programs.
+    w = _load_weights(w_rows + cols[None, :], row_mask[:, None] & col_mask[None, :], EVICT_FIRST)
+    pdl_enter(USE_GDC)
+    v, s = _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, PROLOGUE)
+    acc = w.to(tl.float32) * v[None, :]
+    sq = s * s
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        w = _load_weights(w_rows + cols[None, :], row_mask[:, None] & col_mask[None, :], EVICT_FIRST)
+        v, s = _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, PROLOGUE)
+        acc += w.to(tl.float32) * v[None, :]
+        sq += s * s
+    y = tl.sum(acc, axis=1)
+    if PROLOGUE == 1 or PROLOGUE == 2:
+        y = y * tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+    if SCALED:
+        y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+
+
+def _launch(
+    prologue: int,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    k: int,
+    config: GemvConfig | None,
+    scale: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    res_out: torch.Tensor | None = None,
+    eps: float = 0.0,
+    pdl: bool = False,
+) -> torch.Tensor:
+    n, kw = w.shape
+    fp8 = scale is not None
+    cfg = config or SHAPE_CONFIGS.get((n, kw, fp8)) or (GEMV_FP8_CONFIG if fp8 else GemvConfig())
+    if w.stride(1) != 1:
+        raise ValueError("w must have unit column stride")
+    if kw != k:
+        raise ValueError(f"the input has {k} values; w expects {kw}")
+    if scale is not None and scale.shape != (n,):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}; w expects ({n},)")
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n = cfg.block_n
+    if not block_n:
+        per_program = max(1, n // (4 * num_sms(x.device)))
+        block_n = min(16, 1 << (per_program.bit_length() - 1))
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x,
+        residual if residual is not None else x,
+        norm_weight if norm_weight is not None else x,
+        res_out if res_out is not None else y,
+        w,
+        scale if scale is not None else y,
+        y,
+        n,
+        k,
+        w.stride(0),
+        float(eps),
+        BLOCK_N=block_n,
+        BLOCK_K=cfg.block_k,
+        SCALED=scale is not None,
+        PROLOGUE=prologue,
+        EVICT_FIRST=cfg.evict_first,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **pdl_options(pdl),
+    )
+    return y
+
+
+def _row(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    xv = x.reshape(-1)
+    if x.dim() > 2 or (x.dim() == 2 and x.shape[0] != 1):
+        raise ValueError(f"{name} must be one row ([1, K] or [K]), not {tuple(x.shape)}")
+    return xv.contiguous()
+
+
+def gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    config: GemvConfig | None = None,
+    scale: torch.Tensor | None = None,
+    *,
+    silu: bool = False,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``x @ w.T`` for one row: ``x`` ``[1, K]`` (or ``[K]``), ``w`` ``[N, K]`` with unit
+    column stride; returns ``[1, N]`` in ``x``'s dtype, accumulated in float32.
+
+    With ``scale`` [N] (float32), ``w`` is float8 e4m3 (:class:`~llava_node.engine.
+    fp8_weights.Fp8Weight`'s values) and output ``n`` is multiplied by ``scale[n]``.
+    With ``silu``, ``x`` is ``[gate | up]`` of ``2K`` values and the product's input is
+    ``silu(gate) * up``, rounded to ``x``'s dtype as torch rounds it. ``pdl``: launched
+    with programmatic dependent launch (:func:`~llava_node.engine.launch.pdl_available`).
+    """
+    xv = _row(x)
+    k = xv.shape[0] // 2 if silu else xv.shape[0]
+    if silu and xv.shape[0] % 2:
+        raise ValueError(f"x = [gate | up] must have an even number of values, not {xv.shape[0]}")
+    return _launch(_SILU if silu else _PLAIN, xv, w, k, config, scale, pdl=pdl)
+
+
+def gemv_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: torch.Tensor,
+    config: GemvConfig | None = None,
+    scale: torch.Tensor | None = None,
+    *,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm(h) @ w.T`` for one row, with ``h = x + residual`` (rounded to ``x``'s
+    dtype, as torch's add) or ``h = x`` when ``residual`` is None; returns ``(y, h)``:
+    ``y`` ``[1, N]`` as :func:`gemv` returns it and ``h`` ``[1, K]``, the next residual.
+
+    The norm is LlamaRMSNorm's (``norm_weight * h * rsqrt(mean(h**2) + eps)``), computed
+    in float32 inside the product instead of rounded to the model's dtype first.
+    """
+    xv = _row(x)
+    k = xv.shape[0]
+    if norm_weight.shape != (k,) or not norm_weight.is_contiguous():
+        raise ValueError(f"norm_weight must be contiguous [{k}], got {tuple(norm_weight.shape)}")
+    if residual is None:
+        y = _launch(_NORM, xv, w, k, config, scale, norm_weight=norm_weight, eps=eps, pdl=pdl)
+        return y, xv.view(1, k)
+    rv = _row(residual, "residual")
+    if rv.shape != xv.shape or rv.dtype != xv.dtype:
+        raise ValueError(
+            f"residual {tuple(residual.shape)}/{residual.dtype} does not match x {tuple(x.shape)}/{x.dtype}"
+        )
+    h = torch.empty((1, k), dtype=x.dtype, device=x.device)
+    y = _launch(_ADD_NORM, xv, w, k, config, scale, rv, norm_weight, h, eps, pdl)
+    return y, h
