@@ -8,9 +8,10 @@
    runs them: the kernels of before (add + RMSNorm, GEMV, SiLU*up as kernels of their
    own) against the norms and SiLU inside the GEMVs, each with PDL and without.
 4. ``step``: the bare decode step of the 7B-shaped checkpoint at batch 1 (CUDA graph)
-   for each combination (cuBLAS; the GEMV as before; norms inside the GEMVs; PDL; the
-   sweep's best configurations), its kernels (count, device time) run eagerly, and the
-   logits and 32 greedy tokens of each against the step of before.
+   for each combination (cuBLAS; the GEMV as before; PDL; the launch parameters tuned
+   at start-up; norms inside the GEMVs; the decode attention's kernel and partitions),
+   its kernels (count, device time) run eagerly, and the logits and 32 greedy tokens of
+   each against the first (cuBLAS); ``step_fp8`` the same with float8 weights.
 
     python3 scripts/bench_batch1.py --checkpoint /tmp/llava7b --out batch1.json
 """
@@ -166,35 +167,63 @@ def chain(layers: int, pdl_modes: list[bool]) -> dict[str, Any]:
     return out
 
 
-def step(checkpoint: Path, best: dict[str, GemvConfig], context: int = 616) -> dict[str, Any]:
+def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> dict[str, Any]:
     """The bare batch-1 decode step of the checkpoint for each combination of the options."""
+    import functools
+
+    from llava_node.engine.fp8_weights import weight_dtype as w_dtype
     from llava_node.engine.loading import load_llava
     from llava_node.engine.runner import LlavaRunner, RunnerConfig
 
     loaded = load_llava(checkpoint, torch.device("cuda"), torch.bfloat16)
     runner = LlavaRunner(
-        loaded, RunnerConfig(max_batch=1, graph_batch_sizes=(1,), mixed_rows=0, prefill_graphs=False)
+        loaded,
+        RunnerConfig(
+            max_batch=1,
+            graph_batch_sizes=(1,),
+            mixed_rows=0,
+            prefill_graphs=False,
+            weight_dtype=w_dtype(weight_dtype),
+        ),
     )
-    runner.warmup()
+    t = time.monotonic()
+    runner.warmup()  # tunes the GEMV per shape (gemv.tune), then captures
+    out: dict[str, Any] = {
+        "weight_dtype": weight_dtype,
+        "pdl_available": pdl_available(runner.device),
+        "context": context,
+        "warmup_s": round(time.monotonic() - t, 2),
+        "tuned": {str(k): str(v) for k, v in gemv_mod.SHAPE_CONFIGS.items()},
+        "tuning_ms": {str(k): v for k, v in runner.gemv_timings.items()},
+    }
+    tuned = dict(gemv_mod.SHAPE_CONFIGS)
     pages = list(range(1, 1 + runner.cache.pages_for(context + 256)))
     runner.assign(0, pages, 0.0, 1.0, 0)
-    # a context of random keys and values (the cache's pages), the last token fixed
-    for i in range(runner.n_layers):
+    for i in range(runner.n_layers):  # a context of random keys and values
         kc, vc = runner.cache.layer(i)
         kc.normal_(0, 1)
         vc.normal_(0, 1)
-    gemv_fn = runner.gemv
-    tuned = {(n, k, False): best[name] for name, (n, k) in PROJECTIONS_7B.items() if name in best}
-    variants = {
-        "cublas": {"gemv": None, "fused": False, "pdl": False, "tuned": False},
-        "gemv (before)": {"gemv": gemv_fn, "fused": False, "pdl": False, "tuned": False},
-        "gemv + norms inside": {"gemv": gemv_fn, "fused": True, "pdl": False, "tuned": False},
-        "gemv + pdl": {"gemv": gemv_fn, "fused": False, "pdl": True, "tuned": False},
-        "gemv + norms inside + pdl": {"gemv": gemv_fn, "fused": True, "pdl": True, "tuned": False},
-        "... + tuned configs": {"gemv": gemv_fn, "fused": True, "pdl": True, "tuned": True},
-        "... + tuned, no pdl": {"gemv": gemv_fn, "fused": True, "pdl": False, "tuned": True},
+    gemv_fn, attention = runner.gemv, runner.paged_attention
+    heads = functools.partial(kernels.paged_decode_attention, group_kernel=False)
+    base = {"gemv": gemv_fn, "fused": False, "pdl": True, "tuned": True, "attention": attention, "sms": 3}
+    variants: dict[str, dict[str, Any]] = {
+        "cublas": {**base, "gemv": None, "pdl": False, "tuned": False},
+        "gemv (before)": {**base, "pdl": False, "tuned": False},
+        "gemv + pdl": {**base, "tuned": False},
+        "gemv + pdl + tuned (default)": base,
+        "gemv + tuned, no pdl": {**base, "pdl": False},
+        "... + norms inside the gemvs": {**base, "fused": True},
+        "... attention: heads kernel": {**base, "attention": heads},
+        "... attention: 1 program/SM": {**base, "sms": 1},
+        "... attention: 2 programs/SM": {**base, "sms": 2},
+        "... attention: 6 programs/SM": {**base, "sms": 6},
     }
-    out: dict[str, Any] = {"pdl_available": pdl_available(runner.device), "context": context}
+    if weight_dtype != "auto":
+        variants = {
+            k: v
+            for k, v in variants.items()
+            if k in ("gemv (before)", "gemv + pdl", "gemv + pdl + tuned (default)")
+        }
     ref_logits: torch.Tensor | None = None
     ref_tokens: list[int] | None = None
     slots = torch.tensor([0], device=runner.device)
@@ -202,6 +231,8 @@ def step(checkpoint: Path, best: dict[str, GemvConfig], context: int = 616) -> d
         if v["pdl"] and not out["pdl_available"]:
             continue
         runner.gemv, runner.batch1_fused, runner.pdl = v["gemv"], v["fused"], v["pdl"]
+        runner.paged_attention = v["attention"]
+        kernels.PROGRAMS_PER_SM = v["sms"]
         gemv_mod.SHAPE_CONFIGS.clear()
         if v["tuned"]:
             gemv_mod.SHAPE_CONFIGS.update(tuned)
@@ -229,31 +260,25 @@ def step(checkpoint: Path, best: dict[str, GemvConfig], context: int = 616) -> d
         tokens = [runner.decode_launch([0], True).tokens()[0] for _ in range(32)]
         runner.seq_lens[:1] = context
         runner.last_tokens[:1] = 1000
-        row: dict[str, Any] = {
-            "ms_per_step": round(ms, 4),
-            "tok_s": round(1000 / ms, 1),
-            "kernels": step_kernels(runner, [0]),
-        }
+        row: dict[str, Any] = {"ms_per_step": round(ms, 4), "tok_s": round(1000 / ms, 1)}
+        row["kernels"] = step_kernels(runner, [0])
         if ref_logits is None:
             ref_logits, ref_tokens = logits, tokens
         else:
-            row["logits_rel_err_vs_before"] = round(
-                float((logits - ref_logits).norm() / ref_logits.norm()), 5
-            )
+            row["logits_rel_err_vs_first"] = round(float((logits - ref_logits).norm() / ref_logits.norm()), 5)
             row["argmax_equal"] = bool(logits.argmax() == ref_logits.argmax())
-            row["greedy_tokens_equal_before"] = next(
+            row["greedy_tokens_equal_first"] = next(
                 (i for i, (a, b) in enumerate(zip(tokens, ref_tokens or [], strict=True)) if a != b), 32
             )
         out[label] = row
-        print(
-            f"[step] {label}: {ms:.3f} ms ({1000 / ms:.1f} tok/s) {json.dumps({k: v for k, v in row.items() if k != 'kernels'})}",
-            flush=True,
-        )
+        brief = {k: v for k, v in row.items() if k != "kernels"}
+        print(f"[step {weight_dtype}] {label}: {json.dumps(brief)}", flush=True)
         print(
             f"       kernels: {row['kernels']['count']} launches, {row['kernels']['device_ms']} ms",
             flush=True,
         )
     gemv_mod.SHAPE_CONFIGS.clear()
+    kernels.PROGRAMS_PER_SM = 3
     return out
 
 
@@ -264,7 +289,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/llava-1.5-7b-random"))
     parser.add_argument("--out", type=Path, default=Path("batch1.json"))
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--parts", default="ceiling,sweep,chain,step")
+    parser.add_argument("--parts", default="ceiling,sweep,chain,step,step_fp8")
     args = parser.parse_args()
     parts = args.parts.split(",")
     result: dict[str, Any] = {
@@ -280,13 +305,11 @@ def main() -> int:
     def save() -> None:
         args.out.write_text(json.dumps(result, indent=1, default=str))
 
-    best: dict[str, GemvConfig] = {}
     if "ceiling" in parts:
         result["ceiling"] = ceiling()
         save()
     if "sweep" in parts:
         result["sweep"] = sweep(args.layers, pdl_modes)
-        best = {name: row["best"]["cfg"] for name, row in result["sweep"].items()}
         save()
     if "chain" in parts:
         result["chain"] = chain(args.layers, pdl_modes)
@@ -296,7 +319,10 @@ def main() -> int:
 
         if not is_checkpoint(args.checkpoint):
             build_llava_7b_shaped_checkpoint(args.checkpoint)
-        result["step"] = step(args.checkpoint, best)
+        result["step"] = step(args.checkpoint)
+        save()
+    if "step_fp8" in parts:
+        result["step_fp8"] = step(args.checkpoint, "fp8")
         save()
     print(f"wrote {args.out}")
     return 0

@@ -21,6 +21,8 @@ graphs capture it); the kernels also run under Triton's CPU interpreter.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,9 @@ import triton.language as tl
 
 from llava_node.engine.launch import num_sms, pdl_enter, pdl_options
 
-__all__ = ["GEMV_FP8_CONFIG", "SHAPE_CONFIGS", "GemvConfig", "gemv", "gemv_norm"]
+__all__ = ["CANDIDATES", "GEMV_FP8_CONFIG", "SHAPE_CONFIGS", "GemvConfig", "gemv", "gemv_norm", "tune"]
+
+log = logging.getLogger(__name__)
 
 # what a program computes its input from (the kernel's PROLOGUE)
 _PLAIN, _NORM, _ADD_NORM, _SILU = 0, 1, 2, 3
@@ -56,8 +60,26 @@ class GemvConfig:
 GEMV_FP8_CONFIG = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=3)
 
 # Launch parameters per weight shape, (N, K, float8) -> GemvConfig, where they differ from
-# the defaults above (``scripts/bench_batch1.py`` sets them from its sweep).
+# the defaults above: :func:`tune` sets them at the runner's start, on the card it runs on.
 SHAPE_CONFIGS: dict[tuple[int, int, bool], GemvConfig] = {}
+
+# What :func:`tune` tries: the five fastest of twelve on an H200 (7B shape, PDL on, issue
+# 18's sweep in docs/performance.md), which differ by shape: 4 x 2048 columns with 8 warps
+# for the wide projections (QKV, gate/up), evict-first loads for the narrow ones.
+CANDIDATES = (
+    GemvConfig(),
+    GemvConfig(evict_first=True),
+    GemvConfig(block_n=2),
+    GemvConfig(block_n=4, block_k=2048, num_warps=8),
+    GemvConfig(block_n=8),
+)
+CANDIDATES_FP8 = (
+    GEMV_FP8_CONFIG,
+    GemvConfig(block_n=4, block_k=2048, evict_first=True),
+    GemvConfig(block_n=2, block_k=2048),
+    GemvConfig(block_n=4, block_k=4096, num_warps=8),
+    GemvConfig(block_n=8, block_k=2048),
+)
 
 
 @triton.jit  # type: ignore[misc,untyped-decorator]
@@ -257,3 +279,71 @@ def gemv_norm(
     h = torch.empty((1, k), dtype=x.dtype, device=x.device)
     y = _launch(_ADD_NORM, xv, w, k, config, scale, rv, norm_weight, h, eps, pdl)
     return y, h
+
+
+def _replay_ms(fn: Callable[[], None], reps: int = 10) -> float:
+    """Milliseconds per replay of ``fn()`` captured in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return float(start.elapsed_time(end)) / reps
+
+
+def tune(
+    weights: Sequence[tuple[torch.Tensor, torch.Tensor | None]], dtype: torch.dtype, pdl: bool
+) -> dict[tuple[int, int, bool], dict[str, float]]:
+    """Choose each weight shape's launch parameters on this card, at start-up.
+
+    ``weights``: the model's ``(w, scale)`` pairs of one-row products (``scale`` None for
+    bf16 weights, else ``w`` is float8), e.g. every layer's four projections. For each
+    shape, every candidate streams all of that shape's weights (so that they come from
+    memory, as in a decode step) in a CUDA graph; the fastest goes into
+    :data:`SHAPE_CONFIGS`. Returns the milliseconds of each candidate per shape, by the
+    candidate's position in :data:`CANDIDATES` (``CANDIDATES_FP8``).
+    """
+    by_shape: dict[tuple[int, int, bool], list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+    for w, scale in weights:
+        by_shape.setdefault((int(w.shape[0]), int(w.shape[1]), scale is not None), []).append((w, scale))
+    timings: dict[tuple[int, int, bool], dict[str, float]] = {}
+    for key, ws in by_shape.items():
+        n, k, fp8 = key
+        x = torch.randn(1, k, device=ws[0][0].device, dtype=dtype)
+        ms: dict[str, float] = {}
+        best: tuple[float, GemvConfig] | None = None
+        for i, cfg in enumerate(CANDIDATES_FP8 if fp8 else CANDIDATES):
+
+            def run(
+                cfg: GemvConfig = cfg,
+                ws: list[tuple[torch.Tensor, torch.Tensor | None]] = ws,
+                x: torch.Tensor = x,
+                k: int = k,
+            ) -> None:
+                for w, scale in ws:
+                    _launch(_PLAIN, x, w, k, cfg, scale, pdl=pdl)
+
+            t = _replay_ms(run)
+            ms[str(i)] = round(t, 4)
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        assert best is not None
+        SHAPE_CONFIGS[key] = best[1]
+        timings[key] = ms
+        log.info(
+            "GEMV %dx%d%s: %s (%.3f ms for %d weights)",
+            n,
+            k,
+            " fp8" if fp8 else "",
+            best[1],
+            best[0],
+            len(ws),
+        )
+    return timings

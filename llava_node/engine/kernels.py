@@ -216,6 +216,20 @@ def _decode_heads_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit  # type: ignore[misc,untyped-decorator]
+def _group_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):  # type: ignore[no-untyped-def]
+    # One tile of keys/values (BLOCK_N positions, `valid` where real) into a group's
+    # online softmax: the running max m_i, sum l_i and output accumulator acc.
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
 def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     q_ptr,
     k_ptr,
@@ -260,14 +274,32 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     num_splits = tl.num_programs(1)
     b = pid // KVH
     kvh = pid % KVH
-    pdl_enter(USE_GDC)
+    # Before the wait for the previous kernel (PDL): the lengths and block tables (written
+    # at the step's start) and the first tile's keys and values, all but the newest
+    # position's, which the previous kernel (RoPE + store) writes.
     start, end = _split_range(lens_ptr, b, split, num_splits, max_len, BLOCK_N)
+    newest = tl.minimum(tl.maximum(tl.load(lens_ptr + b).to(tl.int64), 0), max_len) - 1
 
     d = tl.arange(0, HEAD_DIM)
     g = tl.arange(0, BLOCK_G)
     lane = tl.arange(0, BLOCK_N)
     g_mask = g < GROUP
     h = kvh * GROUP + g
+    k_base = k_ptr + kvh * stride_kh + d[None, :] * stride_kd
+    v_base = v_ptr + kvh * stride_vh + d[None, :] * stride_vd
+    bt_row = bt_ptr + b * stride_btb
+    dt = q_ptr.dtype.element_ty
+    pos = start + lane
+    valid = pos < end
+    page = tl.load(bt_row + pos // PAGE_SIZE, mask=valid, other=0)
+    rows = (page * PAGE_SIZE + pos % PAGE_SIZE)[:, None]
+    old = (valid & (pos != newest))[:, None]
+    k = tl.load(k_base + rows * stride_kr, mask=old, other=0.0).to(dt)
+    v = tl.load(v_base + rows * stride_vr, mask=old, other=0.0).to(dt)
+    pdl_enter(USE_GDC)
+    fresh = (valid & (pos == newest))[:, None]
+    k = tl.where(fresh, tl.load(k_base + rows * stride_kr, mask=fresh, other=0.0).to(dt), k)
+    v = tl.where(fresh, tl.load(v_base + rows * stride_vr, mask=fresh, other=0.0).to(dt), v)
     # q in its own dtype (the model's); keys and values are converted to it as they are
     # read (a no-op unless the cache holds float8)
     q = tl.load(
@@ -275,28 +307,18 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
         mask=g_mask[:, None],
         other=0.0,
     )
-    k_base = k_ptr + kvh * stride_kh + d[None, :] * stride_kd
-    v_base = v_ptr + kvh * stride_vh + d[None, :] * stride_vd
-    bt_row = bt_ptr + b * stride_btb
-
     m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
+    m_i, l_i, acc = _group_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
         pos = n0 + lane
         valid = pos < end
         page = tl.load(bt_row + pos // PAGE_SIZE, mask=valid, other=0)
         row = page * PAGE_SIZE + pos % PAGE_SIZE
-        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0).to(dt)
+        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0).to(dt)
+        m_i, l_i, acc = _group_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     if not SPLIT:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]

@@ -87,11 +87,16 @@ class RunnerConfig:
     fused_kernels: bool | None = None  # None: on CUDA when Triton is importable
     batch1_gemv: bool = True  # with the fused kernels: batch-1 decode GEMMs as a Triton GEMV
     # with the batch-1 GEMV: the norms (and their residual adds) and SiLU*up computed
-    # inside the GEMVs that read them (gemv.py), not as kernels of their own
-    batch1_fused: bool = True
+    # inside the GEMVs that read them (gemv.py), not as kernels of their own. Off: on an
+    # H200 with PDL the GEMVs' extra loads cost more than the kernels they replace
+    # (docs/performance.md, issue 18)
+    batch1_fused: bool = False
     # the decode step's Triton kernels launched with programmatic dependent launch where
     # the device and Triton have it (launch.py): each overlaps the previous one's end
     pdl: bool = True
+    # on a GPU, with the batch-1 GEMV: its launch parameters chosen per weight shape at
+    # start-up, on the card itself (gemv.tune: a few milliseconds of timing per shape)
+    tune_gemv: bool = True
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
     prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
     mixed_rows: int = 256  # prompt rows a captured mixed step holds (a multiple of chunk_block)
@@ -271,6 +276,7 @@ class LlavaRunner:
         self.gemv: Any = self.fused.gemv if self.fused is not None and config.batch1_gemv else None
         self.batch1_fused = config.batch1_fused
         self.pdl = bool(config.pdl and self.fused is not None and pdl_available(self.device))
+        self.gemv_timings: dict[Any, Any] = {}
         self.graphs: Any = None
         self.vision_graph: Any = None
         self.prefill_graphs: Any = None
@@ -353,6 +359,8 @@ class LlavaRunner:
 
     def warmup(self) -> None:
         """Run the first steps (and capture CUDA graphs) before serving."""
+        if self.gemv is not None and self.device.type == "cuda" and self.cfg.tune_gemv:
+            self.gemv_timings = self._tune_gemv()
         if self.graphs is not None:
             self.graphs.capture()
         if self.vision_graph is not None:
@@ -361,6 +369,16 @@ class LlavaRunner:
             self.mixed_graphs.capture()
         for g in self.prompt_graphs:
             g.capture()
+
+    def _tune_gemv(self) -> dict[Any, Any]:
+        """Each one-row product's launch parameters, timed on this card (gemv.tune)."""
+        from llava_node.engine import gemv
+
+        pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = [(self.lm_head, None)]
+        for layer in self.layers:
+            for w in (layer.wqkv, layer.wo, layer.wgu, layer.wdown):
+                pairs.append((w.q, w.scale) if isinstance(w, Fp8Weight) else (w, None))
+        return gemv.tune(pairs, self.dtype, self.pdl)
 
     # -- per-slot state --------------------------------------------------------------
     def assign(
