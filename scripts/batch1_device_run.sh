@@ -19,8 +19,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
 python3 -c "from llava_node.tiny_checkpoint import build_llava_7b_shaped_checkpoint as b; b('/tmp/llava7b')" &
 build=$!
-KERNELS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider tests/node/test_kernels.py \
-    tests/node/test_fp8_weights.py -k "not interpreter" 2>&1 | tail -4 | tee "$OUT/gputests.txt"
+KERNELS_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -p no:cacheprovider tests/node/test_kernels.py \
+    2>&1 | tail -3 | tee "$OUT/gputests.txt"
+KERNELS_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/node/test_fp8_weights.py \
+    -k "gemv or matmul or gpu" 2>&1 | tail -3 | tee -a "$OUT/gputests.txt"
 wait $build
 timeout "${BENCH_S:-330}" python3 scripts/bench_batch1.py --checkpoint /tmp/llava7b --out "$OUT/batch1.json" \
     --parts "${PARTS:-ceiling,sweep,chain,step,step_fp8}" 2>&1 | grep -v "Loading\|it/s\]\|profiler\|_warn_once" \
