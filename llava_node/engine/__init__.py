@@ -70,6 +70,7 @@ def build_engine(checkpoint: Path, options: EngineOptions) -> Engine:
             weight_dtype=w_dtype,
             cuda_graphs=options.cuda_graphs,
             fused_kernels=options.fused_kernels,
+            pdl=options.pdl,
             mixed_rows=chunk_max,
             mixed_row_sizes=mixed_row_sizes(prefill_chunk, chunk_max),
         ),

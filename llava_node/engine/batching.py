@@ -184,6 +184,7 @@ class BatchingEngine(Engine):
             "fused_kernels": r.fused is not None,
             "prefill_graphs": r.prefill_graphs is not None,
             "batch1_gemv": r.gemv is not None,
+            "pdl": r.pdl,
             "stream_interval": self.stream_interval or f"auto (1 up to {AUTO_STREAM_BATCH} requests)",
             "prefill_chunk": self.prefill_chunk or "off",
             "prefill_chunk_max": self.prefill_chunk_max or "off",

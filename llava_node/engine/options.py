@@ -29,6 +29,9 @@ class EngineOptions:
     hf_workers: int = 1
     stream_interval: int = 0  # 0: auto (see BatchingEngine); n: a response every n tokens
     fused_kernels: bool | None = None  # None: on a GPU (Triton kernels for prefill and decode)
+    # the fused kernels launched with programmatic dependent launch where the GPU (compute
+    # capability 9.0+) and Triton have it: each kernel overlaps the previous one's end
+    pdl: bool = True
     # prompt tokens per mixed step while others decode; 0: whole prompts; -1: auto (256 on
     # a GPU, where a decode step is bound by reading the weights; 0 on the CPU, where it
     # is not, so chunks would only delay first tokens)
@@ -56,6 +59,7 @@ class EngineOptions:
             cuda_graphs=_boolean(opt("cuda_graphs", "LLAVA_CUDA_GRAPHS", "true"), "cuda_graphs"),
             stream_interval=_stream_interval(opt("stream_interval", "LLAVA_STREAM_INTERVAL", "auto")),
             fused_kernels=_tristate(opt("fused_kernels", "LLAVA_FUSED_KERNELS", "auto")),
+            pdl=_boolean(opt("pdl", "LLAVA_PDL", "true"), "pdl"),
             prefill_chunk=_prefill_chunk(opt("prefill_chunk", "LLAVA_PREFILL_CHUNK", "auto")),
             prefill_chunk_max=_prefill_chunk(
                 opt("prefill_chunk_max", "LLAVA_PREFILL_CHUNK_MAX", "auto"), "prefill_chunk_max"

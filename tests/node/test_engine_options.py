@@ -18,6 +18,7 @@ def test_the_defaults_are_automatic() -> None:
     assert (o.kv_cache_fraction, o.kv_cache_dtype, o.cuda_graphs) == (0.9, "auto", True)
     assert (o.stream_interval, o.fused_kernels, o.prefill_chunk) == (0, None, -1)
     assert o.weight_dtype == "auto"  # float8 weights are off unless asked for
+    assert o.pdl  # used where the GPU and Triton have it
 
 
 def test_values_are_parsed() -> None:
@@ -36,9 +37,9 @@ def test_values_are_parsed() -> None:
 
 
 def test_the_environment_fills_in_for_missing_parameters() -> None:
-    env = {"LLAVA_MAX_BATCH": "16", "LLAVA_DEVICE": "cpu", "LLAVA_WEIGHT_DTYPE": "fp8"}
+    env = {"LLAVA_MAX_BATCH": "16", "LLAVA_DEVICE": "cpu", "LLAVA_WEIGHT_DTYPE": "fp8", "LLAVA_PDL": "false"}
     o = EngineOptions.from_model_config(lambda _key, var, default: env.get(var, default))
-    assert (o.max_batch, o.device, o.weight_dtype) == (16, "cpu", "fp8")
+    assert (o.max_batch, o.device, o.weight_dtype, o.pdl) == (16, "cpu", "fp8", False)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,7 @@ def test_the_environment_fills_in_for_missing_parameters() -> None:
         ({"max_seq_len": "lots"}, "max_seq_len must be a number"),
         ({"kv_cache_fraction": "1.5"}, "kv_cache_fraction must be in (0, 1]"),
         ({"cuda_graphs": "maybe"}, "cuda_graphs must be true or false"),
+        ({"pdl": "sometimes"}, "pdl must be true or false"),
         ({"stream_interval": "0"}, "stream_interval must be 'auto' or a positive number"),
         ({"stream_interval": "x"}, "stream_interval must be 'auto' or a positive number"),
         ({"fused_kernels": "sometimes"}, "expected auto, true or false"),
