@@ -205,7 +205,7 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         vc.normal_(0, 1)
     gemv_fn, attention = runner.gemv, runner.paged_attention
     heads = functools.partial(kernels.paged_decode_attention, group_kernel=False)
-    base = {"gemv": gemv_fn, "fused": False, "pdl": True, "tuned": True, "attention": attention, "sms": 3}
+    base = {"gemv": gemv_fn, "fused": False, "pdl": True, "tuned": True, "attention": attention, "sms": 2}
     variants: dict[str, dict[str, Any]] = {
         "cublas": {**base, "gemv": None, "pdl": False, "tuned": False},
         "gemv (before)": {**base, "pdl": False, "tuned": False},
@@ -215,7 +215,7 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         "... + norms inside the gemvs": {**base, "fused": True},
         "... attention: heads kernel": {**base, "attention": heads},
         "... attention: 1 program/SM": {**base, "sms": 1},
-        "... attention: 2 programs/SM": {**base, "sms": 2},
+        "... attention: 3 programs/SM": {**base, "sms": 3},
         "... attention: 6 programs/SM": {**base, "sms": 6},
     }
     if weight_dtype != "auto":
@@ -232,7 +232,7 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
             continue
         runner.gemv, runner.batch1_fused, runner.pdl = v["gemv"], v["fused"], v["pdl"]
         runner.paged_attention = v["attention"]
-        kernels.PROGRAMS_PER_SM = v["sms"]
+        kernels.PROGRAMS_PER_SM_ONE_ROW = v["sms"]
         gemv_mod.SHAPE_CONFIGS.clear()
         if v["tuned"]:
             gemv_mod.SHAPE_CONFIGS.update(tuned)
@@ -278,7 +278,7 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
             flush=True,
         )
     gemv_mod.SHAPE_CONFIGS.clear()
-    kernels.PROGRAMS_PER_SM = 3
+    kernels.PROGRAMS_PER_SM_ONE_ROW = 2
     return out
 
 

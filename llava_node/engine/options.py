@@ -29,8 +29,9 @@ class EngineOptions:
     hf_workers: int = 1
     stream_interval: int = 0  # 0: auto (see BatchingEngine); n: a response every n tokens
     fused_kernels: bool | None = None  # None: on a GPU (Triton kernels for prefill and decode)
-    # the fused kernels launched with programmatic dependent launch where the GPU (compute
-    # capability 9.0+) and Triton have it: each kernel overlaps the previous one's end
+    # the fused kernels of one-row steps (batch-1 decode) launched with programmatic
+    # dependent launch where the GPU (compute capability 9.0+) and Triton have it: each
+    # kernel overlaps the previous one's end
     pdl: bool = True
     # prompt tokens per mixed step while others decode; 0: whole prompts; -1: auto (256 on
     # a GPU, where a decode step is bound by reading the weights; 0 on the CPU, where it

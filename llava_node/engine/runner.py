@@ -91,8 +91,9 @@ class RunnerConfig:
     # H200 with PDL the GEMVs' extra loads cost more than the kernels they replace
     # (docs/performance.md, issue 18)
     batch1_fused: bool = False
-    # the decode step's Triton kernels launched with programmatic dependent launch where
-    # the device and Triton have it (launch.py): each overlaps the previous one's end
+    # the Triton kernels of one-row steps (batch-1 decode) launched with programmatic
+    # dependent launch where the device and Triton have it (launch.py): each overlaps the
+    # previous one's end. Not for more rows: at 8 to 64 streams it cost 10-16 % (H200)
     pdl: bool = True
     # on a GPU, with the batch-1 GEMV: its launch parameters chosen per weight shape at
     # start-up, on the card itself (gemv.tune: a few milliseconds of timing per shape)
@@ -638,7 +639,7 @@ class LlavaRunner:
             scale = 1.0 / math.sqrt(self.head_dim)
             paged = self.paged_attention
 
-            pdl = self.pdl
+            pdl = self.pdl and slots.shape[0] == 1
 
             def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return paged(q, kc, vc, tables, lens, scale, cache.page_size, pdl=pdl).reshape(q.shape[0], -1)
@@ -933,7 +934,7 @@ class LlavaRunner:
         n = x.shape[0]
         if n == 1 and x.dim() == 2 and self.gemv is not None and self.batch1_fused:
             return self._one_row_layers(x, cos, sin, rows, attend)
-        pdl, linear = self.pdl, self._linear
+        pdl, linear = self.pdl and n == 1, self._linear
         residual = x
         h = k.rms_norm(x, self.layers[0].ln1, self.eps, pdl=pdl)
         for i, w in enumerate(self.layers):
@@ -981,7 +982,7 @@ class LlavaRunner:
         kc, vc = self.cache.layer(layer)
         v = v.reshape(n, nkv, hd)
         q = k.rope_store(
-            q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v, cos, sin, kc, vc, rows, pdl=self.pdl
+            q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v, cos, sin, kc, vc, rows, pdl=self.pdl and n == 1
         )
         return q, kc, vc, v
 

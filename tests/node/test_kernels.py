@@ -301,7 +301,8 @@ def test_decode_num_splits_from_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.decode_num_splits(32, 32, 4096, cpu) == 1
     # Small batches split up to the target number of programs.
     one = kernels.decode_num_splits(1, 32, 4096, cpu)
-    assert one == math.ceil(kernels.PROGRAMS_PER_SM * sms / 32)
+    assert one == math.ceil(kernels.PROGRAMS_PER_SM_ONE_ROW * sms / 32)  # one row: one length
+    assert kernels.decode_num_splits(2, 32, 4096, cpu) == math.ceil(kernels.PROGRAMS_PER_SM * sms / 64)
     assert 1 < kernels.decode_num_splits(8, 32, 4096, cpu) < one
     # Never more partitions than blocks of the longest possible sequence, nor MAX_SPLITS.
     assert kernels.decode_num_splits(1, 1, 4096, cpu) == kernels.MAX_SPLITS
