@@ -34,7 +34,7 @@ from bench_engine import PROJECTIONS_7B, step_kernels
 
 from llava_node.engine import gemv as gemv_mod
 from llava_node.engine import kernels
-from llava_node.engine.gemv import GemvConfig
+from llava_node.engine.gemv import GemvConfig, replay_ms
 from llava_node.engine.launch import pdl_available
 
 CANDIDATES = (
@@ -54,22 +54,8 @@ CANDIDATES = (
 
 
 def graph_ms(fn: Any, reps: int = 20) -> float:
-    """Milliseconds per replay of ``fn`` captured in a CUDA graph (warmed first)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    """Milliseconds per replay of ``fn`` captured in a CUDA graph (the tuner's timing)."""
+    return replay_ms(fn, reps)
 
 
 def ceiling() -> dict[str, Any]:

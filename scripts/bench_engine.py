@@ -939,21 +939,9 @@ PROJECTIONS_7B = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 40
 
 def timed(fn: Any) -> float:
     """Milliseconds per replay of ``fn`` captured in a CUDA graph (warmed, 20 replays)."""
-    import torch
+    from llava_node.engine.gemv import replay_ms
 
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / 20 * 1000
+    return replay_ms(fn, 20)
 
 
 def micro_gemv(layers: int = 32) -> dict[str, Any]:

@@ -31,7 +31,16 @@ import triton.language as tl
 
 from llava_node.engine.launch import num_sms, pdl_enter, pdl_options
 
-__all__ = ["CANDIDATES", "GEMV_FP8_CONFIG", "SHAPE_CONFIGS", "GemvConfig", "gemv", "gemv_norm", "tune"]
+__all__ = [
+    "CANDIDATES",
+    "GEMV_FP8_CONFIG",
+    "SHAPE_CONFIGS",
+    "GemvConfig",
+    "gemv",
+    "gemv_norm",
+    "replay_ms",
+    "tune",
+]
 
 log = logging.getLogger(__name__)
 
@@ -281,14 +290,16 @@ def gemv_norm(
     return y, h
 
 
-def _replay_ms(fn: Callable[[], None], reps: int = 10) -> float:
-    """Milliseconds per replay of ``fn()`` captured in a CUDA graph."""
+def replay_ms(fn: Callable[[], object], reps: int = 10) -> float:
+    """Milliseconds per replay of ``fn()`` captured in a CUDA graph (run once, captured,
+    replayed three times before ``reps`` timed replays)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
+    for _ in range(3):
+        graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
@@ -330,7 +341,7 @@ def tune(
                 for w, scale in ws:
                     _launch(_PLAIN, x, w, k, cfg, scale, pdl=pdl)
 
-            t = _replay_ms(run)
+            t = replay_ms(run)
             ms[str(i)] = round(t, 4)
             if best is None or t < best[0]:
                 best = (t, cfg)
