@@ -10,12 +10,7 @@
 # real tritonserver at 1, 8, 32 and 64 streams sustained (one image, the workload).
 # Needs the pytriton/tritonclient wheels in .whl/ (see the device README) and writes
 # under $OUT (the device tool's output folder) or ./out.
-set -o pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 9
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv
+. scripts/device_setup.sh
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
 python3 -c "from llava_node.tiny_checkpoint import build_llava_7b_shaped_checkpoint as b; b('/tmp/llava7b')" &
 build=$!

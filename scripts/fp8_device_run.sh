@@ -10,13 +10,8 @@
 #
 # Needs the pytriton/tritonclient wheels in .whl/ (see the device README) and writes
 # under $OUT (the device tool's output folder) or ./out.
-set -o pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 9
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+. scripts/device_setup.sh
 test -f llava_node/engine/fp8_weights.py || { echo "not the fp8 tree"; exit 3; }
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv
 if [ "${PART:-1}" = 1 ]; then
     KERNELS_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider \
         tests/node/test_fp8_weights.py -k "gemv or matmul or gpu" 2>&1 | tail -15 | tee "$OUT/gputests.txt"

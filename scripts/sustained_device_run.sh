@@ -12,12 +12,7 @@
 #
 # Needs the pytriton/tritonclient wheels in .whl/ (see the device README) and writes
 # under $OUT (the device tool's output folder) or ./out.
-set -o pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 9
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv
+. scripts/device_setup.sh
 if [ "${IMAGES:-distinct}" = distinct ]; then
     extra=(--distinct-images)
     [ -n "${MIXED:-}" ] && extra+=(--mixed)
