@@ -53,18 +53,13 @@ CANDIDATES = (
 )
 
 
-def graph_ms(fn: Any, reps: int = 20) -> float:
-    """Milliseconds per replay of ``fn`` captured in a CUDA graph (the tuner's timing)."""
-    return replay_ms(fn, reps)
-
-
 def ceiling() -> dict[str, Any]:
     """The card's read and copy rates (torch's sum and copy), TB/s."""
     a = torch.randn(2 * 1024**3, device="cuda", dtype=torch.bfloat16)  # 4 GiB
-    read_ms = graph_ms(lambda: a.sum(dtype=torch.float32), reps=10)
+    read_ms = replay_ms(lambda: a.sum(dtype=torch.float32), 10)
     src = a[: 1024**3]
     dst = torch.empty_like(src)
-    copy_ms = graph_ms(lambda: dst.copy_(src), reps=10)
+    copy_ms = replay_ms(lambda: dst.copy_(src), 10)
     res = {
         "read_tb_s": round(a.numel() * 2 / read_ms / 1e9, 3),
         "copy_tb_s_read_plus_write": round(2 * src.numel() * 2 / copy_ms / 1e9, 3),
@@ -82,15 +77,15 @@ def sweep(layers: int, pdl_modes: list[bool]) -> dict[str, Any]:
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         nbytes = layers * n * k * 2
         row: dict[str, Any] = {}
-        ms = graph_ms(lambda ws=ws, x=x: [F.linear(x, w) for w in ws])
+        ms = replay_ms(lambda ws=ws, x=x: [F.linear(x, w) for w in ws], 20)
         row["cublas"] = {"ms": round(ms, 4), "tb_s": round(nbytes / ms / 1e9, 3)}
         for cfg in CANDIDATES:
             for pdl in pdl_modes:
                 key = f"{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}" + (
                     " evict" if cfg.evict_first else ""
                 )
-                ms = graph_ms(
-                    lambda ws=ws, x=x, cfg=cfg, pdl=pdl: [kernels.gemv(x, w, cfg, pdl=pdl) for w in ws]
+                ms = replay_ms(
+                    lambda ws=ws, x=x, cfg=cfg, pdl=pdl: [kernels.gemv(x, w, cfg, pdl=pdl) for w in ws], 20
                 )
                 row[key + (" pdl" if pdl else "")] = {
                     "ms": round(ms, 4),
@@ -147,7 +142,7 @@ def chain(layers: int, pdl_modes: list[bool]) -> dict[str, Any]:
     out: dict[str, Any] = {"weights_gb": round(nbytes / 1e9, 2), "inter": inter}
     for label, fn in (("before", before), ("fused", fused)):
         for pdl in pdl_modes:
-            ms = graph_ms(lambda fn=fn, pdl=pdl: fn(pdl))
+            ms = replay_ms(lambda fn=fn, pdl=pdl: fn(pdl), 20)
             out[label + (" pdl" if pdl else "")] = {"ms": round(ms, 4), "tb_s": round(nbytes / ms / 1e9, 3)}
     print("[chain]", json.dumps(out), flush=True)
     return out

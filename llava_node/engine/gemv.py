@@ -290,7 +290,7 @@ def gemv_norm(
     return y, h
 
 
-def replay_ms(fn: Callable[[], object], reps: int = 10) -> float:
+def replay_ms(fn: Callable[..., object], reps: int = 10) -> float:
     """Milliseconds per replay of ``fn()`` captured in a CUDA graph (run once, captured,
     replayed three times before ``reps`` timed replays)."""
     fn()

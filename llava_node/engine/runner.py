@@ -639,7 +639,7 @@ class LlavaRunner:
             scale = 1.0 / math.sqrt(self.head_dim)
             paged = self.paged_attention
 
-            pdl = self.pdl and slots.shape[0] == 1
+            pdl = self._pdl(slots.shape[0])
 
             def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                 return paged(q, kc, vc, tables, lens, scale, cache.page_size, pdl=pdl).reshape(q.shape[0], -1)
@@ -865,19 +865,20 @@ class LlavaRunner:
         """``F.linear``; for one row, the Triton GEMV when enabled (it streams the weights
         faster than cuBLAS's batch-1 kernels). A float8 weight (:class:`Fp8Weight`): the
         GEMV over its bytes for one row, :func:`kernels.fp8_matmul` for more."""
-        one_row = self.gemv is not None and self.fused is not None and x.shape[0] == 1 and x.dim() == 2
-        if isinstance(w, Fp8Weight):
-            if one_row:
-                y = self.gemv(x, w.q, scale=w.scale, pdl=self.pdl)
-            elif self.fused is not None and x.dim() == 2:
-                y = self.fused.fp8_matmul(x, w.q, w.scale)
-            else:
-                return weight_linear(x, w, bias)
-            return y if bias is None else y + bias
-        if one_row:
-            y = self.gemv(x, w, pdl=self.pdl)
-            return y if bias is None else y + bias
-        return F.linear(x, w, bias)
+        if self.gemv is not None and self.fused is not None and x.shape[0] == 1 and x.dim() == 2:
+            y = self._gemv(x, w)
+        elif isinstance(w, Fp8Weight) and self.fused is not None and x.dim() == 2:
+            y = self.fused.fp8_matmul(x, w.q, w.scale)
+        elif isinstance(w, Fp8Weight):
+            return weight_linear(x, w, bias)
+        else:
+            return F.linear(x, w, bias)
+        return y if bias is None else y + bias
+
+    def _pdl(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows launches its kernels with PDL: one row only (at
+        8 to 64 streams it made the node slower; see RunnerConfig.pdl)."""
+        return self.pdl and rows == 1
 
     def _gemv(self, x: torch.Tensor, w: Weight, silu: bool = False) -> torch.Tensor:
         """The batch-1 GEMV of ``x`` by ``w`` (bf16 or :class:`Fp8Weight`); ``silu``:
@@ -934,7 +935,7 @@ class LlavaRunner:
         n = x.shape[0]
         if n == 1 and x.dim() == 2 and self.gemv is not None and self.batch1_fused:
             return self._one_row_layers(x, cos, sin, rows, attend)
-        pdl, linear = self.pdl and n == 1, self._linear
+        pdl, linear = self._pdl(n), self._linear
         residual = x
         h = k.rms_norm(x, self.layers[0].ln1, self.eps, pdl=pdl)
         for i, w in enumerate(self.layers):
@@ -982,7 +983,7 @@ class LlavaRunner:
         kc, vc = self.cache.layer(layer)
         v = v.reshape(n, nkv, hd)
         q = k.rope_store(
-            q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v, cos, sin, kc, vc, rows, pdl=self.pdl and n == 1
+            q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v, cos, sin, kc, vc, rows, pdl=self._pdl(n)
         )
         return q, kc, vc, v
 
