@@ -68,6 +68,7 @@ async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
     fleet = Fleet(store, poller, nodes=nodes, policy=AddressPolicy(settings.worker_allowed_hosts))
     models = ModelManager(settings, store, nodes=nodes, events=ModelEventLog(writer, metrics))
     views = ModelViews(models)
+    names = ServedNames(store, settings.model_aliases, settings.default_model)
     service = GenerationService(
         settings,
         store,
@@ -83,6 +84,7 @@ async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
         metrics=metrics,
         breaker=breaker,
         cold_start=models.ensure_loaded,
+        listed_names=names.listed,
     )
     return ControlPlane(
         settings=settings,
@@ -106,7 +108,7 @@ async def _build(settings: Settings, nodes: NodeClient) -> ControlPlane:
         retention=RetentionLoop.from_settings(
             db, settings, lambda table, rows: metrics.retention_deleted.labels(table=table).inc(rows)
         ),
-        names=ServedNames(store, settings.model_aliases, settings.default_model),
+        names=names,
         discovery=(
             DnsDiscovery(fleet, settings.discovery_dns, settings.discovery_interval_s)
             if settings.discovery_dns

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,7 @@ class GenerationService:
         metrics: ControlPlaneMetrics,
         breaker: CircuitBreaker,
         cold_start: ColdStart | None = None,
+        listed_names: Callable[[Iterable[str]], list[str]] = sorted,  # served names, for errors
     ) -> None:
         self.settings = settings
         self.store = store
@@ -101,6 +102,7 @@ class GenerationService:
         self.breaker = breaker
         # Loads a model that is ready nowhere (lifecycle.ModelManager.ensure_loaded); None: no cold starts.
         self.cold_start = cold_start
+        self.listed_names = listed_names
         self._running_ids: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.admission = Admission(
@@ -127,7 +129,7 @@ class GenerationService:
         if candidates:
             return candidates
         if req.model not in self.store.known_models():
-            known = ", ".join(self.store.listed_models()) or "none"
+            known = ", ".join(self.listed_names(self.store.listed_models())) or "none"
             raise UnknownModel(
                 f"no worker serves model {req.model!r} (models available: {known})", param="model"
             )

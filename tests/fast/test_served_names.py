@@ -165,6 +165,9 @@ async def test_the_served_name_is_listed_taken_in_requests_and_the_triton_name_r
         assert [s.model for s in a.streams] == ["llava"] * 4
         rows = await h.rows("SELECT DISTINCT model FROM requests")
         assert rows == [{"model": "llava"}]
+        unknown = await h.chat(model="gpt-4o")  # the error names what may be asked for
+        assert unknown.status == 404
+        assert "(models available: llava-v1.5-7b)" in unknown.json()["error"]["message"]
         a.models["llava"] = "UNAVAILABLE"  # unloaded: the name it was reported under stays
         await eventually_listed(h, [])
         assert (await h.client.post("/list_models")).json() == {"models": ["llava-v1.5-7b"]}
