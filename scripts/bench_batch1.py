@@ -9,7 +9,8 @@
    own) against the norms and SiLU inside the GEMVs, each with PDL and without.
 4. ``step``: the bare decode step of the 7B-shaped checkpoint at batch 1 (CUDA graph)
    for each combination (cuBLAS; the GEMV as before; PDL; the launch parameters tuned
-   at start-up; norms inside the GEMVs; the decode attention's kernel and partitions),
+   at start-up; RoPE + store inside the decode attention and its partitions merged there;
+   norms inside the GEMVs; the decode attention's programs per multiprocessor),
    its kernels (count, device time) run eagerly, and the logits and 32 greedy tokens of
    each against the first (cuBLAS); ``step_fp8`` the same with float8 weights.
 
@@ -150,8 +151,6 @@ def chain(layers: int, pdl_modes: list[bool]) -> dict[str, Any]:
 
 def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> dict[str, Any]:
     """The bare batch-1 decode step of the checkpoint for each combination of the options."""
-    import functools
-
     from llava_node.engine.fp8_weights import weight_dtype as w_dtype
     from llava_node.engine.loading import load_llava
     from llava_node.engine.runner import LlavaRunner, RunnerConfig
@@ -185,26 +184,33 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         kc.normal_(0, 1)
         vc.normal_(0, 1)
     gemv_fn, attention = runner.gemv, runner.paged_attention
-    heads = functools.partial(kernels.paged_decode_attention, group_kernel=False)
-    base = {"gemv": gemv_fn, "fused": False, "pdl": True, "tuned": True, "attention": attention, "sms": 2}
+    sems = runner.decode_semaphores
+    base = {
+        "gemv": gemv_fn,
+        "fused": False,
+        "pdl": True,
+        "tuned": True,
+        "attention": attention,
+        "sms": 2,
+        "rope": True,
+        "merge": True,
+    }
+    before = {**base, "rope": False, "merge": False}  # the attention as three launches
     variants: dict[str, dict[str, Any]] = {
-        "cublas": {**base, "gemv": None, "pdl": False, "tuned": False},
-        "gemv (before)": {**base, "pdl": False, "tuned": False},
-        "gemv + pdl": {**base, "tuned": False},
-        "gemv + pdl + tuned (default)": base,
-        "gemv + tuned, no pdl": {**base, "pdl": False},
-        "... + norms inside the gemvs": {**base, "fused": True},
-        "... attention: heads kernel": {**base, "attention": heads},
-        "... attention: 1 program/SM": {**base, "sms": 1},
-        "... attention: 3 programs/SM": {**base, "sms": 3},
-        "... attention: 6 programs/SM": {**base, "sms": 6},
+        "cublas": {**before, "gemv": None, "pdl": False, "tuned": False},
+        "gemv (before)": {**before, "pdl": False, "tuned": False},
+        "gemv + pdl + tuned (the default before)": before,
+        "... + rope + store inside the attention": {**base, "merge": False},
+        "... + partitions merged in the kernel (default)": base,
+        "default, no pdl": {**base, "pdl": False},
+        "default + norms inside the gemvs": {**base, "fused": True},
+        "default, attention at 1 program/SM": {**base, "sms": 1},
+        "default, attention at 3 programs/SM": {**base, "sms": 3},
+        "default, attention at 4 programs/SM": {**base, "sms": 4},
     }
     if weight_dtype != "auto":
-        variants = {
-            k: v
-            for k, v in variants.items()
-            if k in ("gemv (before)", "gemv + pdl", "gemv + pdl + tuned (default)")
-        }
+        keep = ("gemv + pdl + tuned (the default before)", "... + partitions merged in the kernel (default)")
+        variants = {k: v for k, v in variants.items() if k in keep}
     ref_logits: torch.Tensor | None = None
     ref_tokens: list[int] | None = None
     slots = torch.tensor([0], device=runner.device)
@@ -213,7 +219,9 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
             continue
         runner.gemv, runner.batch1_fused, runner.pdl = v["gemv"], v["fused"], v["pdl"]
         runner.paged_attention = v["attention"]
-        kernels.PROGRAMS_PER_SM_ONE_ROW = v["sms"]
+        runner.decode_rope = v["rope"] and sems is not None
+        runner.decode_semaphores = sems if v["merge"] else None
+        kernels.PROGRAMS_PER_SM_ONE_ROW = v["sms"]  # (read at capture: shapes only)
         gemv_mod.SHAPE_CONFIGS.clear()
         if v["tuned"]:
             gemv_mod.SHAPE_CONFIGS.update(tuned)

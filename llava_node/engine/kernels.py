@@ -34,14 +34,17 @@ from llava_node.engine.launch import num_sms, pdl_enter, pdl_options
 __all__ = [
     "GEMV_FP8_CONFIG",
     "GemvConfig",
+    "NewRow",
     "add_rms_norm",
     "decode_num_splits",
+    "decode_semaphores",
     "fp8_matmul",
     "gemv",
     "gemv_norm",
     "paged_decode_attention",
     "paged_prefill_attention",
     "rms_norm",
+    "rope_decode_attention",
     "rope_store",
     "silu_mul",
 ]
@@ -233,6 +236,50 @@ def _group_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.const
 
 
 @triton.jit  # type: ignore[misc,untyped-decorator]
+def _rotate(x_ptrs, partner_ptrs, mask, c, s, sign):  # type: ignore[no-untyped-def]
+    # x * cos + rotate_half(x) * sin over whole heads (float32): `partner_ptrs` point at
+    # x[(d + D/2) % D], `sign` is -1 on the first half and +1 on the second; each product
+    # is rounded to x's dtype, as torch rounds it (the same values as _rope_tile's).
+    dt = x_ptrs.dtype.element_ty
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(partner_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return (x * c).to(dt).to(tl.float32) + sign * (xp * s).to(dt).to(tl.float32)
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
+def _merge_partials(  # type: ignore[no-untyped-def]
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    first,
+    num_splits,
+    out_ptrs,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    # One head's output from its num_splits partitions' (max, sum, acc), stored at
+    # partials first .. first + num_splits - 1; read from L2 (.cg): other programs wrote
+    # them during this kernel.
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    s_mask = s < num_splits
+    part = first + s
+    m = tl.load(part_m_ptr + part, mask=s_mask, other=_NEG_BIG, cache_modifier=".cg")
+    l_part = tl.load(part_l_ptr + part, mask=s_mask, other=0.0, cache_modifier=".cg")
+    acc = tl.load(
+        part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :],
+        mask=s_mask[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max)
+    l_sum = tl.sum(l_part * w, axis=0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
+    tl.store(out_ptrs, o.to(out_ptrs.dtype.element_ty))
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
 def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     q_ptr,
     k_ptr,
@@ -243,6 +290,12 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     part_acc_ptr,
     part_m_ptr,
     part_l_ptr,
+    sem_ptr,
+    k_new_ptr,
+    v_new_ptr,
+    cos_ptr,
+    sin_ptr,
+    rows_ptr,
     qk_scale,
     max_len,
     H,
@@ -260,18 +313,38 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     stride_ob,
     stride_oh,
     stride_od,
+    stride_knb,
+    stride_knh,
+    stride_knd,
+    stride_vnb,
+    stride_vnh,
+    stride_vnd,
+    stride_cb,
+    stride_cd,
+    stride_sb,
+    stride_sd,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
+    MERGE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ROPE: tl.constexpr,
+    KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
     # One program per (batch row, KV head, split): the GROUP query heads that share a KV
     # head are padded to BLOCK_G (>= 16) rows so that q.K^T and p.V run on the tensor
     # cores, and each K/V tile is read once for the whole group.
+    # ROPE: q_ptr, k_new_ptr, v_new_ptr hold the new row's raw q, k, v (the QKV
+    # projection's output); the program rotates q and k itself (rope_store's arithmetic),
+    # uses the new key and value for the newest position, and the program whose partition
+    # holds that position writes them to the cache at rows_ptr[b].
+    # MERGE (with SPLIT): the last partition of (row, KV head) to finish merges all of
+    # them (in split order) into the output: sem_ptr[pid] counts arrivals and is reset.
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     num_splits = tl.num_programs(1)
@@ -279,7 +352,7 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     kvh = pid % KVH
     # Before the wait for the previous kernel (PDL): the lengths and block tables (written
     # at the step's start) and the first tile's keys and values, all but the newest
-    # position's, which the previous kernel (RoPE + store) writes.
+    # position's, which the previous kernel (RoPE + store), or this one, writes.
     start, end = _split_range(lens_ptr, b, split, num_splits, max_len, BLOCK_N)
     newest = tl.minimum(tl.maximum(tl.load(lens_ptr + b).to(tl.int64), 0), max_len) - 1
 
@@ -301,15 +374,44 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
     v = tl.load(v_base + rows * stride_vr, mask=old, other=0.0).to(dt)
     pdl_enter(USE_GDC)
     fresh = (valid & (pos == newest))[:, None]
-    k = tl.where(fresh, tl.load(k_base + rows * stride_kr, mask=fresh, other=0.0).to(dt), k)
-    v = tl.where(fresh, tl.load(v_base + rows * stride_vr, mask=fresh, other=0.0).to(dt), v)
-    # q in its own dtype (the model's); keys and values are converted to it as they are
-    # read (a no-op unless the cache holds float8)
-    q = tl.load(
-        q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :] * stride_qd,
-        mask=g_mask[:, None],
-        other=0.0,
-    )
+    q_row = q_ptr + b * stride_qb + h[:, None] * stride_qh
+    if ROPE:
+        # the rotary tables at the new row's position; partner dims (d + D/2) % D
+        half = HEAD_DIM // 2
+        dp = (d + half) % HEAD_DIM
+        sign = tl.where(d < half, -1.0, 1.0)
+        c = tl.load(cos_ptr + b * stride_cb + d * stride_cd).to(tl.float32)
+        sn = tl.load(sin_ptr + b * stride_sb + d * stride_sd).to(tl.float32)
+        q = _rotate(
+            q_row + d[None, :] * stride_qd,
+            q_row + dp[None, :] * stride_qd,
+            g_mask[:, None],
+            c[None, :],
+            sn[None, :],
+            sign[None, :],
+        ).to(dt)
+        kn_row = k_new_ptr + b * stride_knb + kvh * stride_knh
+        k_new = _rotate(kn_row + d * stride_knd, kn_row + dp * stride_knd, d < HEAD_DIM, c, sn, sign)
+        # rounded to k's dtype (as torch computes it), then to the cache's, as stored
+        k_new = _cache_value(k_new.to(k_new_ptr.dtype.element_ty), k_ptr, KV_FP8)
+        v_new = _cache_value(
+            tl.load(v_new_ptr + b * stride_vnb + kvh * stride_vnh + d * stride_vnd), v_ptr, KV_FP8
+        )
+        # this program's partition holds the newest position: it writes (a [HEAD_DIM] mask)
+        writes = (newest - start >= d * 0) & (end - newest > d * 0)
+        new_row = tl.load(rows_ptr + b).to(tl.int64)
+        tl.store(k_ptr + new_row * stride_kr + kvh * stride_kh + d * stride_kd, k_new, mask=writes)
+        tl.store(v_ptr + new_row * stride_vr + kvh * stride_vh + d * stride_vd, v_new, mask=writes)
+        k_new = k_new.to(dt)
+        v_new = v_new.to(dt)
+        k = tl.where(fresh, k_new[None, :], k)
+        v = tl.where(fresh, v_new[None, :], v)
+    else:
+        k = tl.where(fresh, tl.load(k_base + rows * stride_kr, mask=fresh, other=0.0).to(dt), k)
+        v = tl.where(fresh, tl.load(v_base + rows * stride_vr, mask=fresh, other=0.0).to(dt), v)
+        # q in its own dtype (the model's); keys and values are converted to it as they
+        # are read (a no-op unless the cache holds float8)
+        q = tl.load(q_row + d[None, :] * stride_qd, mask=g_mask[:, None], other=0.0)
     m_i = tl.full([BLOCK_G], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -318,9 +420,15 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
         pos = n0 + lane
         valid = pos < end
         page = tl.load(bt_row + pos // PAGE_SIZE, mask=valid, other=0)
-        row = page * PAGE_SIZE + pos % PAGE_SIZE
-        k = tl.load(k_base + row[:, None] * stride_kr, mask=valid[:, None], other=0.0).to(dt)
-        v = tl.load(v_base + row[:, None] * stride_vr, mask=valid[:, None], other=0.0).to(dt)
+        row = (page * PAGE_SIZE + pos % PAGE_SIZE)[:, None]
+        if ROPE:  # the newest position from registers (this kernel writes it)
+            old = (valid & (pos != newest))[:, None]
+            fresh = (valid & (pos == newest))[:, None]
+            k = tl.where(fresh, k_new[None, :], tl.load(k_base + row * stride_kr, mask=old, other=0.0).to(dt))
+            v = tl.where(fresh, v_new[None, :], tl.load(v_base + row * stride_vr, mask=old, other=0.0).to(dt))
+        else:
+            k = tl.load(k_base + row * stride_kr, mask=valid[:, None], other=0.0).to(dt)
+            v = tl.load(v_base + row * stride_vr, mask=valid[:, None], other=0.0).to(dt)
         m_i, l_i, acc = _group_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     if not SPLIT:
@@ -335,6 +443,25 @@ def _decode_groups_kernel(  # type: ignore[no-untyped-def]
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=g_mask[:, None])
         tl.store(part_m_ptr + part, m_i, mask=g_mask)
         tl.store(part_l_ptr + part, l_i, mask=g_mask)
+        if MERGE:
+            # Every thread's partials are stored before the arrival is counted (the
+            # barrier, then a release at GPU scope); the last arrival acquires them all.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(sem_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.atomic_xchg(sem_ptr + pid, 0, sem="relaxed", scope="gpu")  # for the next launch
+                for gi in tl.static_range(GROUP):
+                    head = kvh * GROUP + gi
+                    _merge_partials(
+                        part_acc_ptr,
+                        part_m_ptr,
+                        part_l_ptr,
+                        (b * H + head) * num_splits,
+                        num_splits,
+                        out_ptr + b * stride_ob + head * stride_oh + d * stride_od,
+                        BLOCK_S,
+                        HEAD_DIM,
+                    )
 
 
 @triton.jit  # type: ignore[misc,untyped-decorator]
@@ -357,18 +484,11 @@ def _decode_reduce_kernel(  # type: ignore[no-untyped-def]
     b = pid // H
     h = pid % H
     pdl_enter(USE_GDC)
-    s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, HEAD_DIM)
-    s_mask = s < num_splits
-    part = pid * num_splits + s
-    m = tl.load(part_m_ptr + part, mask=s_mask, other=_NEG_BIG)
-    l_part = tl.load(part_l_ptr + part, mask=s_mask, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.exp2(m - m_max)
-    l_sum = tl.sum(l_part * w, axis=0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.where(l_sum > 0.0, l_sum, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d * stride_od, o.to(out_ptr.dtype.element_ty))
+    out_ptrs = out_ptr + b * stride_ob + h * stride_oh + d * stride_od
+    _merge_partials(
+        part_acc_ptr, part_m_ptr, part_l_ptr, pid * num_splits, num_splits, out_ptrs, BLOCK_S, HEAD_DIM
+    )
 
 
 def _num_sms(device: torch.device) -> int:
@@ -396,6 +516,29 @@ def decode_num_splits(
     return int(max(1, min(splits, MAX_SPLITS, triton.cdiv(max(max_len, 1), block_n))))
 
 
+@dataclass(frozen=True)
+class NewRow:
+    """The new row's raw (not yet rotated) q, k, v of a decode step, as
+    :func:`rope_decode_attention` takes them: q ``[B, H, D]``, k and v ``[B, KVH, D]`` (views
+    of the QKV projection's output are fine), the rotary tables ``cos``/``sin`` ``[B, D]``
+    at each row's position, and ``rows`` ``[B]`` (int64), the cache row of that position."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rows: torch.Tensor
+
+
+def decode_semaphores(batch: int, n_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """Arrival counters for the decode attention's in-kernel merge (``semaphores`` of
+    :func:`paged_decode_attention`): zeros, one per (row, KV head) of a batch of up to
+    ``batch`` rows. Each launch leaves them at zero; launches that share them must run
+    one after another (one stream)."""
+    return torch.zeros(max(1, batch * n_kv_heads), dtype=torch.int32, device=device)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -407,6 +550,7 @@ def paged_decode_attention(
     *,
     num_splits: int | None = None,
     group_kernel: bool | None = None,
+    semaphores: torch.Tensor | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per batch row over that row's paged KV cache.
@@ -427,11 +571,84 @@ def paged_decode_attention(
             tile once. False: one program per (row, query head, split), elementwise. None
             (default): the group kernel, but over a float8 cache without grouped heads
             (``H == KVH``) the heads kernel, which was faster there.
+        semaphores: with the group kernel and several partitions, counters from
+            :func:`decode_semaphores` (at least ``B * KVH``): the partitions are merged inside the
+            kernel, by the last one of each (row, KV head) to finish, instead of by a
+            second kernel. The same arithmetic in the same order: the same bits.
         pdl: launched with programmatic dependent launch (:mod:`~llava_node.engine.launch`).
 
     Returns:
         ``[B, H, D]`` in ``q``'s dtype. Softmax statistics and accumulation are float32.
     """
+    return _decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        lens,
+        scale,
+        page_size,
+        num_splits,
+        group_kernel,
+        semaphores,
+        None,
+        pdl,
+    )
+
+
+def rope_decode_attention(
+    new: NewRow,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    page_size: int,
+    *,
+    num_splits: int | None = None,
+    semaphores: torch.Tensor | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """:func:`rope_store` then :func:`paged_decode_attention`, in one launch (the group
+    kernel): a decode step's attention from the QKV projection's raw output.
+
+    Each program rotates its heads' queries and the new key itself; the new key and value
+    are written to the cache at ``new.rows[b]``, which must be the cache row of position
+    ``lens[b] - 1`` (rows with ``lens == 0`` write nothing), and the attention reads that
+    position from registers. The results, and the cache, are those of the two calls.
+    ``new.q`` is not modified (``rope_store`` rotates it in place).
+    """
+    batch, _, head_dim = new.q.shape
+    n_kv_heads = k_cache.shape[1]
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, not {head_dim}")
+    if new.k.shape != (batch, n_kv_heads, head_dim) or new.v.shape != new.k.shape:
+        raise ValueError(f"k {tuple(new.k.shape)} / v {tuple(new.v.shape)} do not fit q {tuple(new.q.shape)}")
+    if new.cos.shape != (batch, head_dim) or new.sin.shape != new.cos.shape:
+        raise ValueError(
+            f"cos/sin must be [{batch}, {head_dim}], got {tuple(new.cos.shape)}/{tuple(new.sin.shape)}"
+        )
+    if new.rows.shape != (batch,):
+        raise ValueError(f"rows must be [{batch}], got {tuple(new.rows.shape)}")
+    return _decode_attention(
+        new.q, k_cache, v_cache, block_tables, lens, scale, page_size, num_splits, True, semaphores, new, pdl
+    )
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    page_size: int,
+    num_splits: int | None,
+    group_kernel: bool | None,
+    sems: torch.Tensor | None,
+    new: NewRow | None,
+    pdl: bool,
+) -> torch.Tensor:
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[1]
     if n_heads % n_kv_heads:
@@ -458,6 +675,11 @@ def paged_decode_attention(
     if num_splits is None:
         heads_per_row = n_kv_heads if group_kernel else n_heads
         num_splits = decode_num_splits(batch, heads_per_row, max_len, q.device, block_n)
+    merge = bool(group_kernel and num_splits > 1 and sems is not None)
+    if merge:
+        assert sems is not None
+        if sems.dtype != torch.int32 or sems.numel() < batch * n_kv_heads:
+            raise ValueError(f"semaphores must be int32 of at least {batch * n_kv_heads}, got {sems.numel()}")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
@@ -485,6 +707,19 @@ def paged_decode_attention(
     )
     if group_kernel:
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        rope: tuple[Any, ...] = (out,) * 5 + (0,) * 10  # unused without ROPE
+        if new is not None:
+            rope = (
+                new.k,
+                new.v,
+                new.cos,
+                new.sin,
+                new.rows,
+                *new.k.stride(),
+                *new.v.stride(),
+                *new.cos.stride(),
+                *new.sin.stride(),
+            )
         _decode_groups_kernel[(batch * n_kv_heads, num_splits)](
             q,
             k_cache,
@@ -495,17 +730,24 @@ def paged_decode_attention(
             part_acc,
             part_m,
             part_l,
+            sems if merge else out,
+            *rope[:5],
             qk_scale,
             max_len,
             n_heads,
             n_kv_heads,
             *common,
+            *rope[5:],
             GROUP=group,
             BLOCK_G=max(16, triton.next_power_of_2(group)),
             PAGE_SIZE=page_size,
             HEAD_DIM=head_dim,
             BLOCK_N=block_n,
             SPLIT=num_splits > 1,
+            MERGE=merge,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            ROPE=new is not None,
+            KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
             DOT_PRECISION=precision,
             **launch,
             **pdl_options(pdl),
@@ -533,7 +775,7 @@ def paged_decode_attention(
             **launch,
             **pdl_options(pdl),
         )
-    if num_splits > 1:
+    if num_splits > 1 and not merge:
         _decode_reduce_kernel[(batch * n_heads,)](
             part_acc,
             part_m,

@@ -28,6 +28,7 @@ from llava_node.engine.prefix_cache import ImageFeatureCache
 from llava_node.engine.sampling import sample_tokens, split_seed
 
 __all__ = [
+    "DecodeAttention",
     "LayerWeights",
     "LlavaRunner",
     "MixedLayout",
@@ -51,6 +52,44 @@ LM_HEAD_ROW_MULTIPLE = 64
 # attend(q, k_cache, v_cache, v): the attention output [N, H * hd] of rotated queries
 # q [N, H, hd] whose keys and values are already in the layer's caches (v: their values).
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodeAttention:
+    """A decode step's attention over the paged cache (an :data:`Attend`); with
+    ``kernels`` set, :meth:`from_qkv` does the same from the QKV projection's raw output,
+    with RoPE and the cache store inside the attention kernel
+    (:func:`~llava_node.engine.kernels.rope_decode_attention`)."""
+
+    paged: Callable[..., torch.Tensor]
+    tables: torch.Tensor
+    lens: torch.Tensor
+    scale: float
+    page_size: int
+    pdl: bool
+    kernels: Any = None
+    semaphores: torch.Tensor | None = None
+
+    def __call__(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self.paged(q, kc, vc, self.tables, self.lens, self.scale, self.page_size, pdl=self.pdl)
+        return out.reshape(q.shape[0], -1)
+
+    def from_qkv(self, new: Any, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        """The attention output [N, H * hd] of the new rows ``new`` (a ``kernels.NewRow``);
+        their rotated keys and values are written to ``kc``/``vc``."""
+        assert self.kernels is not None
+        out = self.kernels.rope_decode_attention(
+            new,
+            kc,
+            vc,
+            self.tables,
+            self.lens,
+            self.scale,
+            self.page_size,
+            semaphores=self.semaphores,
+            pdl=self.pdl,
+        )
+        return out.reshape(new.q.shape[0], -1)
 
 
 class UnsupportedModel(ValueError):
@@ -98,6 +137,11 @@ class RunnerConfig:
     # on a GPU, with the batch-1 GEMV: its launch parameters chosen per weight shape at
     # start-up, on the card itself (gemv.tune: a few milliseconds of timing per shape)
     tune_gemv: bool = True
+    # with the fused kernels, for one-row decode steps: RoPE and the KV-cache store inside
+    # the decode attention, whose partitions are merged in the same kernel (one launch
+    # where there were three: rope_decode_attention). Not over a float8 cache without
+    # grouped heads, whose attention is the heads kernel
+    fused_decode_attention: bool = True
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
     prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
     mixed_rows: int = 256  # prompt rows a captured mixed step holds (a multiple of chunk_block)
@@ -278,6 +322,15 @@ class LlavaRunner:
         self.batch1_fused = config.batch1_fused
         self.pdl = bool(config.pdl and self.fused is not None and pdl_available(self.device))
         self.gemv_timings: dict[Any, Any] = {}
+        # one-row decode: RoPE + store in the attention, partitions merged in the kernel
+        self.decode_rope = bool(
+            config.fused_decode_attention
+            and self.fused is not None
+            and not (self.kv_dtype == torch.float8_e4m3fn and self.n_heads == self.n_kv_heads)
+        )
+        self.decode_semaphores = (
+            self.fused.decode_semaphores(1, self.n_kv_heads, self.device) if self.decode_rope else None
+        )
         self.graphs: Any = None
         self.vision_graph: Any = None
         self.prefill_graphs: Any = None
@@ -639,12 +692,17 @@ class LlavaRunner:
             scale = 1.0 / math.sqrt(self.head_dim)
             paged = self.paged_attention
 
-            pdl = self._pdl(slots.shape[0])
-
-            def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-                return paged(q, kc, vc, tables, lens, scale, cache.page_size, pdl=pdl).reshape(q.shape[0], -1)
-
-            return attend
+            one_row = self.decode_rope and slots.shape[0] == 1
+            return DecodeAttention(
+                paged,
+                tables,
+                lens,
+                scale,
+                cache.page_size,
+                self._pdl(slots.shape[0]),
+                self.fused if one_row else None,
+                self.decode_semaphores if one_row else None,
+            )
         # torch: gather each slot's keys (to the longest length; all of max_seq_len on a
         # GPU, where reading the length back would stop graph capture) and mask the rest.
         length = self.max_seq_len if self.device.type == "cuda" else int(lens.max())
@@ -939,10 +997,8 @@ class LlavaRunner:
         residual = x
         h = k.rms_norm(x, self.layers[0].ln1, self.eps, pdl=pdl)
         for i, w in enumerate(self.layers):
-            q, kc, vc, v = self._attention_input(i, linear(h, w.wqkv, w.bqkv), cos, sin, rows)
-            h, residual = k.add_rms_norm(
-                linear(attend(q, kc, vc, v), w.wo), residual, w.ln2, self.eps, pdl=pdl
-            )
+            att = self._attention(i, linear(h, w.wqkv, w.bqkv), cos, sin, rows, attend)
+            h, residual = k.add_rms_norm(linear(att, w.wo), residual, w.ln2, self.eps, pdl=pdl)
             down = linear(k.silu_mul(linear(h, w.wgu), pdl=pdl), w.wdown)
             weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             h, residual = k.add_rms_norm(down, residual, weight, self.eps, pdl=pdl)
@@ -962,12 +1018,34 @@ class LlavaRunner:
             qkv, residual = self._gemv_norm(x, residual, w.ln1, w.wqkv)
             if w.bqkv is not None:
                 qkv = qkv + w.bqkv
-            q, kc, vc, v = self._attention_input(i, qkv, cos, sin, rows)
-            o = self._gemv(attend(q, kc, vc, v), w.wo)
+            o = self._gemv(self._attention(i, qkv, cos, sin, rows, attend), w.wo)
             gate_up, residual = self._gemv_norm(o, residual, w.ln2, w.wgu)
             x = self._gemv(gate_up, w.wdown, silu=True)
         h, _ = k.add_rms_norm(x, residual, self.norm, self.eps, pdl=self.pdl)
         return h
+
+    def _attention(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: torch.Tensor,
+        attend: Attend,
+    ) -> torch.Tensor:
+        """Layer ``layer``'s attention output [N, H * hd] from its QKV output: RoPE + the
+        cache store, then ``attend``; in one kernel where ``attend`` is a
+        :class:`DecodeAttention` that can (:attr:`RunnerConfig.fused_decode_attention`)."""
+        if isinstance(attend, DecodeAttention) and attend.kernels is not None:
+            n = qkv.shape[0]
+            hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+            q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            new = attend.kernels.NewRow(
+                q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v.reshape(n, nkv, hd), cos, sin, rows
+            )
+            return attend.from_qkv(new, *self.cache.layer(layer))
+        q, kc, vc, v = self._attention_input(layer, qkv, cos, sin, rows)
+        return attend(q, kc, vc, v)
 
     def _attention_input(
         self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor

@@ -178,6 +178,138 @@ def test_paged_decode_attention(
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
 
 
+MERGE_CASES = [
+    # (lens, H, KVH, D, page_size, pages_per_seq, num_splits)
+    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, 3, id="mha-three-splits"),
+    pytest.param([65, 1], 8, 2, 16, 8, 9, 4, id="gqa-four-splits"),
+    pytest.param([3, 40], 6, 2, 16, 4, 10, 2, id="gqa-group-of-3"),
+    pytest.param([77], 2, 1, 128, 16, 5, 5, id="d128-gqa-five-splits"),
+    pytest.param([90, 12], 2, 2, 128, 128, 1, 1, id="one-split"),
+]
+
+
+@pytest.mark.parametrize(
+    ("lens", "n_heads", "n_kv_heads", "head_dim", "page_size", "pages_per_seq", "num_splits"), MERGE_CASES
+)
+def test_partitions_merged_in_the_kernel_give_the_reduction_kernels_bits(
+    lens: list[int],
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    pages_per_seq: int,
+    num_splits: int,
+) -> None:
+    # The last partition of each (row, KV head) to finish merges them all, in split
+    # order: the same arithmetic as the separate reduction kernel, and the counters are
+    # left at zero for the next launch (twice in a row here).
+    gen = torch.Generator().manual_seed(3 * sum(lens) + head_dim)
+    k_cache, v_cache, tables, lens_t = make_paged(gen, lens, n_kv_heads, head_dim, page_size, pages_per_seq)
+    q = torch.randn(len(lens), n_heads, head_dim, generator=gen).to(DEVICE)
+    args = (q, k_cache, v_cache, tables, lens_t, head_dim**-0.5, page_size)
+    ref = kernels.paged_decode_attention(*args, num_splits=num_splits, group_kernel=True)
+    sems = kernels.decode_semaphores(len(lens), n_kv_heads, DEVICE)
+    for _ in range(2):
+        out = kernels.paged_decode_attention(*args, num_splits=num_splits, group_kernel=True, semaphores=sems)
+        assert torch.equal(out, ref)
+        assert (sems == 0).all()
+    with pytest.raises(ValueError, match="semaphores"):
+        kernels.paged_decode_attention(*args, num_splits=2, group_kernel=True, semaphores=sems[:0])
+
+
+ROPE_ATTENTION_CASES = [
+    # (lens, H, KVH, D, page_size, pages_per_seq, num_splits, merged in the kernel)
+    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, 3, True, id="mha-splits-merged"),
+    pytest.param([1, 7, 33, 70], 4, 4, 32, 4, 20, 3, False, id="mha-splits-reduction-kernel"),
+    pytest.param([65, 2], 8, 2, 16, 8, 9, 1, False, id="gqa-one-split"),
+    pytest.param([3, 40], 6, 2, 16, 4, 10, 2, True, id="gqa-group-of-3"),
+    # one partition of 2 tiles: the newest position in the loop's tile, not the first
+    pytest.param([100, 70], 2, 2, 64, 16, 8, 1, False, id="newest-in-a-later-tile"),
+    pytest.param([77], 2, 1, 128, 16, 5, 5, True, id="d128-gqa"),
+]
+
+
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["cache-f32", "cache-fp8"])
+@pytest.mark.parametrize(
+    ("lens", "n_heads", "n_kv_heads", "head_dim", "page_size", "pages_per_seq", "num_splits", "merge"),
+    ROPE_ATTENTION_CASES,
+)
+def test_rope_decode_attention_is_rope_store_then_the_attention(
+    lens: list[int],
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    pages_per_seq: int,
+    num_splits: int,
+    merge: bool,
+    kv_fp8: bool,
+) -> None:
+    # One launch from the QKV projection's raw output: the same output and the same cache
+    # (the new key rotated and the value written at each row's newest position) as
+    # rope_store followed by the attention, bit for bit.
+    gen = torch.Generator().manual_seed(5 * sum(lens) + n_heads + int(kv_fp8))
+    k_cache, v_cache, tables, lens_t = make_paged(gen, lens, n_kv_heads, head_dim, page_size, pages_per_seq)
+    if kv_fp8:
+        k_cache, v_cache = k_cache.to(FP8), v_cache.to(FP8)
+    batch = len(lens)
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, generator=gen).to(DEVICE)
+    q, k, v = (
+        t.reshape(batch, -1, head_dim)
+        for t in qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    )
+    pos = lens_t.cpu() - 1
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = pos[:, None].float() * inv[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    rows = (tables.cpu()[torch.arange(batch), pos // page_size] * page_size + pos % page_size).to(DEVICE)
+    scale = head_dim**-0.5
+
+    kc_ref, vc_ref, q_ref = k_cache.clone(), v_cache.clone(), q.clone()
+    kernels.rope_store(q_ref, k, v, cos, sin, kc_ref, vc_ref, rows)
+    ref = kernels.paged_decode_attention(
+        q_ref, kc_ref, vc_ref, tables, lens_t, scale, page_size, num_splits=num_splits, group_kernel=True
+    )
+    q_before = q.clone()
+    sems = kernels.decode_semaphores(batch, n_kv_heads, DEVICE) if merge else None
+    out = kernels.rope_decode_attention(
+        kernels.NewRow(q, k, v, cos, sin, rows),
+        k_cache,
+        v_cache,
+        tables,
+        lens_t,
+        scale,
+        page_size,
+        num_splits=num_splits,
+        semaphores=sems,
+    )
+    assert not torch.isnan(out).any()
+    assert torch.equal(out, ref)
+    for cache, cache_ref in ((k_cache, kc_ref), (v_cache, vc_ref)):
+        torch.testing.assert_close(cache.float(), cache_ref.float(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(q, q_before)  # (rope_store rotates q in place; this does not)
+    if sems is not None:
+        assert (sems == 0).all()
+
+
+def test_rope_decode_attention_refuses_inputs_that_do_not_fit() -> None:
+    k_cache = torch.zeros(32, 2, 16, device=DEVICE)
+    tables = torch.ones(1, 2, dtype=torch.int64, device=DEVICE)
+    lens = torch.tensor([5], device=DEVICE)
+    q, kv = torch.zeros(1, 4, 16, device=DEVICE), torch.zeros(1, 2, 16, device=DEVICE)
+    table = torch.zeros(1, 16, device=DEVICE)
+    rows = torch.tensor([20], device=DEVICE)
+    cases = [
+        (kernels.NewRow(q, kv[:, :1], kv, table, table, rows), "do not fit"),
+        (kernels.NewRow(q, kv, kv, table[:, :8], table, rows), "cos/sin"),
+        (kernels.NewRow(q, kv, kv, table, table, rows[:0]), "rows"),
+    ]
+    for new, match in cases:
+        with pytest.raises(ValueError, match=match):
+            kernels.rope_decode_attention(new, k_cache, k_cache, tables, lens, 0.25, 16)
+
+
 @pytest.mark.parametrize("group_kernel", [False, True])
 def test_paged_decode_attention_bf16(group_kernel: bool) -> None:
     if group_kernel and INTERPRETED:
@@ -484,7 +616,9 @@ def test_pdl_launches_compute_exactly_what_plain_launches_compute_in_a_graph() -
     # Decode layers' kernels back to back, captured in a CUDA graph as the engine runs
     # them: with PDL each kernel starts before its predecessor ends (the GEMV loads
     # weights, the attention old keys and values, before they wait), and must still read
-    # what that predecessor wrote: the attention the key RoPE + store just wrote.
+    # what that predecessor wrote: the attention the key RoPE + store just wrote. The
+    # same with RoPE + store inside the attention and the partitions merged there (one
+    # launch instead of three): the same bits again.
     gen = torch.Generator().manual_seed(11)
     heads, hd, inter, layers, page, ctx = 4, 128, 1376, 6, 16, 200
     hidden = heads * hd
@@ -511,7 +645,9 @@ def test_pdl_launches_compute_exactly_what_plain_launches_compute_in_a_graph() -
         for _ in range(layers)
     ]
 
-    def run(pdl: bool) -> torch.Tensor:
+    sems = kernels.decode_semaphores(1, heads, DEVICE)
+
+    def run(pdl: bool, fused: bool) -> torch.Tensor:
         x, res = x0, x0
         for i, ((wqkv, wo, wgu, wdown), (kc, vc)) in enumerate(zip(ws, caches, strict=True)):
             if i == 0:
@@ -520,24 +656,31 @@ def test_pdl_launches_compute_exactly_what_plain_launches_compute_in_a_graph() -
                 h, res = kernels.add_rms_norm(x, res, g, 1e-5, pdl=pdl)
             qkv = kernels.gemv(h, wqkv, pdl=pdl)
             q, k, v = (t.reshape(1, heads, hd) for t in qkv.split(hidden, dim=-1))
-            q = kernels.rope_store(q, k, v, cos, sin, kc, vc, rows, pdl=pdl)
-            att = kernels.paged_decode_attention(q, kc, vc, tables, lens, hd**-0.5, page, pdl=pdl)
+            if fused:
+                new = kernels.NewRow(q, k, v, cos, sin, rows)
+                att = kernels.rope_decode_attention(
+                    new, kc, vc, tables, lens, hd**-0.5, page, semaphores=sems, pdl=pdl
+                )
+            else:
+                q = kernels.rope_store(q, k, v, cos, sin, kc, vc, rows, pdl=pdl)
+                att = kernels.paged_decode_attention(q, kc, vc, tables, lens, hd**-0.5, page, pdl=pdl)
             o = kernels.gemv(att.reshape(1, hidden), wo, pdl=pdl)
             gu, res = kernels.gemv_norm(o, res, g, 1e-5, wgu, pdl=pdl)
             x = kernels.gemv(gu, wdown, silu=True, pdl=pdl)
         return torch.cat([x, res], dim=1)
 
     outs = []
-    for pdl in (False, True):
-        run(pdl)
+    for pdl, fused in ((False, False), (True, False), (False, True), (True, True)):
+        run(pdl, fused)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = run(pdl)
+            out = run(pdl, fused)
         for _ in range(5):  # (each replay rewrites the newest keys and values alike)
             graph.replay()
             torch.cuda.synchronize()
             outs.append(out.clone())
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert (sems == 0).all()
 
 
 def test_gemv_refuses_inputs_that_do_not_fit() -> None:
