@@ -3,6 +3,7 @@
 #
 #   bash scripts/batch1_device_run.sh            # GPU kernel tests + bench_batch1 (all parts)
 #   PARTS=step,step_fp8 CHECK=1 NODE=1 bash scripts/batch1_device_run.sh
+#   KTESTS=gemv PARTS=step NODE=1 bash scripts/batch1_device_run.sh   # only the GEMV's kernel tests
 #
 # GPU kernel tests (PDL against plain launches in a CUDA graph, the fused GEMVs);
 # scripts/bench_batch1.py (PARTS: ceiling, sweep, chain, step, step_fp8); CHECK=1: the
@@ -14,7 +15,7 @@
 python3 -c "import triton, torch; print('triton', triton.__version__, 'torch', torch.__version__)"
 python3 -c "from llava_node.tiny_checkpoint import build_llava_7b_shaped_checkpoint as b; b('/tmp/llava7b')" &
 build=$!
-KERNELS_TEST_DEVICE=cuda timeout 100 python3 -m pytest -q -p no:cacheprovider tests/node/test_kernels.py \
+KERNELS_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/node/test_kernels.py -k "${KTESTS:-}" \
     2>&1 | tail -3 | tee "$OUT/gputests.txt"
 KERNELS_TEST_DEVICE=cuda timeout 60 python3 -m pytest -q -p no:cacheprovider tests/node/test_fp8_weights.py \
     -k "gemv or matmul or gpu" 2>&1 | tail -3 | tee -a "$OUT/gputests.txt"

@@ -184,7 +184,7 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         kc.normal_(0, 1)
         vc.normal_(0, 1)
     gemv_fn, attention = runner.gemv, runner.paged_attention
-    sems = runner.decode_semaphores
+    sems = kernels.decode_semaphores(1, runner.n_kv_heads, runner.device)
     base = {
         "gemv": gemv_fn,
         "fused": False,
@@ -193,23 +193,27 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         "attention": attention,
         "sms": 2,
         "rope": True,
-        "merge": True,
+        "merge": False,
+        "o_first_k": 0,
     }
     before = {**base, "rope": False, "merge": False}  # the attention as three launches
     variants: dict[str, dict[str, Any]] = {
         "cublas": {**before, "gemv": None, "pdl": False, "tuned": False},
         "gemv (before)": {**before, "pdl": False, "tuned": False},
         "gemv + pdl + tuned (the default before)": before,
-        "... + rope + store inside the attention": {**base, "merge": False},
-        "... + partitions merged in the kernel (default)": base,
-        "default, no pdl": {**base, "pdl": False},
-        "default + norms inside the gemvs": {**base, "fused": True},
+        "... + rope + store inside the attention (default)": base,
+        "... + O loads 2,048 columns before the wait": {**base, "o_first_k": 2048},
+        "... + O loads 4,096 columns before the wait": {**base, "o_first_k": 4096},
+        "default + partitions merged in the kernel": {**base, "merge": True},
         "default, attention at 1 program/SM": {**base, "sms": 1},
         "default, attention at 3 programs/SM": {**base, "sms": 3},
-        "default, attention at 4 programs/SM": {**base, "sms": 4},
     }
     if weight_dtype != "auto":
-        keep = ("gemv + pdl + tuned (the default before)", "... + partitions merged in the kernel (default)")
+        keep = (
+            "gemv + pdl + tuned (the default before)",
+            "... + rope + store inside the attention (default)",
+            "... + O loads 4,096 columns before the wait",
+        )
         variants = {k: v for k, v in variants.items() if k in keep}
     ref_logits: torch.Tensor | None = None
     ref_tokens: list[int] | None = None
@@ -219,7 +223,8 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
             continue
         runner.gemv, runner.batch1_fused, runner.pdl = v["gemv"], v["fused"], v["pdl"]
         runner.paged_attention = v["attention"]
-        runner.decode_rope = v["rope"] and sems is not None
+        runner.decode_rope = v["rope"]
+        runner.o_first_k = v["o_first_k"]
         runner.decode_semaphores = sems if v["merge"] else None
         kernels.PROGRAMS_PER_SM_ONE_ROW = v["sms"]  # (read at capture: shapes only)
         gemv_mod.SHAPE_CONFIGS.clear()

@@ -21,6 +21,7 @@ graphs capture it); the kernels also run under Triton's CPU interpreter.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     evict_first: bool = False  # weights loaded with L2's evict-first policy (each read once)
+    # columns of each program's first load of weights, the one made before the wait for
+    # the previous kernel under PDL (0: block_k). More keeps more bytes in flight while a
+    # long stretch of small kernels runs before this one (the attention before O).
+    first_k: int = 0
 
 
 # Over float8 weights: twice the columns per load, so that each thread still loads 16
@@ -139,34 +144,44 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     SCALED: tl.constexpr,
     PROLOGUE: tl.constexpr,
     EVICT_FIRST: tl.constexpr,
+    FIRST_K: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
     # One program per BLOCK_N output rows, streaming their weights along K once. SCALED:
     # w holds float8 e4m3 (fp8_weights.py), each row's sum times its scale s_ptr[row].
+    # FIRST_K (a multiple of BLOCK_K): the columns of the first load, before the wait.
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     res_end = tl.where(pid == 0, K, 0)  # the new residual: written by program 0
-    cols = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, FIRST_K)
     col_mask = cols < K
     # The first tile of weights, before waiting for the previous kernel (no kernel
     # writes weights): with PDL its load overlaps that kernel's last programs.
     w = _load_weights(w_rows + cols[None, :], row_mask[:, None] & col_mask[None, :], EVICT_FIRST)
     pdl_enter(USE_GDC)
     v, s = _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, PROLOGUE)
-    acc = w.to(tl.float32) * v[None, :]
-    sq = s * s
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    if FIRST_K == BLOCK_K:
+        acc = w.to(tl.float32) * v[None, :]
+        sq = s * s
+        y0 = tl.zeros([BLOCK_N], tl.float32)
+        sq0 = 0.0
+    else:  # a wider first tile, summed at once (its products are not kept)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        sq = tl.zeros([BLOCK_K], tl.float32)
+        y0 = tl.sum(w.to(tl.float32) * v[None, :], axis=1)
+        sq0 = tl.sum(s * s, axis=0)
+    for k0 in range(FIRST_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         w = _load_weights(w_rows + cols[None, :], row_mask[:, None] & col_mask[None, :], EVICT_FIRST)
         v, s = _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, PROLOGUE)
         acc += w.to(tl.float32) * v[None, :]
         sq += s * s
-    y = tl.sum(acc, axis=1)
+    y = tl.sum(acc, axis=1) + y0
     if PROLOGUE == 1 or PROLOGUE == 2:
-        y = y * tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        y = y * tl.rsqrt((tl.sum(sq, axis=0) + sq0) / K + eps)
     if SCALED:
         y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
@@ -184,10 +199,17 @@ def _launch(
     res_out: torch.Tensor | None = None,
     eps: float = 0.0,
     pdl: bool = False,
+    first_k: int = 0,
 ) -> torch.Tensor:
     n, kw = w.shape
     fp8 = scale is not None
     cfg = config or SHAPE_CONFIGS.get((n, kw, fp8)) or (GEMV_FP8_CONFIG if fp8 else GemvConfig())
+    if first_k:
+        cfg = dataclasses.replace(cfg, first_k=first_k)
+    if cfg.first_k and (cfg.first_k % cfg.block_k or cfg.first_k & (cfg.first_k - 1)):
+        raise ValueError(
+            f"first_k {cfg.first_k} must be a power of two and a multiple of block_k {cfg.block_k}"
+        )
     if w.stride(1) != 1:
         raise ValueError("w must have unit column stride")
     if kw != k:
@@ -216,6 +238,7 @@ def _launch(
         SCALED=scale is not None,
         PROLOGUE=prologue,
         EVICT_FIRST=cfg.evict_first,
+        FIRST_K=max(min(cfg.first_k, triton.next_power_of_2(k)), cfg.block_k),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_options(pdl),
@@ -238,6 +261,7 @@ def gemv(
     *,
     silu: bool = False,
     pdl: bool = False,
+    first_k: int = 0,
 ) -> torch.Tensor:
     """``x @ w.T`` for one row: ``x`` ``[1, K]`` (or ``[K]``), ``w`` ``[N, K]`` with unit
     column stride; returns ``[1, N]`` in ``x``'s dtype, accumulated in float32.
@@ -247,12 +271,14 @@ def gemv(
     With ``silu``, ``x`` is ``[gate | up]`` of ``2K`` values and the product's input is
     ``silu(gate) * up``, rounded to ``x``'s dtype as torch rounds it. ``pdl``: launched
     with programmatic dependent launch (:func:`~llava_node.engine.launch.pdl_available`).
+    ``first_k``: the columns each program loads before it waits (:attr:`GemvConfig.
+    first_k`; 0: the configuration's).
     """
     xv = _row(x)
     k = xv.shape[0] // 2 if silu else xv.shape[0]
     if silu and xv.shape[0] % 2:
         raise ValueError(f"x = [gate | up] must have an even number of values, not {xv.shape[0]}")
-    return _launch(_SILU if silu else _PLAIN, xv, w, k, config, scale, pdl=pdl)
+    return _launch(_SILU if silu else _PLAIN, xv, w, k, config, scale, pdl=pdl, first_k=first_k)
 
 
 def gemv_norm(

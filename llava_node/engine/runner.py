@@ -138,10 +138,17 @@ class RunnerConfig:
     # start-up, on the card itself (gemv.tune: a few milliseconds of timing per shape)
     tune_gemv: bool = True
     # with the fused kernels, for one-row decode steps: RoPE and the KV-cache store inside
-    # the decode attention, whose partitions are merged in the same kernel (one launch
-    # where there were three: rope_decode_attention). Not over a float8 cache without
-    # grouped heads, whose attention is the heads kernel
+    # the decode attention (rope_decode_attention: one launch where there were two; 3.77
+    # -> 3.72 ms a 7B step on an H200). Not over a float8 cache without grouped heads,
+    # whose attention is the heads kernel
     fused_decode_attention: bool = True
+    # ... and its partitions merged in the same kernel, by the last to finish, instead of
+    # by a kernel of their own. Off: on the H200 it made the step slower (3.72 -> 3.77 ms)
+    merge_decode_partitions: bool = False
+    # with the batch-1 GEMV: the columns of weights each program of the O projection loads
+    # before it waits for the attention (GemvConfig.first_k; 0: the tuned configuration's
+    # first tile): the attention is the step's longest stretch without weights streaming
+    o_first_k: int = 2048
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
     prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
     mixed_rows: int = 256  # prompt rows a captured mixed step holds (a multiple of chunk_block)
@@ -321,15 +328,18 @@ class LlavaRunner:
         self.gemv: Any = self.fused.gemv if self.fused is not None and config.batch1_gemv else None
         self.batch1_fused = config.batch1_fused
         self.pdl = bool(config.pdl and self.fused is not None and pdl_available(self.device))
+        self.o_first_k = config.o_first_k
         self.gemv_timings: dict[Any, Any] = {}
-        # one-row decode: RoPE + store in the attention, partitions merged in the kernel
+        # one-row decode: RoPE + store in the attention (and its partitions merged there)
         self.decode_rope = bool(
             config.fused_decode_attention
             and self.fused is not None
             and not (self.kv_dtype == torch.float8_e4m3fn and self.n_heads == self.n_kv_heads)
         )
         self.decode_semaphores = (
-            self.fused.decode_semaphores(1, self.n_kv_heads, self.device) if self.decode_rope else None
+            self.fused.decode_semaphores(1, self.n_kv_heads, self.device)
+            if self.decode_rope and config.merge_decode_partitions
+            else None
         )
         self.graphs: Any = None
         self.vision_graph: Any = None
@@ -919,12 +929,15 @@ class LlavaRunner:
         LM head, if any, dropped)."""
         return self._linear(h, self.lm_head)[:, : self.vocab].float()
 
-    def _linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(
+        self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None, first_k: int = 0
+    ) -> torch.Tensor:
         """``F.linear``; for one row, the Triton GEMV when enabled (it streams the weights
-        faster than cuBLAS's batch-1 kernels). A float8 weight (:class:`Fp8Weight`): the
-        GEMV over its bytes for one row, :func:`kernels.fp8_matmul` for more."""
+        faster than cuBLAS's batch-1 kernels; ``first_k``: its GemvConfig.first_k). A
+        float8 weight (:class:`Fp8Weight`): the GEMV over its bytes for one row,
+        :func:`kernels.fp8_matmul` for more."""
         if self.gemv is not None and self.fused is not None and x.shape[0] == 1 and x.dim() == 2:
-            y = self._gemv(x, w)
+            y = self._gemv(x, w, first_k=first_k)
         elif isinstance(w, Fp8Weight) and self.fused is not None and x.dim() == 2:
             y = self.fused.fp8_matmul(x, w.q, w.scale)
         elif isinstance(w, Fp8Weight):
@@ -938,13 +951,13 @@ class LlavaRunner:
         8 to 64 streams it made the node slower; see RunnerConfig.pdl)."""
         return self.pdl and rows == 1
 
-    def _gemv(self, x: torch.Tensor, w: Weight, silu: bool = False) -> torch.Tensor:
+    def _gemv(self, x: torch.Tensor, w: Weight, silu: bool = False, first_k: int = 0) -> torch.Tensor:
         """The batch-1 GEMV of ``x`` by ``w`` (bf16 or :class:`Fp8Weight`); ``silu``:
         ``x`` is ``[gate | up]`` and the product's input ``silu(gate) * up``."""
         assert self.fused is not None
         if isinstance(w, Fp8Weight):
-            return self.fused.gemv(x, w.q, scale=w.scale, silu=silu, pdl=self.pdl)
-        return self.fused.gemv(x, w, silu=silu, pdl=self.pdl)
+            return self.fused.gemv(x, w.q, scale=w.scale, silu=silu, pdl=self.pdl, first_k=first_k)
+        return self.fused.gemv(x, w, silu=silu, pdl=self.pdl, first_k=first_k)
 
     def _gemv_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, w: Weight
@@ -998,7 +1011,8 @@ class LlavaRunner:
         h = k.rms_norm(x, self.layers[0].ln1, self.eps, pdl=pdl)
         for i, w in enumerate(self.layers):
             att = self._attention(i, linear(h, w.wqkv, w.bqkv), cos, sin, rows, attend)
-            h, residual = k.add_rms_norm(linear(att, w.wo), residual, w.ln2, self.eps, pdl=pdl)
+            o = linear(att, w.wo, first_k=self.o_first_k)
+            h, residual = k.add_rms_norm(o, residual, w.ln2, self.eps, pdl=pdl)
             down = linear(k.silu_mul(linear(h, w.wgu), pdl=pdl), w.wdown)
             weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             h, residual = k.add_rms_norm(down, residual, weight, self.eps, pdl=pdl)
@@ -1018,7 +1032,7 @@ class LlavaRunner:
             qkv, residual = self._gemv_norm(x, residual, w.ln1, w.wqkv)
             if w.bqkv is not None:
                 qkv = qkv + w.bqkv
-            o = self._gemv(self._attention(i, qkv, cos, sin, rows, attend), w.wo)
+            o = self._gemv(self._attention(i, qkv, cos, sin, rows, attend), w.wo, first_k=self.o_first_k)
             gate_up, residual = self._gemv_norm(o, residual, w.ln2, w.wgu)
             x = self._gemv(gate_up, w.wdown, silu=True)
         h, _ = k.add_rms_norm(x, residual, self.norm, self.eps, pdl=self.pdl)

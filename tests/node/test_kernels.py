@@ -247,7 +247,10 @@ def test_rope_decode_attention_is_rope_store_then_the_attention(
 ) -> None:
     # One launch from the QKV projection's raw output: the same output and the same cache
     # (the new key rotated and the value written at each row's newest position) as
-    # rope_store followed by the attention, bit for bit.
+    # rope_store followed by the attention: bit for bit under the interpreter; on a GPU
+    # to within float32 rounding (the compiler may fuse a rotation's multiply and add
+    # differently, and lays the dots' operands out differently when q comes from
+    # registers).
     gen = torch.Generator().manual_seed(5 * sum(lens) + n_heads + int(kv_fp8))
     k_cache, v_cache, tables, lens_t = make_paged(gen, lens, n_kv_heads, head_dim, page_size, pages_per_seq)
     if kv_fp8:
@@ -285,9 +288,15 @@ def test_rope_decode_attention_is_rope_store_then_the_attention(
         semaphores=sems,
     )
     assert not torch.isnan(out).any()
-    assert torch.equal(out, ref)
-    for cache, cache_ref in ((k_cache, kc_ref), (v_cache, vc_ref)):
-        torch.testing.assert_close(cache.float(), cache_ref.float(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache.float(), vc_ref.float(), rtol=0, atol=0, equal_nan=True)
+    if INTERPRETED:
+        assert torch.equal(out, ref)
+        torch.testing.assert_close(k_cache.float(), kc_ref.float(), rtol=0, atol=0, equal_nan=True)
+    else:
+        assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
+        # float8: a last-bit difference may move a key to the neighbouring e4m3 value
+        tol = 0.13 if kv_fp8 else 1e-6
+        torch.testing.assert_close(k_cache.float(), kc_ref.float(), rtol=tol, atol=tol, equal_nan=True)
     assert torch.equal(q, q_before)  # (rope_store rotates q in place; this does not)
     if sems is not None:
         assert (sems == 0).all()
@@ -566,6 +575,27 @@ def test_gemv(n: int, k: int, dtype: torch.dtype) -> None:
     assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("first_k", [128, 256, 1024], ids=["two-tiles-first", "four-tiles-first", "past-k"])
+@pytest.mark.parametrize("k", [200, 520])
+def test_gemv_with_a_wider_first_load_computes_the_same_product(k: int, first_k: int) -> None:
+    # GemvConfig.first_k: more columns loaded before the wait (a tail after it, or none,
+    # or a first tile wider than the row), the norm's statistics summed over both parts.
+    gen = torch.Generator().manual_seed(k + first_k)
+    w = torch.randn(40, k, generator=gen).to(DEVICE)
+    x = torch.randn(1, k, generator=gen).to(DEVICE)
+    g = (1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE)
+    cfg = kernels.GemvConfig(block_n=4, block_k=64, first_k=first_k)
+    ref = x.double().cpu() @ w.double().cpu().T
+    assert rel_err(kernels.gemv(x, w, cfg), ref) < 1e-6
+    assert rel_err(kernels.gemv(x, w, kernels.GemvConfig(block_k=64), first_k=first_k), ref) < 1e-6
+    y, _ = kernels.gemv_norm(x, None, g, 1e-5, w, cfg)
+    x64 = x.double().cpu()
+    normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * g.double().cpu()
+    assert rel_err(y, normed @ w.double().cpu().T) < 1e-6
+    with pytest.raises(ValueError, match="first_k"):
+        kernels.gemv(x, w, kernels.GemvConfig(block_k=64), first_k=96)
+
+
 @pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add-norm"])
 @pytest.mark.parametrize("n,k", [(48, 96), (33, 200)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -618,7 +648,8 @@ def test_pdl_launches_compute_exactly_what_plain_launches_compute_in_a_graph() -
     # weights, the attention old keys and values, before they wait), and must still read
     # what that predecessor wrote: the attention the key RoPE + store just wrote. The
     # same with RoPE + store inside the attention and the partitions merged there (one
-    # launch instead of three): the same bits again.
+    # launch instead of three): equal bits with and without PDL, and to within bf16
+    # rounding of the three launches (see test_rope_decode_attention_is_...).
     gen = torch.Generator().manual_seed(11)
     heads, hd, inter, layers, page, ctx = 4, 128, 1376, 6, 16, 200
     hidden = heads * hd
@@ -679,7 +710,10 @@ def test_pdl_launches_compute_exactly_what_plain_launches_compute_in_a_graph() -
             graph.replay()
             torch.cuda.synchronize()
             outs.append(out.clone())
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    three, one = outs[:10], outs[10:]  # three launches for the attention, or one
+    assert all(torch.equal(three[0], o) for o in three[1:])
+    assert all(torch.equal(one[0], o) for o in one[1:])
+    assert rel_err(one[0], three[0]) < 3e-2, rel_err(one[0], three[0])
     assert (sems == 0).all()
 
 
