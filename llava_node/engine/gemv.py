@@ -155,23 +155,23 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     res_end = tl.where(pid == 0, K, 0)  # the new residual: written by program 0
-    cols = tl.arange(0, FIRST_K)
-    col_mask = cols < K
+    cols0 = tl.arange(0, FIRST_K)
+    mask0 = cols0 < K
     # The first tile of weights, before waiting for the previous kernel (no kernel
     # writes weights): with PDL its load overlaps that kernel's last programs.
-    w = _load_weights(w_rows + cols[None, :], row_mask[:, None] & col_mask[None, :], EVICT_FIRST)
+    w0 = _load_weights(w_rows + cols0[None, :], row_mask[:, None] & mask0[None, :], EVICT_FIRST)
     pdl_enter(USE_GDC)
-    v, s = _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, PROLOGUE)
+    v0, s0 = _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols0, mask0, K, res_end, PROLOGUE)
     if FIRST_K == BLOCK_K:
-        acc = w.to(tl.float32) * v[None, :]
-        sq = s * s
+        acc = w0.to(tl.float32) * v0[None, :]
+        sq = s0 * s0
         y0 = tl.zeros([BLOCK_N], tl.float32)
         sq0 = 0.0
     else:  # a wider first tile, summed at once (its products are not kept)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         sq = tl.zeros([BLOCK_K], tl.float32)
-        y0 = tl.sum(w.to(tl.float32) * v[None, :], axis=1)
-        sq0 = tl.sum(s * s, axis=0)
+        y0 = tl.sum(w0.to(tl.float32) * v0[None, :], axis=1)
+        sq0 = tl.sum(s0 * s0, axis=0)
     for k0 in range(FIRST_K, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K

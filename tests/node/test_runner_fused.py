@@ -75,13 +75,16 @@ def test_fused_prefill_and_decode_match_the_torch_path(
     assert tokens[True] == tokens[False]
 
 
-def test_one_row_decode_with_the_norms_inside_the_gemvs_matches_a_kernel_per_op(
+def test_one_row_decode_fusions_match_a_kernel_per_op(
     small_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Batch-1 decode runs each norm (with its residual add) and SiLU*up inside the GEMV
-    # that reads it; the step's logits must be those of the layer loop that runs them as
-    # kernels of their own (float32: the norm's rounding order does not show).
+    # Batch-1 decode can run each norm (with its residual add) and SiLU*up inside the GEMV
+    # that reads it (batch1_fused), and runs RoPE + the cache store inside the decode
+    # attention (decode_rope, the default), with or without the partitions merged there:
+    # each step's logits must be those of the layer loop that runs them as kernels of their
+    # own (float32: the roundings' order does not show), and writes the same cache.
     r = runner(small_checkpoint, True)
+    assert r.decode_rope and r.decode_semaphores is None  # the defaults
     processor = AutoProcessor.from_pretrained(small_checkpoint)
     img = Image.new("RGB", (64, 64), (9, 99, 199))
     enc = processor(images=[img], text="USER: <image>\nHi ASSISTANT:", return_tensors="pt")
@@ -89,7 +92,7 @@ def test_one_row_decode_with_the_norms_inside_the_gemvs_matches_a_kernel_per_op(
     r.assign(0, pages, 0.0, 1.0, 0)
     r.prefill(0, enc["input_ids"][0], enc["pixel_values"])
     slots = torch.tensor([0])
-    names = ("add_rms_norm", "silu_mul", "gemv_norm")
+    names = ("add_rms_norm", "silu_mul", "gemv_norm", "rope_store", "rope_decode_attention")
     calls: list[str] = []
 
     def counting(name: str) -> Any:
@@ -104,18 +107,26 @@ def test_one_row_decode_with_the_norms_inside_the_gemvs_matches_a_kernel_per_op(
     for name in names:
         monkeypatch.setattr(r.fused, name, counting(name))
     layers = r.n_layers
-    want = {
-        True: {"add_rms_norm": 1, "silu_mul": 0, "gemv_norm": 2 * layers},
-        False: {"add_rms_norm": 2 * layers, "silu_mul": layers, "gemv_norm": 0},
+    sems = r.fused.decode_semaphores(1, r.n_kv_heads, r.device)
+    per_op = {"add_rms_norm": 2 * layers, "silu_mul": layers, "gemv_norm": 0, "rope_store": layers}
+    variants = {  # (batch1_fused, decode_rope, semaphores): the calls each makes
+        (False, False, None): {**per_op, "rope_decode_attention": 0},
+        (True, False, None): {**per_op, "add_rms_norm": 1, "silu_mul": 0, "gemv_norm": 2 * layers},
+        (False, True, None): {**per_op, "rope_store": 0, "rope_decode_attention": layers},
+        (False, True, sems): {**per_op, "rope_store": 0, "rope_decode_attention": layers},
     }
-    logits = {}
-    for fused in (True, False):
-        r.batch1_fused = fused
+    logits, caches = {}, {}
+    for i, (key, want) in enumerate(variants.items()):
+        r.batch1_fused, r.decode_rope, r.decode_semaphores = key
         calls.clear()
-        logits[fused] = r.step_logits(slots, r.seq_lens[slots])
-        assert {n: calls.count(n) for n in names} == want[fused]
-    rel = float((logits[True] - logits[False]).norm() / logits[False].norm())
-    assert rel < 1e-5, rel
+        logits[i] = r.step_logits(slots, r.seq_lens[slots])
+        caches[i] = torch.cat([torch.stack(r.cache.layer(j)) for j in range(layers)])
+        assert {n: calls.count(n) for n in names} == {n: want.get(n, 0) for n in names}, key
+    assert (sems == 0).all()
+    for i in range(1, len(variants)):
+        rel = float((logits[i] - logits[0]).norm() / logits[0].norm())
+        assert rel < 1e-5, (list(variants)[i], rel)
+        torch.testing.assert_close(caches[i], caches[0], rtol=1e-4, atol=1e-5)
 
 
 def test_fp8_cache_stays_close_to_the_model_dtype_cache(tiny_checkpoint: Path) -> None:
