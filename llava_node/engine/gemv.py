@@ -165,8 +165,6 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     if FIRST_K == BLOCK_K:
         acc = w0.to(tl.float32) * v0[None, :]
         sq = s0 * s0
-        y0 = tl.zeros([BLOCK_N], tl.float32)
-        sq0 = 0.0
     else:  # a wider first tile, summed at once (its products are not kept)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         sq = tl.zeros([BLOCK_K], tl.float32)
@@ -179,9 +177,14 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
         v, s = _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, PROLOGUE)
         acc += w.to(tl.float32) * v[None, :]
         sq += s * s
-    y = tl.sum(acc, axis=1) + y0
+    y = tl.sum(acc, axis=1)
+    if FIRST_K != BLOCK_K:
+        y += y0
     if PROLOGUE == 1 or PROLOGUE == 2:
-        y = y * tl.rsqrt((tl.sum(sq, axis=0) + sq0) / K + eps)
+        ss = tl.sum(sq, axis=0)
+        if FIRST_K != BLOCK_K:
+            ss += sq0
+        y = y * tl.rsqrt(ss / K + eps)
     if SCALED:
         y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)

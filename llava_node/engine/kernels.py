@@ -47,6 +47,7 @@ __all__ = [
     "rope_decode_attention",
     "rope_store",
     "silu_mul",
+    "uses_group_kernel",
 ]
 
 # Programs the split-K decode attention aims to launch, per streaming multiprocessor.
@@ -531,6 +532,13 @@ class NewRow:
     rows: torch.Tensor
 
 
+def uses_group_kernel(cache_dtype: torch.dtype, n_heads: int, n_kv_heads: int) -> bool:
+    """Whether the decode attention runs the group kernel by default (``group_kernel=None``):
+    always, but over a float8 cache without grouped heads (``H == KVH``) the heads kernel,
+    which was faster there; :func:`rope_decode_attention` is the group kernel's."""
+    return not (torch.empty((), dtype=cache_dtype).element_size() == 1 and n_heads == n_kv_heads)
+
+
 def decode_semaphores(batch: int, n_kv_heads: int, device: torch.device) -> torch.Tensor:
     """Arrival counters for the decode attention's in-kernel merge (``semaphores`` of
     :func:`paged_decode_attention`): zeros, one per (row, KV head) of a batch of up to
@@ -661,7 +669,7 @@ def _decode_attention(
         raise ValueError(f"head_dim must be a power of two >= 16, not {head_dim}")
     group = n_heads // n_kv_heads
     if group_kernel is None:
-        group_kernel = not (k_cache.element_size() == 1 and group == 1)
+        group_kernel = uses_group_kernel(k_cache.dtype, n_heads, n_kv_heads)
     max_len = block_tables.shape[1] * page_size
     cfg = (
         (GROUPS_CONFIG_FP8 if k_cache.element_size() == 1 else GROUPS_CONFIG)

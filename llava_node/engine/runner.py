@@ -335,7 +335,7 @@ class LlavaRunner:
         self.decode_rope = bool(
             config.fused_decode_attention
             and self.fused is not None
-            and not (self.kv_dtype == torch.float8_e4m3fn and self.n_heads == self.n_kv_heads)
+            and self.fused.uses_group_kernel(self.kv_dtype, self.n_heads, self.n_kv_heads)
         )
         self.decode_semaphores = (
             self.fused.decode_semaphores(1, self.n_kv_heads, self.device)
@@ -1052,15 +1052,16 @@ class LlavaRunner:
         cache store, then ``attend``; in one kernel where ``attend`` is a
         :class:`DecodeAttention` that can (:attr:`RunnerConfig.fused_decode_attention`)."""
         if isinstance(attend, DecodeAttention) and attend.kernels is not None:
-            n = qkv.shape[0]
-            hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
-            q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            new = attend.kernels.NewRow(
-                q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v.reshape(n, nkv, hd), cos, sin, rows
-            )
+            new = attend.kernels.NewRow(*self._split_qkv(qkv), cos, sin, rows)
             return attend.from_qkv(new, *self.cache.layer(layer))
         q, kc, vc, v = self._attention_input(layer, qkv, cos, sin, rows)
         return attend(q, kc, vc, v)
+
+    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of a fused QKV output [N, (H + 2 KVH) hd]: q [N, H, hd], k and v [N, KVH, hd]."""
+        n, hd, nh, nkv = qkv.shape[0], self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        return q.reshape(n, nh, hd), k.reshape(n, nkv, hd), v.reshape(n, nkv, hd)
 
     def _attention_input(
         self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor
@@ -1068,16 +1069,10 @@ class LlavaRunner:
         """Rotated queries of a fused QKV output [N, (H + 2 KVH) hd], with the rotated keys
         and the values written to layer ``layer``'s cache at ``rows``: ``(q, k_cache,
         v_cache, v)``, what :data:`Attend` takes."""
-        k = self.fused
-        assert k is not None
-        n = qkv.shape[0]
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
-        q, kk, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        assert self.fused is not None
+        q, kk, v = self._split_qkv(qkv)
         kc, vc = self.cache.layer(layer)
-        v = v.reshape(n, nkv, hd)
-        q = k.rope_store(
-            q.reshape(n, nh, hd), kk.reshape(n, nkv, hd), v, cos, sin, kc, vc, rows, pdl=self._pdl(n)
-        )
+        q = self.fused.rope_store(q, kk, v, cos, sin, kc, vc, rows, pdl=self._pdl(qkv.shape[0]))
         return q, kc, vc, v
 
     @torch.inference_mode()
