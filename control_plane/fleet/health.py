@@ -185,17 +185,26 @@ class HealthPoller(BackgroundLoop):
 
     async def _poll_and_apply(self, worker: WorkerInfo) -> PollResult | None:
         async with self._semaphore:
+            started = time.monotonic()
             result = await self.nodes.poll(worker.http_url, worker.metrics_url, self.settings.poll_timeout_s)
         if self.leases is not None and not self.leases.holds(worker.id):
-            return None  # the lease lapsed while polling: another replica may own it now
-        self._apply(worker, result)
+            # the lease lapsed while polling: another replica may own it now
+            log.warning(
+                "the poll lease of worker %s (%s) lapsed before its poll was answered "
+                "(lease_period_s %g); the result is dropped",
+                worker.id,
+                worker.name,
+                self.leases.period_s,
+            )
+            return None
+        self._apply(worker, result, started)
         return result
 
-    def _apply(self, worker: WorkerInfo, res: PollResult) -> None:
+    def _apply(self, worker: WorkerInfo, res: PollResult, started: float) -> None:
         if worker.state is WorkerState.REMOVED:
             return
         s = self.settings
-        self.store.record_poll(worker, res)
+        self.store.record_poll(worker, res, started)
         if res.ok:
             if worker.state is not WorkerState.HEALTHY and self.breaker.may_close(worker):
                 self.store.set_state(worker, WorkerState.HEALTHY, "poll succeeded: server ready")

@@ -306,19 +306,29 @@ class WorkerStore:
             },
         )
 
-    def record_poll(self, info: WorkerInfo, res: PollResult) -> None:
+    def record_poll(self, info: WorkerInfo, res: PollResult, started_at: float | None = None) -> None:
         """Take what a poll found into the live view (the poller then decides the state:
         :meth:`set_state`, and records the heartbeat: :meth:`record_heartbeat`).
 
         A poll that could not read the index marks every model unreachable: no request
-        is sent to a node that did not answer, even before it counts as unhealthy."""
+        is sent to a node that did not answer, even before it counts as unhealthy. A
+        model whose status this control plane set (:meth:`mark_models`) after the poll
+        started (``started_at``, monotonic) keeps that status: the poll read the index
+        before the load or unload."""
         info.last_poll_latency_ms = res.latency_ms
         if res.models is not None:
+            models = dict(res.models)
             # a model's served name is reported while it is loaded, and kept while it is not
-            for name, m in res.models.items():
+            for name, m in models.items():
                 known = info.models.get(name)
                 m.served_name = (res.served_names or {}).get(name) or (known.served_name if known else "")
-            info.set_models(res.models)
+            if started_at is not None:
+                for name, at in list(info.models_marked_at.items()):
+                    if at < started_at:
+                        del info.models_marked_at[name]  # polled since: the node's word again
+                    elif name in info.models:
+                        models[name] = info.models[name]
+            info.set_models(models)
         if res.queued is not None and res.active is not None:
             info.queue_length, info.active = res.queued, res.active
         if res.ok:
@@ -348,6 +358,8 @@ class WorkerStore:
         """Set models' states ahead of the next poll (a load or unload this control plane made)."""
         served = {n: m.served_name for n, m in info.models.items()}
         marked = {n: ModelStatus(status.ready, status.state, status.reason, served.get(n, "")) for n in names}
+        now = time.monotonic()
+        info.models_marked_at.update(dict.fromkeys(marked, now))
         info.set_models({**info.models, **marked})
 
     def adjust_inflight(self, info: WorkerInfo, delta: int, model: str | None = None) -> None:

@@ -54,6 +54,9 @@ class WorkerInfo:
     inflight: int = 0  # this control plane's open streams to it
     model_inflight: dict[str, int] = field(default_factory=dict)  # the same, per model
     model_last_used: dict[str, float] = field(default_factory=dict)  # model -> monotonic time
+    # model -> monotonic time this control plane set its status (a load or unload it made):
+    # a poll that started before then does not undo it
+    models_marked_at: dict[str, float] = field(default_factory=dict)
     consecutive_failures: int = 0  # failed polls in a row
     failing_since: float | None = None  # monotonic time of the first failed poll in a row
     last_error: str = ""

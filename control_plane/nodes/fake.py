@@ -118,6 +118,7 @@ class FakeNode:
     explicit: bool = True  # takes model loads and unloads
     load_delay_s: float = 0.0
     load_error: str | None = None
+    poll_delay_s: float = 0.0  # a poll answers this late, with what the node had when it was asked
     # what it was asked
     streams: list[FakeStream] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
@@ -206,6 +207,8 @@ class FakeNodeClient:
         }
         res.queued, res.active = node.queued, node.active + len(node.running())
         res.served_names = {m: n for m, n in node.served_names.items() if node.models.get(m) == "READY"}
+        if node.poll_delay_s:
+            await asyncio.sleep(node.poll_delay_s)
         return res
 
     async def discover(self, http_url: str) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from control_plane.nodes.fake import FakeNode, FakeNodeClient
 FAST = {  # short intervals so that tests take milliseconds, not the production seconds
     "poll_interval_s": 0.05,
     "poll_timeout_s": 0.05,
-    "lease_period_s": 1.0,
+    "lease_period_s": 5.0,  # long against a stall of a loaded machine (tests of lapses set theirs)
     "lifecycle_interval_s": 0.05,
     "db_flush_interval_s": 0.01,
     "retry_backoff_s": 0.0,

@@ -104,6 +104,22 @@ async def test_a_model_with_no_minimum_scales_to_zero_and_comes_back_on_demand(t
         assert a.loads == ["other"]
 
 
+async def test_a_poll_that_read_the_index_before_an_unload_does_not_put_the_model_back(
+    tmp_path: Path,
+) -> None:
+    # every poll answers 0.3 s late with the index as it was when it was asked: one is in
+    # flight whenever the idle model is unloaded, and says it is still READY
+    a = with_other(9000, poll_delay_s=0.3)
+    a.set_models("READY", "other")
+    async with Harness(tmp_path, [a], idle_ttl_s=0.2).running() as h:
+        await eventually(lambda: a.unloads == ["other"], 3, "scaled to zero")
+        polls = a.polls
+        await eventually(lambda: a.polls > polls, 3, "the poll asked before the unload answered")
+        assert not h.worker(a).models["other"].ready
+        assert (await h.chat(model="other")).status == 200  # a cold start, not a node that has it not
+        assert a.loads == ["other"]
+
+
 async def test_a_pinned_model_is_never_unloaded(tmp_path: Path) -> None:
     a = with_other(9000)
     a.set_models("READY", "other")
