@@ -195,24 +195,25 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         "rope": True,
         "merge": False,
         "o_first_k": 0,
+        "glu": True,
     }
-    before = {**base, "rope": False, "merge": False}  # the attention as three launches
+    rope = {**base, "glu": False}  # SiLU*up as a kernel of its own
+    before = {**rope, "rope": False}  # ... and the attention as three launches
     variants: dict[str, dict[str, Any]] = {
         "cublas": {**before, "gemv": None, "pdl": False, "tuned": False},
         "gemv (before)": {**before, "pdl": False, "tuned": False},
-        "gemv + pdl + tuned (the default before)": before,
-        "... + rope + store inside the attention (default)": base,
-        "... + O loads 2,048 columns before the wait": {**base, "o_first_k": 2048},
-        "... + O loads 4,096 columns before the wait": {**base, "o_first_k": 4096},
+        "gemv + pdl + tuned": before,
+        "... + rope + store inside the attention (the default before)": rope,
+        "... + SiLU*up inside the gate/up GEMV (default)": base,
         "default + partitions merged in the kernel": {**base, "merge": True},
         "default, attention at 1 program/SM": {**base, "sms": 1},
         "default, attention at 3 programs/SM": {**base, "sms": 3},
     }
     if weight_dtype != "auto":
         keep = (
-            "gemv + pdl + tuned (the default before)",
-            "... + rope + store inside the attention (default)",
-            "... + O loads 4,096 columns before the wait",
+            "gemv + pdl + tuned",
+            "... + rope + store inside the attention (the default before)",
+            "... + SiLU*up inside the gate/up GEMV (default)",
         )
         variants = {k: v for k, v in variants.items() if k in keep}
     ref_logits: torch.Tensor | None = None
@@ -225,6 +226,7 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         runner.paged_attention = v["attention"]
         runner.decode_rope = v["rope"]
         runner.o_first_k = v["o_first_k"]
+        runner.glu_gemv = v["glu"]
         runner.decode_semaphores = sems if v["merge"] else None
         kernels.PROGRAMS_PER_SM_ONE_ROW = v["sms"]  # (read at capture: shapes only)
         gemv_mod.SHAPE_CONFIGS.clear()

@@ -13,6 +13,11 @@ compute its input on the fly from what the previous kernel wrote:
 * ``gemv(..., silu=True)``: ``(silu(gate) * up) @ w.T`` for ``x = [gate | up]`` (the
   MLP's down projection), rounded as torch's ``F.silu(gate) * up``; this replaces the
   SiLU*up kernel.
+* ``gemv_glu``: ``silu(gate) * up`` of ``[gate | up] = x @ w.T`` (the MLP's gate/up
+  projection, ``w = [w_gate; w_up]``): each program streams ``BLOCK_N / 2`` gate rows and
+  the up rows of the same outputs, and applies SiLU*up to its sums before it stores them,
+  with the roundings of a GEMV's output followed by the SiLU*up kernel (the same bits).
+  This also replaces the SiLU*up kernel, and the down projection reads half the input.
 
 With PDL (:mod:`~llava_node.engine.launch`) a program loads its first tile of weights
 before it waits for the previous kernel. Every launch depends on shapes only (CUDA
@@ -38,6 +43,7 @@ __all__ = [
     "SHAPE_CONFIGS",
     "GemvConfig",
     "gemv",
+    "gemv_glu",
     "gemv_norm",
     "replay_ms",
     "tune",
@@ -86,6 +92,9 @@ CANDIDATES = (
     GemvConfig(block_n=2),
     GemvConfig(block_n=4, block_k=2048, num_warps=8),
     GemvConfig(block_n=8),
+    # not in that sweep: the wide loads with evict-first, and with 8 rows a program
+    GemvConfig(block_n=4, block_k=2048, num_warps=8, evict_first=True),
+    GemvConfig(block_n=8, block_k=2048, num_warps=8),
 )
 CANDIDATES_FP8 = (
     GEMV_FP8_CONFIG,
@@ -104,6 +113,14 @@ def _load_weights(ptrs, mask, EVICT_FIRST: tl.constexpr):  # type: ignore[no-unt
 
 
 @triton.jit  # type: ignore[misc,untyped-decorator]
+def silu_times(gate, up, dt):  # type: ignore[no-untyped-def]
+    # torch's eager F.silu(gate) * up in dtype dt (float32 in): silu(gate) rounded, then the
+    # product, so the fused paths compute exactly what transformers computes (kernels.py too)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    return (act * up).to(dt)
+
+
+@triton.jit  # type: ignore[misc,untyped-decorator]
 def _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, PROLOGUE: tl.constexpr):  # type: ignore[no-untyped-def]
     # The input columns `cols` of the product (float32) and, for the norms, the values
     # whose squares make the norm's statistics.
@@ -111,8 +128,7 @@ def _gemv_input(x_ptr, res_ptr, g_ptr, res_out_ptr, cols, col_mask, K, res_end, 
     if PROLOGUE == 3:  # x = [gate | up]
         gate = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + K + cols, mask=col_mask, other=0.0).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-        v = (act * up).to(dt).to(tl.float32)
+        v = silu_times(gate, up, dt).to(tl.float32)
         s = v
     else:
         s = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -145,14 +161,23 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
     PROLOGUE: tl.constexpr,
     EVICT_FIRST: tl.constexpr,
     FIRST_K: tl.constexpr,
+    GLU: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
     # One program per BLOCK_N output rows, streaming their weights along K once. SCALED:
     # w holds float8 e4m3 (fp8_weights.py), each row's sum times its scale s_ptr[row].
     # FIRST_K (a multiple of BLOCK_K): the columns of the first load, before the wait.
+    # GLU: w = [w_gate; w_up] of N rows; the program's rows alternate gate and up rows of
+    # BLOCK_N / 2 outputs, and it stores silu(gate) * up of them (y has N / 2 values).
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    r = tl.arange(0, BLOCK_N)
+    if GLU:
+        outs = pid * (BLOCK_N // 2) + r // 2
+        rows = outs + (r % 2) * (N // 2)
+        row_mask = outs < N // 2
+    else:
+        rows = pid * BLOCK_N + r
+        row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     res_end = tl.where(pid == 0, K, 0)  # the new residual: written by program 0
     cols0 = tl.arange(0, FIRST_K)
@@ -187,7 +212,13 @@ def _gemv_kernel(  # type: ignore[no-untyped-def]
         y = y * tl.rsqrt(ss / K + eps)
     if SCALED:
         y = y * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
+    dt = y_ptr.dtype.element_ty
+    if GLU:  # the output's rounding, then SiLU*up's (as a GEMV followed by the SiLU*up kernel)
+        gate, up = tl.split(tl.reshape(y.to(dt).to(tl.float32), [BLOCK_N // 2, 2]))
+        outs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + outs, silu_times(gate, up, dt), mask=outs < N // 2)
+    else:
+        tl.store(y_ptr + rows, y.to(dt), mask=row_mask)
 
 
 def _launch(
@@ -203,6 +234,7 @@ def _launch(
     eps: float = 0.0,
     pdl: bool = False,
     first_k: int = 0,
+    glu: bool = False,
 ) -> torch.Tensor:
     n, kw = w.shape
     fp8 = scale is not None
@@ -219,11 +251,15 @@ def _launch(
         raise ValueError(f"the input has {k} values; w expects {kw}")
     if scale is not None and scale.shape != (n,):
         raise ValueError(f"scale has shape {tuple(scale.shape)}; w expects ({n},)")
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if glu and n % 2:
+        raise ValueError(f"w = [w_gate; w_up] must have an even number of rows, not {n}")
+    y = torch.empty((1, n // 2 if glu else n), dtype=x.dtype, device=x.device)
     block_n = cfg.block_n
     if not block_n:
         per_program = max(1, n // (4 * num_sms(x.device)))
         block_n = min(16, 1 << (per_program.bit_length() - 1))
+    if glu:
+        block_n = max(2, block_n)  # a gate row and its up row at least
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         residual if residual is not None else x,
@@ -242,6 +278,7 @@ def _launch(
         PROLOGUE=prologue,
         EVICT_FIRST=cfg.evict_first,
         FIRST_K=max(min(cfg.first_k, triton.next_power_of_2(k)), cfg.block_k),
+        GLU=glu,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **pdl_options(pdl),
@@ -282,6 +319,22 @@ def gemv(
     if silu and xv.shape[0] % 2:
         raise ValueError(f"x = [gate | up] must have an even number of values, not {xv.shape[0]}")
     return _launch(_SILU if silu else _PLAIN, xv, w, k, config, scale, pdl=pdl, first_k=first_k)
+
+
+def gemv_glu(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    config: GemvConfig | None = None,
+    scale: torch.Tensor | None = None,
+    *,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """``silu(gate) * up`` for ``[gate | up] = x @ w.T`` of one row, ``w`` ``[2F, K]``
+    (``[w_gate; w_up]``, ``scale`` [2F] over float8): returns ``[1, F]``, the same bits
+    as :func:`gemv` followed by the SiLU*up kernel (``kernels.silu_mul``), in one launch.
+    """
+    xv = _row(x)
+    return _launch(_PLAIN, xv, w, xv.shape[0], config, scale, pdl=pdl, glu=True)
 
 
 def gemv_norm(

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llava_node.engine.gemv import GEMV_FP8_CONFIG, GemvConfig, gemv, gemv_norm
+from llava_node.engine.gemv import GEMV_FP8_CONFIG, GemvConfig, gemv, gemv_glu, gemv_norm, silu_times
 from llava_node.engine.launch import num_sms, pdl_enter, pdl_options
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "decode_semaphores",
     "fp8_matmul",
     "gemv",
+    "gemv_glu",
     "gemv_norm",
     "paged_decode_attention",
     "paged_prefill_attention",
@@ -1097,10 +1098,8 @@ def _silu_mul_kernel(  # type: ignore[no-untyped-def]
     pdl_enter(USE_GDC)
     gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    # Two roundings, as torch's eager F.silu(gate) * up does in the model's dtype, so the
-    # fused decode path computes exactly what transformers computes.
-    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+    out = silu_times(gate, up, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + cols, out, mask=mask)
 
 
 SILU_BLOCK = 1024

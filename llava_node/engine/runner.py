@@ -150,6 +150,10 @@ class RunnerConfig:
     # first tile), to keep more bytes in flight while the attention runs. 0: on an H200,
     # 2,048 and 4,096 made the 7B step slower (3.72 -> 3.79 and 3.77 ms, issue 18)
     o_first_k: int = 0
+    # with the batch-1 GEMV: SiLU*up applied by the gate/up GEMV to its own sums before it
+    # stores them (gemv_glu: the same bits, one launch where there were two, and the down
+    # projection reads half the input)
+    glu_gemv: bool = True
     prefill_graphs: bool = True  # with CUDA graphs and the fused kernels: captured prefills
     prefill_bucket: int = 16  # captured prefills pad the prompt to a multiple of this
     mixed_rows: int = 256  # prompt rows a captured mixed step holds (a multiple of chunk_block)
@@ -330,6 +334,7 @@ class LlavaRunner:
         self.batch1_fused = config.batch1_fused
         self.pdl = bool(config.pdl and self.fused is not None and pdl_available(self.device))
         self.o_first_k = config.o_first_k
+        self.glu_gemv = config.glu_gemv
         self.gemv_timings: dict[Any, Any] = {}
         # one-row decode: RoPE + store in the attention (and its partitions merged there)
         self.decode_rope = bool(
@@ -960,6 +965,17 @@ class LlavaRunner:
             return self.fused.gemv(x, w.q, scale=w.scale, silu=silu, pdl=self.pdl, first_k=first_k)
         return self.fused.gemv(x, w, silu=silu, pdl=self.pdl, first_k=first_k)
 
+    def _gate_up(self, h: torch.Tensor, wgu: Weight, pdl: bool) -> torch.Tensor:
+        """``silu(gate) * up`` of the MLP's gate/up projection of ``h``, on the fused
+        kernels: for one row in the GEMV itself (:attr:`RunnerConfig.glu_gemv`), else the
+        product and then the SiLU*up kernel."""
+        assert self.fused is not None
+        if self.glu_gemv and self.gemv is not None and h.shape[0] == 1 and h.dim() == 2:
+            if isinstance(wgu, Fp8Weight):
+                return self.fused.gemv_glu(h, wgu.q, scale=wgu.scale, pdl=self.pdl)
+            return self.fused.gemv_glu(h, wgu, pdl=self.pdl)
+        return self.fused.silu_mul(self._linear(h, wgu), pdl=pdl)
+
     def _gemv_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, norm: torch.Tensor, w: Weight
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1014,7 +1030,7 @@ class LlavaRunner:
             att = self._attention(i, linear(h, w.wqkv, w.bqkv), cos, sin, rows, attend)
             o = linear(att, w.wo, first_k=self.o_first_k)
             h, residual = k.add_rms_norm(o, residual, w.ln2, self.eps, pdl=pdl)
-            down = linear(k.silu_mul(linear(h, w.wgu), pdl=pdl), w.wdown)
+            down = linear(self._gate_up(h, w.wgu, pdl), w.wdown)
             weight = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.norm
             h, residual = k.add_rms_norm(down, residual, weight, self.eps, pdl=pdl)
         return h

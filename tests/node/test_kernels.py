@@ -639,6 +639,34 @@ def test_gemv_silu_is_silu_mul_then_the_product(k: int, dtype: torch.dtype) -> N
     assert rel_err(y, (F.silu(gate) * up) @ w.double().cpu().T) < (1e-6 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("block_n", [2, 4, 8])
+@pytest.mark.parametrize(("f", "k"), [(37, 200), (64, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gemv_glu_is_the_gate_up_product_then_silu_mul(
+    block_n: int, f: int, k: int, dtype: torch.dtype, fp8: bool
+) -> None:
+    # The gate/up projection with SiLU*up applied to its own sums gives the bits of the
+    # GEMV followed by the SiLU*up kernel it replaces, whatever the rows per program (a
+    # last program with half its outputs masked where block_n / 2 does not divide F)
+    from llava_node.engine.fp8_weights import quantize_fp8
+
+    gen = torch.Generator().manual_seed(f * k + block_n)
+    x = torch.randn(1, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(2 * f, k, generator=gen) / math.sqrt(k) * 4).to(DEVICE, dtype)
+    cfg = kernels.GemvConfig(block_n=block_n, block_k=64)
+    qw, scale = (quantize_fp8(w).q, quantize_fp8(w).scale) if fp8 else (w, None)
+    y = kernels.gemv_glu(x, qw, cfg, scale)
+    want = kernels.silu_mul(kernels.gemv(x, qw, cfg, scale))
+    assert y.shape == (1, f) and y.dtype == dtype
+    assert torch.equal(y.cpu(), want.cpu())
+    w64 = qw.double().cpu() * (scale.double().cpu()[:, None] if scale is not None else 1.0)
+    gate, up = (x.double().cpu() @ w64.T).chunk(2, dim=-1)  # the dequantized weights'
+    assert rel_err(y, F.silu(gate) * up) < (1e-6 if dtype == torch.float32 else 2e-2)
+    with pytest.raises(ValueError, match="even number of rows"):
+        kernels.gemv_glu(x, w[1:], cfg)
+
+
 @pytest.mark.skipif(
     not (DEVICE.type == "cuda" and pdl_available(DEVICE)), reason="PDL needs a GPU of compute capability 9.0+"
 )

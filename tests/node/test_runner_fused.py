@@ -79,12 +79,13 @@ def test_one_row_decode_fusions_match_a_kernel_per_op(
     small_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Batch-1 decode can run each norm (with its residual add) and SiLU*up inside the GEMV
-    # that reads it (batch1_fused), and runs RoPE + the cache store inside the decode
-    # attention (decode_rope, the default), with or without the partitions merged there:
+    # that reads it (batch1_fused), runs RoPE + the cache store inside the decode
+    # attention (decode_rope, the default), with or without the partitions merged there,
+    # and SiLU*up inside the gate/up GEMV (glu_gemv, the default):
     # each step's logits must be those of the layer loop that runs them as kernels of their
     # own (float32: the roundings' order does not show), and writes the same cache.
     r = runner(small_checkpoint, True)
-    assert r.decode_rope and r.decode_semaphores is None  # the defaults
+    assert r.decode_rope and r.decode_semaphores is None and r.glu_gemv  # the defaults
     processor = AutoProcessor.from_pretrained(small_checkpoint)
     img = Image.new("RGB", (64, 64), (9, 99, 199))
     enc = processor(images=[img], text="USER: <image>\nHi ASSISTANT:", return_tensors="pt")
@@ -92,7 +93,7 @@ def test_one_row_decode_fusions_match_a_kernel_per_op(
     r.assign(0, pages, 0.0, 1.0, 0)
     r.prefill(0, enc["input_ids"][0], enc["pixel_values"])
     slots = torch.tensor([0])
-    names = ("add_rms_norm", "silu_mul", "gemv_norm", "rope_store", "rope_decode_attention")
+    names = ("add_rms_norm", "silu_mul", "gemv_glu", "gemv_norm", "rope_store", "rope_decode_attention")
     calls: list[str] = []
 
     def counting(name: str) -> Any:
@@ -109,15 +110,18 @@ def test_one_row_decode_fusions_match_a_kernel_per_op(
     layers = r.n_layers
     sems = r.fused.decode_semaphores(1, r.n_kv_heads, r.device)
     per_op = {"add_rms_norm": 2 * layers, "silu_mul": layers, "gemv_norm": 0, "rope_store": layers}
-    variants = {  # (batch1_fused, decode_rope, semaphores): the calls each makes
-        (False, False, None): {**per_op, "rope_decode_attention": 0},
-        (True, False, None): {**per_op, "add_rms_norm": 1, "silu_mul": 0, "gemv_norm": 2 * layers},
-        (False, True, None): {**per_op, "rope_store": 0, "rope_decode_attention": layers},
-        (False, True, sems): {**per_op, "rope_store": 0, "rope_decode_attention": layers},
+    glu = {"silu_mul": 0, "gemv_glu": layers}  # SiLU*up inside the gate/up GEMV (the default)
+    variants = {  # (batch1_fused, decode_rope, semaphores, glu_gemv): the calls each makes
+        (False, False, None, False): {**per_op, "rope_decode_attention": 0},
+        (True, False, None, False): {**per_op, "add_rms_norm": 1, "silu_mul": 0, "gemv_norm": 2 * layers},
+        (False, True, None, False): {**per_op, "rope_store": 0, "rope_decode_attention": layers},
+        (False, True, sems, False): {**per_op, "rope_store": 0, "rope_decode_attention": layers},
+        (False, False, None, True): {**per_op, **glu},
+        (False, True, None, True): {**per_op, **glu, "rope_store": 0, "rope_decode_attention": layers},
     }
     logits, caches = {}, {}
     for i, (key, want) in enumerate(variants.items()):
-        r.batch1_fused, r.decode_rope, r.decode_semaphores = key
+        r.batch1_fused, r.decode_rope, r.decode_semaphores, r.glu_gemv = key
         calls.clear()
         logits[i] = r.step_logits(slots, r.seq_lens[slots])
         caches[i] = torch.cat([torch.stack(r.cache.layer(j)) for j in range(layers)])
