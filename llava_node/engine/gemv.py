@@ -92,9 +92,13 @@ CANDIDATES = (
     GemvConfig(block_n=2),
     GemvConfig(block_n=4, block_k=2048, num_warps=8),
     GemvConfig(block_n=8),
-    # not in that sweep: the wide loads with evict-first, and with 8 rows a program
+    # not in that sweep: the wide loads with evict-first (the fastest for the wide
+    # projections and the LM head on an H200, 2026-12-02), and variants of it and of the
+    # narrow projections' choice
     GemvConfig(block_n=4, block_k=2048, num_warps=8, evict_first=True),
     GemvConfig(block_n=8, block_k=2048, num_warps=8),
+    GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=4, evict_first=True),
+    GemvConfig(block_n=4, block_k=2048, num_warps=8, num_stages=2, evict_first=True),
 )
 CANDIDATES_FP8 = (
     GEMV_FP8_CONFIG,
