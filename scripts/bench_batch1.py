@@ -196,15 +196,18 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         "merge": False,
         "o_first_k": 0,
         "glu": True,
+        "step_state": True,
     }
-    rope = {**base, "glu": False}  # SiLU*up as a kernel of its own
+    glu = {**base, "step_state": False}  # the slot bookkeeping as torch ops
+    rope = {**glu, "glu": False}  # SiLU*up as a kernel of its own
     before = {**rope, "rope": False}  # ... and the attention as three launches
     variants: dict[str, dict[str, Any]] = {
         "cublas": {**before, "gemv": None, "pdl": False, "tuned": False},
         "gemv (before)": {**before, "pdl": False, "tuned": False},
         "gemv + pdl + tuned": before,
         "... + rope + store inside the attention (the default before)": rope,
-        "... + SiLU*up inside the gate/up GEMV (default)": base,
+        "... + SiLU*up inside the gate/up GEMV": glu,
+        "... + the slot bookkeeping in two kernels (default)": base,
         "default + partitions merged in the kernel": {**base, "merge": True},
         "default, attention at 1 program/SM": {**base, "sms": 1},
         "default, attention at 3 programs/SM": {**base, "sms": 3},
@@ -213,7 +216,8 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         keep = (
             "gemv + pdl + tuned",
             "... + rope + store inside the attention (the default before)",
-            "... + SiLU*up inside the gate/up GEMV (default)",
+            "... + SiLU*up inside the gate/up GEMV",
+            "... + the slot bookkeeping in two kernels (default)",
         )
         variants = {k: v for k, v in variants.items() if k in keep}
     ref_logits: torch.Tensor | None = None
@@ -227,6 +231,7 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
         runner.decode_rope = v["rope"]
         runner.o_first_k = v["o_first_k"]
         runner.glu_gemv = v["glu"]
+        runner.step_state_kernels = v["step_state"]
         runner.decode_semaphores = sems if v["merge"] else None
         kernels.PROGRAMS_PER_SM_ONE_ROW = v["sms"]  # (read at capture: shapes only)
         gemv_mod.SHAPE_CONFIGS.clear()

@@ -1,6 +1,7 @@
 """Triton kernels of the fused decode step: paged attention, RMSNorm, SiLU*up, RoPE + cache store.
 
-The batch-1 GEMV lives in :mod:`~llava_node.engine.gemv` (re-exported here). The decode
+The batch-1 GEMV lives in :mod:`~llava_node.engine.gemv`, a decode step's slot
+bookkeeping in :mod:`~llava_node.engine.step_state` (both re-exported here). The decode
 step's kernels take ``pdl``: launched with programmatic dependent launch
 (:mod:`~llava_node.engine.launch`), each program waits for the previous kernel first.
 
@@ -30,12 +31,15 @@ import triton.language as tl
 
 from llava_node.engine.gemv import GEMV_FP8_CONFIG, GemvConfig, gemv, gemv_glu, gemv_norm, silu_times
 from llava_node.engine.launch import num_sms, pdl_enter, pdl_options
+from llava_node.engine.step_state import advance_slots, decode_inputs
 
 __all__ = [
     "GEMV_FP8_CONFIG",
     "GemvConfig",
     "NewRow",
     "add_rms_norm",
+    "advance_slots",
+    "decode_inputs",
     "decode_num_splits",
     "decode_semaphores",
     "fp8_matmul",

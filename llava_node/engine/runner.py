@@ -92,6 +92,20 @@ class DecodeAttention:
         return out.reshape(new.q.shape[0], -1)
 
 
+@dataclass(frozen=True)
+class DecodeInputs:
+    """What a decode step reads of its slots, a row per batch row (``step_state.
+    decode_inputs`` gathers them in one launch)."""
+
+    pos: torch.Tensor  # [B] the new token's position (the slot's length, clamped)
+    x: torch.Tensor  # [B, D] the slot's last token's embedding
+    cos: torch.Tensor  # [B, hd] RoPE at pos
+    sin: torch.Tensor  # [B, hd]
+    rows: torch.Tensor  # [B] the cache row of position pos
+    tables: torch.Tensor  # [B, pages] the slot's block table
+    lens: torch.Tensor  # [B] positions attended: pos + 1
+
+
 class UnsupportedModel(ValueError):
     """The checkpoint's language model is not one this engine implements."""
 
@@ -335,6 +349,8 @@ class LlavaRunner:
         self.pdl = bool(config.pdl and self.fused is not None and pdl_available(self.device))
         self.o_first_k = config.o_first_k
         self.glu_gemv = config.glu_gemv
+        # a decode step's slot bookkeeping as two kernels (step_state.py), not torch ops
+        self.step_state_kernels = self.fused is not None
         self.gemv_timings: dict[Any, Any] = {}
         # one-row decode: RoPE + store in the attention (and its partitions merged there)
         self.decode_rope = bool(
@@ -666,28 +682,54 @@ class LlavaRunner:
     def decode_step(self, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
         """One token for each slot in ``slots`` (a device tensor); updates slot state.
 
-        Padding rows name ``dummy_slot``. Graph-capturable: no host synchronisation.
+        Padding rows name ``dummy_slot``. Graph-capturable: no host synchronisation. On
+        the fused kernels, what the step reads of its slots and what it writes back are
+        one launch each (step_state.py).
         """
+        if self.step_state_kernels:
+            c = self.cache
+            inputs = DecodeInputs(
+                *self.fused.decode_inputs(
+                    slots,
+                    self.seq_lens,
+                    self.last_tokens,
+                    self.embed,
+                    self.cos,
+                    self.sin,
+                    c.block_tables,
+                    c.page_size,
+                )
+            )
+            nxt = self._next_tokens(self._decode_logits(slots, inputs), slots, all_greedy)
+            self.fused.advance_slots(
+                slots, nxt, inputs.pos, self.last_tokens, self.steps, self.seq_lens, self.dummy_slot
+            )
+            return nxt
         pos = self.seq_lens[slots].clamp(max=self.max_seq_len - 1)
         nxt = self._sample(self.step_logits(slots, pos), slots, all_greedy)
         self.seq_lens[slots] = pos + 1
         self.seq_lens[self.dummy_slot :].zero_()  # a kernel, not a host copy: graph-safe
         return nxt
 
-    def _sample(self, logits: torch.Tensor, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
-        """Each slot's next token from its logits row; it becomes the slot's last token.
-        The image token is never one (an input placeholder: see
-        :func:`~llava_node.engine.loading.load_llava`)."""
+    def _next_tokens(self, logits: torch.Tensor, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
+        """Each slot's next token from its logits row. The image token is never one (an
+        input placeholder: see :func:`~llava_node.engine.loading.load_llava`)."""
         logits[:, self.image_token_id] = float("-inf")  # (in place: graph-safe, no copy)
-        nxt = sample_tokens(
+        if all_greedy:  # (the sampling state is not even gathered)
+            return logits.argmax(dim=-1)
+        return sample_tokens(
             logits,
             self.temperature[slots],
             self.top_p[slots],
             self.seed_lo[slots],
             self.seed_hi[slots],
             self.steps[slots],
-            all_greedy=all_greedy,
+            all_greedy=False,
         )
+
+    def _sample(self, logits: torch.Tensor, slots: torch.Tensor, all_greedy: bool) -> torch.Tensor:
+        """:meth:`_next_tokens`, which become the slots' last tokens (one step more each)."""
+        nxt = self._next_tokens(logits, slots, all_greedy)
         self.last_tokens[slots] = nxt
         self.steps[slots] += 1
         return nxt
@@ -695,16 +737,30 @@ class LlavaRunner:
     def step_logits(self, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (float32, [B, vocab]) of each slot's last token at position ``pos``;
         writes that token's keys and values into the cache."""
-        x = F.embedding(self.last_tokens[slots], self.embed)  # [B, D]
-        rows = self.cache.flat_slot_positions(slots, pos)
-        h = self._layers(x, self.cos[pos], self.sin[pos], rows, self._decode_attend(slots, pos + 1))
-        return self._vocab_logits(h)
+        inputs = DecodeInputs(
+            pos=pos,
+            x=F.embedding(self.last_tokens[slots], self.embed),  # [B, D]
+            cos=self.cos[pos],
+            sin=self.sin[pos],
+            rows=self.cache.flat_slot_positions(slots, pos),
+            tables=self.cache.block_tables[slots],
+            lens=pos + 1,
+        )
+        return self._decode_logits(slots, inputs)
 
-    def _decode_attend(self, slots: torch.Tensor, lens: torch.Tensor) -> Attend:
-        """Attention of one new row per slot over that slot's first ``lens`` positions."""
+    def _decode_logits(self, slots: torch.Tensor, inputs: DecodeInputs) -> torch.Tensor:
+        """:meth:`step_logits` from what the step reads of its slots."""
+        attend = self._decode_attend(slots, inputs.lens, inputs.tables)
+        return self._vocab_logits(self._layers(inputs.x, inputs.cos, inputs.sin, inputs.rows, attend))
+
+    def _decode_attend(
+        self, slots: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor | None = None
+    ) -> Attend:
+        """Attention of one new row per slot over that slot's first ``lens`` positions
+        (``tables``: the slots' block tables, when gathered already)."""
         cache = self.cache
+        tables = cache.block_tables[slots] if tables is None else tables
         if self.paged_attention is not None:
-            tables = cache.block_tables[slots]
             scale = 1.0 / math.sqrt(self.head_dim)
             paged = self.paged_attention
 
@@ -723,7 +779,7 @@ class LlavaRunner:
         # GPU, where reading the length back would stop graph capture) and mask the rest.
         length = self.max_seq_len if self.device.type == "cuda" else int(lens.max())
         pos = torch.arange(length, device=self.device)
-        rows = cache.block_tables[slots][:, pos // cache.page_size] * cache.page_size + pos % cache.page_size
+        rows = tables[:, pos // cache.page_size] * cache.page_size + pos % cache.page_size
         mask = (pos[None, :] < lens[:, None])[:, None, None, :]
         gqa = self.n_kv_heads != self.n_heads
 

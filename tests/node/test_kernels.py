@@ -828,3 +828,43 @@ def test_paged_prefill_attention_fp8_cache() -> None:
     )
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
     assert (out.cpu()[pos.cpu() < 0] == 0).all()
+
+
+# --------------------------------------------------------------------------------------
+# a decode step's slot bookkeeping (step_state.py)
+# --------------------------------------------------------------------------------------
+def test_decode_inputs_gathers_what_the_torch_ops_gather() -> None:
+    gen = torch.Generator().manual_seed(11)
+    page_size, pages, slots_n, max_len, d, hd = 4, 6, 5, 24, 200, 16
+    seq_lens = torch.tensor([3, 0, 23, 30, 9], dtype=torch.int64).to(DEVICE)  # 30: clamped
+    last = torch.tensor([7, 0, 99, 5, 42], dtype=torch.int64).to(DEVICE)
+    embed = torch.randn(100, d, generator=gen).to(DEVICE, torch.bfloat16)
+    cos = torch.randn(max_len, hd, generator=gen).to(DEVICE, torch.bfloat16)
+    sin = torch.randn(max_len, hd, generator=gen).to(DEVICE, torch.bfloat16)
+    tables = torch.randint(0, 50, (slots_n, pages), generator=gen, dtype=torch.int64).to(DEVICE)
+    slots = torch.tensor([2, 0, 3, 4, 4], dtype=torch.int64).to(DEVICE)  # a slot twice (padding)
+    pos, x, c, s, rows, tab, lens = kernels.decode_inputs(
+        slots, seq_lens, last, embed, cos, sin, tables, page_size
+    )
+    want_pos = seq_lens[slots].clamp(max=max_len - 1)
+    assert torch.equal(pos, want_pos) and torch.equal(lens, want_pos + 1)
+    assert torch.equal(x, F.embedding(last[slots], embed))
+    assert torch.equal(c, cos[want_pos]) and torch.equal(s, sin[want_pos])
+    want_rows = tables[slots, want_pos // page_size] * page_size + want_pos % page_size
+    assert torch.equal(rows, want_rows) and rows.dtype == want_rows.dtype
+    assert torch.equal(tab, tables[slots])
+    with pytest.raises(ValueError, match="one layout"):
+        kernels.decode_inputs(slots, seq_lens, last, embed, cos, sin[:, :8], tables, page_size)
+
+
+def test_advance_slots_moves_each_slot_on_and_keeps_padding_slots_empty() -> None:
+    seq_lens = torch.tensor([3, 0, 7, 0, 5, 2], dtype=torch.int64).to(DEVICE)  # 4, 5: padding
+    last = torch.tensor([1, 2, 3, 4, 5, 6], dtype=torch.int64).to(DEVICE)
+    steps = torch.tensor([10, 0, 4, 0, 0, 0], dtype=torch.int64).to(DEVICE)
+    slots = torch.tensor([2, 0, 4, 4, 5], dtype=torch.int64).to(DEVICE)
+    tokens = torch.tensor([70, 80, 90, 91, 92], dtype=torch.int64).to(DEVICE)
+    pos = torch.tensor([7, 3, 5, 5, 2], dtype=torch.int64).to(DEVICE)
+    kernels.advance_slots(slots, tokens, pos, last, steps, seq_lens, 4)
+    assert seq_lens.tolist() == [4, 0, 8, 0, 0, 0]
+    assert last.tolist() == [80, 2, 70, 4, 5, 6]
+    assert steps.tolist() == [11, 0, 5, 0, 0, 0]

@@ -133,6 +133,44 @@ def test_one_row_decode_fusions_match_a_kernel_per_op(
         torch.testing.assert_close(caches[i], caches[0], rtol=1e-4, atol=1e-5)
 
 
+def test_decode_steps_with_the_slot_bookkeeping_kernels_match_the_torch_ops(small_checkpoint: Path) -> None:
+    # Two slots decoding, one greedy and one sampled: the steps whose slot reads and
+    # writes are the two step_state kernels give the tokens, cache and slot state of the
+    # steps that do them in torch ops (the same layers: the same bits)
+    r = runner(small_checkpoint, True)
+    processor = AutoProcessor.from_pretrained(small_checkpoint)
+    img = Image.new("RGB", (64, 64), (200, 20, 60))
+    for slot, (text, temperature) in enumerate([("Hi", 0.0), ("Describe it at length", 0.9)]):
+        enc = processor(images=[img], text=f"USER: <image>\n{text} ASSISTANT:", return_tensors="pt")
+        first = 1 + slot * 16
+        r.assign(
+            slot,
+            list(range(first, first + r.cache.pages_for(int(enc["input_ids"].shape[1]) + 8))),
+            temperature,
+            0.9,
+            7,
+        )
+        r.prefill(slot, enc["input_ids"][0], enc["pixel_values"])
+    state = ("seq_lens", "last_tokens", "steps")
+    start = {n: getattr(r, n).clone() for n in state}
+    cache = [t.clone() for t in (r.cache.k, r.cache.v)]
+    results = {}
+    for kernels_on in (True, False):
+        r.step_state_kernels = kernels_on
+        for n in state:
+            getattr(r, n).copy_(start[n])
+        r.cache.k.copy_(cache[0])
+        r.cache.v.copy_(cache[1])
+        tokens = [r.decode_launch([0, 1], False).tokens() for _ in range(4)]
+        results[kernels_on] = (tokens, {n: getattr(r, n).clone() for n in state}, r.cache.k.clone())
+    (tokens_k, state_k, cache_k), (tokens_t, state_t, cache_t) = results[True], results[False]
+    assert tokens_k == tokens_t
+    for n in state:
+        assert torch.equal(state_k[n][:2], state_t[n][:2]), n
+    assert torch.equal(state_k["seq_lens"][:2], start["seq_lens"][:2] + 4)
+    assert torch.equal(cache_k, cache_t)
+
+
 def test_fp8_cache_stays_close_to_the_model_dtype_cache(tiny_checkpoint: Path) -> None:
     # The same prompt and teacher-forced steps with a float32 cache and a float8 one: the
     # logits move by the cache's rounding only, and the cache holds 4x the pages per byte.
