@@ -13,6 +13,8 @@
    norms inside the GEMVs; the decode attention's programs per multiprocessor),
    its kernels (count, device time) run eagerly, and the logits and 32 greedy tokens of
    each against the first (cuBLAS); ``step_fp8`` the same with float8 weights.
+5. ``batched``: decode steps of 8, 32 and 64 rows (CUDA graphs) with the slot
+   bookkeeping as two kernels against torch ops, alternating on one runner.
 
     python3 scripts/bench_batch1.py --checkpoint /tmp/llava7b --out batch1.json
 """
@@ -283,6 +285,46 @@ def step(checkpoint: Path, weight_dtype: str = "auto", context: int = 616) -> di
     return out
 
 
+def batched(checkpoint: Path, sizes: tuple[int, ...] = (8, 32, 64), context: int = 616) -> dict[str, Any]:
+    """Decode steps of several rows (CUDA graphs), with the slot bookkeeping as two
+    kernels against torch ops, alternating (A, B, A, B) on one runner."""
+    from llava_node.engine.loading import load_llava
+    from llava_node.engine.runner import LlavaRunner, RunnerConfig
+
+    loaded = load_llava(checkpoint, torch.device("cuda"), torch.bfloat16)
+    runner = LlavaRunner(
+        loaded,
+        RunnerConfig(max_batch=max(sizes), graph_batch_sizes=sizes, mixed_rows=0, prefill_graphs=False),
+    )
+    runner.warmup()
+    per_slot = runner.cache.pages_for(context + 256)
+    for slot in range(max(sizes)):
+        runner.assign(slot, list(range(1 + slot * per_slot, 1 + (slot + 1) * per_slot)), 0.0, 1.0, slot)
+    out: dict[str, Any] = {"context": context}
+    for b in sizes:
+        slots = list(range(b))
+        row: dict[str, list[float]] = {"kernels": [], "torch ops": []}
+        for label in ("kernels", "torch ops", "kernels", "torch ops"):
+            runner.step_state_kernels = label == "kernels"
+            runner.graphs.capture()
+            runner.seq_lens[:b] = context
+            for _ in range(3):
+                runner.graphs.launch(slots, True)
+            torch.cuda.synchronize()
+            runner.seq_lens[:b] = context
+            n = 100
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                runner.graphs.launch(slots, True)
+            end.record()
+            torch.cuda.synchronize()
+            row[label].append(round(start.elapsed_time(end) / n, 4))
+        out[str(b)] = row
+        print(f"[batched] {b} rows, ms a step: {json.dumps(row)}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -324,6 +366,9 @@ def main() -> int:
         save()
     if "step_fp8" in parts:
         result["step_fp8"] = step(args.checkpoint, "fp8")
+        save()
+    if "batched" in parts:
+        result["batched"] = batched(args.checkpoint)
         save()
     print(f"wrote {args.out}")
     return 0
