@@ -35,6 +35,7 @@ from control_plane.metrics import ControlPlaneMetrics
 from control_plane.nodes.client import NodeClient
 from control_plane.nodes.triton import TritonNodeClient
 from control_plane.serving.affinity import AffinityIndex
+from control_plane.serving.records import node_request_id
 from control_plane.serving.routing import Router
 from control_plane.serving.service import GenerationService
 from control_plane.storage.db import Database
@@ -136,7 +137,7 @@ async def _start(cp: ControlPlane) -> None:
             for wid in o.worker_ids:
                 worker = cp.store.get(wid)
                 if worker is not None:
-                    cp.service.cancel_on_node(worker, o.model, o.request_id)
+                    cp.service.cancel_on_node(worker, o.model, node_request_id(o.request_id, o.key))
     cp.poller.start()
     if cp.discovery is not None:
         cp.discovery.start()

@@ -119,6 +119,7 @@ class FakeNode:
     load_delay_s: float = 0.0
     load_error: str | None = None
     poll_delay_s: float = 0.0  # a poll answers this late, with what the node had when it was asked
+    cancels_refused: bool = False  # cancel calls fail (as on a node that has not caught up yet)
     # what it was asked
     streams: list[FakeStream] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
@@ -333,7 +334,7 @@ class FakeNodeClient:
     async def cancel(self, grpc_url: str, model: str, request_id: str, timeout_s: float = 5.0) -> int:
         """Cancel the node's running streams with ``request_id``."""
         node = self.node(grpc_url)
-        if node is None or not node.up:
+        if node is None or not node.up or node.cancels_refused:
             raise ConnectionError(f"{grpc_url}: connection refused")
         node.cancels.append(request_id)
         hits = [s for s in node.streams if s.request_id == request_id and s.finish_reason is None]

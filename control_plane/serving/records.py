@@ -15,7 +15,17 @@ from control_plane.serving.routing import Decision
 from control_plane.storage.schema import Migration, RequestRecord, RoutingDecision, utcnow
 from control_plane.storage.writer import BatchWriter
 
-__all__ = ["RequestLog", "RequestState"]
+__all__ = ["RequestLog", "RequestState", "node_request_id"]
+
+
+def node_request_id(request_id: str, key: str) -> str:
+    """The Triton request id a request's nodes see: its ``request_id`` (the client's
+    ``X-Request-Id``, or generated) and the first 8 characters of its ``requests.id``.
+
+    Unique per request, so a cancel call that reaches a node late (one that was stopped,
+    then went on) stops only the request it was meant for, never a later one with the same
+    client id (a client's retry, on the node the first one left)."""
+    return f"{request_id}.{key[:8]}"
 
 
 @dataclass

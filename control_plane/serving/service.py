@@ -33,11 +33,12 @@ from control_plane.serving.admission import Admission
 from control_plane.serving.affinity import Prefix
 from control_plane.serving.migration import StreamProgress, seeded
 from control_plane.serving.node_watch import watch_node
-from control_plane.serving.records import RequestLog, RequestState
+from control_plane.serving.records import RequestLog, RequestState, node_request_id
 from control_plane.serving.routing import Decision, Router
 from control_plane.storage.schema import utcnow
 from control_plane.storage.writer import BatchWriter
 from llava_wire.messages import Chunk
+from llava_wire.protocol import FinishReason
 
 __all__ = ["GenerateRequest", "GenerationService"]
 
@@ -111,7 +112,8 @@ class GenerationService:
         self.records = RequestLog(writer, metrics, settings.replica_name)
 
     def new_request_id(self, given: str | None) -> str:
-        """The Triton request id: the client's (if unused right now) or a fresh one."""
+        """The request id: the client's (if unused right now) or a fresh one (its nodes get
+        it with a suffix of its own, records.node_request_id)."""
         if given:
             rid = given.strip()
             if not rid or len(rid) > 128 or not rid.isprintable():
@@ -208,6 +210,7 @@ class GenerationService:
         worker: WorkerInfo | None = None
         prefix: Prefix | None = None
         progress = StreamProgress()
+        node_id = node_request_id(req.request_id, rec.key)
         try:
             inputs = seeded(req.inputs())
             prefix = await self.router.prefix(req.model, req.prompt, req.messages, req.images)
@@ -222,7 +225,7 @@ class GenerationService:
                         worker.grpc_url,
                         req.model,
                         progress.inputs(inputs),
-                        req.request_id,
+                        node_id,
                         first_token_timeout_s=self.settings.first_token_timeout_s,
                         stall_timeout_s=self.settings.stall_timeout_s,
                     )
@@ -235,12 +238,24 @@ class GenerationService:
                             self.breaker.success(worker)
                         if progress.pending is not None:
                             self._resumed(rec, req, progress)
+                        # "cancelled" is not this control plane's doing (its client is
+                        # here) but a cancel call on the node: what the node held back goes
+                        # out, then the client learns that its answer was cut short
+                        cut = chunk.finish_reason == FinishReason.CANCELLED
+                        if cut:
+                            chunk.finish_reason = None
                         progress.sent(chunk)
                         rec.prompt_tokens = chunk.prompt_tokens
                         rec.completion_tokens = chunk.completion_tokens
                         rec.cached_tokens = chunk.cached_tokens
                         rec.finish_reason = chunk.finish_reason or rec.finish_reason
-                        yield chunk
+                        if not cut or chunk.text or chunk.token_ids:
+                            yield chunk
+                        if cut:
+                            raise NodeFailed(
+                                f"worker {worker.name} cancelled the request after "
+                                f"{len(progress.token_ids)} tokens (a cancel call on the node)"
+                            )
                     self.breaker.success(worker)
                     status = "ok"
                     return
@@ -257,7 +272,7 @@ class GenerationService:
         except (GeneratorExit, asyncio.CancelledError):
             status, error = "cancelled", "the client went away"
             if worker is not None:
-                self.cancel_on_node(worker, req.model, req.request_id)
+                self.cancel_on_node(worker, req.model, node_id)
             raise
         except Exception as exc:
             error = getattr(exc, "message", None) or str(exc)
@@ -327,7 +342,7 @@ class GenerationService:
         if not exc.client_error:
             self.breaker.failure(worker, exc.message)
         if exc.stalled:
-            self.cancel_on_node(worker, req.model, req.request_id)  # it may still be generating
+            self.cancel_on_node(worker, req.model, node_request_id(req.request_id, rec.key))  # may still run
         if progress.pending is not None:  # a continuation failed before it sent anything
             self.records.migration(rec, req.model, progress.pending, "failed", None)
             progress.pending = None

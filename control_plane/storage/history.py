@@ -22,7 +22,8 @@ MAX_ORPHANS = 10_000
 class Orphan:
     """A request a previous run of this replica left running: where it may still run."""
 
-    request_id: str  # the id it was sent to Triton with
+    key: str  # requests.id
+    request_id: str  # requests.request_id (its nodes saw serving.records.node_request_id of both)
     model: str
     worker_ids: tuple[int, ...]  # every node an attempt of it was sent to
 
@@ -58,7 +59,7 @@ def take_abandoned_requests(db: Database, replica: str) -> list[Orphan]:
                 ended_at=utcnow(),
             )
         )
-        return [Orphan(r.request_id, r.model, tuple(sorted(sent.get(r.id, ())))) for r in rows]
+        return [Orphan(r.id, r.request_id, r.model, tuple(sorted(sent.get(r.id, ())))) for r in rows]
 
 
 def worker_history(db: Database, worker_id: int, events: int = 20, heartbeats: int = 10) -> dict[str, Any]:

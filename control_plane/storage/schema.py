@@ -110,7 +110,11 @@ class RequestRecord(Base):
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, doc="uuid, made by the control plane")
-    request_id: Mapped[str] = mapped_column(String(128), index=True, doc="the id sent to Triton")
+    request_id: Mapped[str] = mapped_column(
+        String(128),
+        index=True,
+        doc="the client's X-Request-Id, or generated (Triton gets '<request_id>.<id[:8]>')",
+    )
     api: Mapped[str] = mapped_column(String(16), doc="llava or openai")
     model: Mapped[str] = mapped_column(String(256))
     worker_id: Mapped[int | None] = mapped_column(

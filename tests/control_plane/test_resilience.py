@@ -158,7 +158,8 @@ def test_client_disconnect_stops_generation_on_the_node(
         "the node counted the cancellation",
     )
     logs = "".join(n.log_path.read_text() for n in fleet)
-    m = re.search(rf"request {rid} cancelled after (\d+) tokens", logs)
+    # (the node knows it as the client's id and a suffix of its own, records.node_request_id)
+    m = re.search(rf"request {re.escape(rid)}\.[0-9a-f]{{8}} cancelled after (\d+) tokens", logs)
     assert m, "the node did not log the cancellation"
     assert int(m.group(1)) < 1000
     time.sleep(0.6)

@@ -151,3 +151,32 @@ async def test_a_stream_on_a_node_that_freezes_migrates_once_the_node_is_out(tmp
         await eventually(lambda: frozen.cancels == [frozen.streams[0].request_id], what="a cancel call")
         rows = await h.rows("SELECT reason, outcome, after_tokens FROM migrations")
         assert rows == [{"reason": "node_left", "outcome": "resumed", "after_tokens": 3}]
+
+
+async def test_a_late_cancel_stops_only_the_request_it_was_for(tmp_path: Path) -> None:
+    """The cancel of a stream that moved off a frozen node lands once the node answers
+    again, maybe while a later request with the same X-Request-Id (a client's retry) runs
+    there: each request reaches its nodes under an id of its own, so that one runs on."""
+    frozen, good = node(9000, tokens=WORDS, stall_after=3), node(9010, tokens=WORDS, up=False)
+    async with Harness(tmp_path, [frozen, good], stall_timeout_s=30, frozen_stream_s=0.2).running() as h:
+        await eventually(lambda: h.worker(frozen).can_serve("llava"), what="the first node up")
+        first = asyncio.create_task(h.llava(headers={"X-Request-Id": "same"}))
+        await eventually(lambda: bool(frozen.streams) and frozen.streams[0].sent == 3)
+        frozen.up, good.up = False, True
+        assert (await first).frames()[-1]["text"].endswith(FULL)
+        # back, serving, but the first stream's cancel (retried each second) not in yet
+        frozen.up, frozen.cancels_refused, frozen.stall_after, frozen.token_delay_s = True, True, None, 0.4
+        await eventually(lambda: h.worker(frozen).can_serve("llava"), what="the node back")
+        retry = asyncio.create_task(
+            h.llava(
+                f"/workers/{h.worker(frozen).id}/worker_generate_stream", headers={"X-Request-Id": "same"}
+            )
+        )
+        await eventually(lambda: len(frozen.streams) == 2 and frozen.streams[1].sent >= 1, what="the retry")
+        frozen.cancels_refused = False
+        await eventually(lambda: bool(frozen.cancels), what="the late cancel")
+        last = (await retry).frames()[-1]
+        assert last["error_code"] == 0 and last["text"].endswith(FULL), last
+        first_id, retry_id = (s.request_id for s in frozen.streams)
+        assert first_id != retry_id and first_id.startswith("same.") and retry_id.startswith("same.")
+        assert frozen.cancels == [first_id] and not frozen.streams[1].cancelled

@@ -10,6 +10,7 @@ from typing import Any
 
 from control_plane.fleet.workers import WorkerState
 from control_plane.nodes.parsing import node_error_param
+from control_plane.serving.records import node_request_id
 from tests.fast.harness import Harness, eventually, node
 
 # -- retries and backoff -------------------------------------------------------------------------
@@ -185,12 +186,18 @@ async def test_a_request_waiting_on_a_node_that_freezes_moves_once_the_node_is_o
 # -- cancellation when the client leaves --------------------------------------------------------
 
 
+def sent_as(cancels: list[str], request_id: str) -> bool:
+    """Whether ``cancels`` is one cancel of the request its client called ``request_id``
+    (nodes see it with a suffix of its own: records.node_request_id)."""
+    return len(cancels) == 1 and cancels[0].rpartition(".")[0] == request_id
+
+
 async def test_a_client_that_leaves_mid_stream_cancels_the_generation(tmp_path: Path) -> None:
     slow = node(9000, tokens=["x"] * 200, token_delay_s=0.01)
     async with Harness(tmp_path, [slow]).running() as h:
         r = await h.llava(disconnect_after=3, headers={"X-Request-Id": "leaver"})
         assert r.status == 200 and len(r.frames()) == 3
-        await eventually(lambda: slow.cancels == ["leaver"], what="a cancel call")
+        await eventually(lambda: sent_as(slow.cancels, "leaver"), what="a cancel call")
         await eventually(lambda: h.worker(slow).inflight == 0, what="the slot freed")
         rows = await h.rows("SELECT status, error FROM requests")
         assert rows == [{"status": "cancelled", "error": "the client went away"}]
@@ -200,7 +207,7 @@ async def test_an_openai_stream_whose_client_leaves_is_cancelled(tmp_path: Path)
     slow = node(9000, tokens=["x"] * 200, token_delay_s=0.01)
     async with Harness(tmp_path, [slow]).running() as h:
         await h.chat(stream=True, disconnect_after=4, headers={"X-Request-Id": "sse"})
-        await eventually(lambda: slow.cancels == ["sse"], what="a cancel call")
+        await eventually(lambda: sent_as(slow.cancels, "sse"), what="a cancel call")
 
 
 async def test_a_non_streamed_request_whose_client_leaves_is_cancelled(tmp_path: Path) -> None:
@@ -208,8 +215,41 @@ async def test_a_non_streamed_request_whose_client_leaves_is_cancelled(tmp_path:
     async with Harness(tmp_path, [slow]).running() as h:
         r = await h.chat(disconnect_at=0.2, headers={"X-Request-Id": "whole"})
         assert r.chunks == []  # nothing was sent to a client that had gone
-        await eventually(lambda: slow.cancels == ["whole"], what="a cancel call")
+        await eventually(lambda: sent_as(slow.cancels, "whole"), what="a cancel call")
         assert slow.streams[0].sent < 200
+
+
+async def test_a_stream_cancelled_on_its_node_by_someone_else_ends_with_an_error(tmp_path: Path) -> None:
+    """A cancel call on the node (an operator's, with tritonclient) while the client still
+    reads: the client gets what was generated, then an error saying so, never a "stop"
+    that passes a cut answer off as whole (both APIs)."""
+    slow = node(9000, tokens=["x"] * 200, token_delay_s=0.01)
+    async with Harness(tmp_path, [slow]).running() as h:
+        for n, (api, call) in enumerate((("llava", h.llava), ("openai", lambda: h.chat(stream=True)))):
+            request = asyncio.create_task(call())
+            await eventually(
+                lambda n=n: len(slow.streams) > n and slow.streams[n].sent >= 3, what="streaming"
+            )
+            s = slow.streams[n]
+            assert await h.cp.nodes.cancel(slow.grpc_url, "llava", s.request_id) == 1
+            r = await request
+            if api == "llava":
+                last = r.frames()[-1]
+                assert last["error_code"] != 0 and "cancelled the request after" in last["text"], last
+                assert r.frames()[-2]["text"].endswith("x" * (s.sent - 1))
+            else:
+                events = r.events()
+                errors = [e["error"]["message"] for e in events if isinstance(e, dict) and "error" in e]
+                assert len(errors) == 1 and "cancelled the request after" in errors[0], events[-3:]
+                assert not any(
+                    c.get("finish_reason")
+                    for e in events
+                    if isinstance(e, dict)
+                    for c in e.get("choices", ())
+                )
+        rows = await h.rows("SELECT status, error FROM requests")
+        assert [r["status"] for r in rows] == ["error", "error"]
+        assert all("cancelled the request after" in r["error"] for r in rows)
 
 
 async def test_a_client_that_leaves_while_queued_gives_its_place_up(tmp_path: Path) -> None:
@@ -261,7 +301,7 @@ async def test_waiters_are_served_first_come_first_served(tmp_path: Path) -> Non
             tasks.append(asyncio.create_task(h.llava(headers={"X-Request-Id": f"r{i}"})))
             await asyncio.sleep(0.01)
         await asyncio.gather(*tasks)
-        assert [s.request_id for s in busy.streams] == ["r0", "r1", "r2", "r3"]
+        assert [s.request_id.rpartition(".")[0] for s in busy.streams] == ["r0", "r1", "r2", "r3"]
 
 
 def test_a_node_error_names_the_field_it_is_about_in_each_apis_terms() -> None:
@@ -310,7 +350,7 @@ async def test_a_restarted_control_plane_cancels_what_its_last_run_left_running(
     async with Harness(tmp_path, [a, b], fakes=first.nodes).running() as h:
         await eventually(lambda: len(a.cancels) + len(b.cancels) == 2, what="the orphans cancelled")
         for r in rows[:2]:
-            assert r["request_id"] in by_id[r["worker_id"]].cancels
+            assert node_request_id(r["request_id"], r["id"]) in by_id[r["worker_id"]].cancels
         after = {r["id"]: r for r in await h.rows("SELECT id, status, error FROM requests")}
         assert all(after[r["id"]]["status"] == "error" for r in rows[:2])
         assert "cancelled on its node at restart" in after[rows[0]["id"]]["error"]
