@@ -137,7 +137,7 @@ async def _start(cp: ControlPlane) -> None:
             for wid in o.worker_ids:
                 worker = cp.store.get(wid)
                 if worker is not None:
-                    cp.service.cancel_on_node(worker, o.model, node_request_id(o.request_id, o.key))
+                    cp.service.cancels.send(worker, o.model, node_request_id(o.request_id, o.key))
     cp.poller.start()
     if cp.discovery is not None:
         cp.discovery.start()
@@ -157,7 +157,7 @@ async def _stop(cp: ControlPlane) -> None:
         await asyncio.to_thread(cp.leases.release_all)
     except Exception as exc:
         log.warning("could not release the poll leases: %s", exc)
-    await cp.service.drain()  # pending cancellations, bounded
+    await cp.service.cancels.drain()  # pending cancellations, bounded
     await cp.http.close()
     await asyncio.to_thread(cp.writer.close)
     cp.db.dispose()

@@ -31,6 +31,7 @@ from control_plane.nodes.client import GenerationInputs, NodeClient, NodeStreamE
 from control_plane.nodes.parsing import node_error_param
 from control_plane.serving.admission import Admission
 from control_plane.serving.affinity import Prefix
+from control_plane.serving.cancels import NodeCancels
 from control_plane.serving.migration import StreamProgress, seeded
 from control_plane.serving.node_watch import watch_node
 from control_plane.serving.records import RequestLog, RequestState, node_request_id
@@ -105,7 +106,7 @@ class GenerationService:
         self.cold_start = cold_start
         self.listed_names = listed_names
         self._running_ids: set[str] = set()
-        self._background: set[asyncio.Task[Any]] = set()
+        self.cancels = NodeCancels(nodes, settings.cancel_retry_s)  # in the background, retried
         self.admission = Admission(
             settings.max_inflight_per_worker, settings.max_waiting, settings.queue_timeout_s
         )
@@ -272,7 +273,7 @@ class GenerationService:
         except (GeneratorExit, asyncio.CancelledError):
             status, error = "cancelled", "the client went away"
             if worker is not None:
-                self.cancel_on_node(worker, req.model, node_id)
+                self.cancels.send(worker, req.model, node_id)
             raise
         except Exception as exc:
             error = getattr(exc, "message", None) or str(exc)
@@ -342,7 +343,7 @@ class GenerationService:
         if not exc.client_error:
             self.breaker.failure(worker, exc.message)
         if exc.stalled:
-            self.cancel_on_node(worker, req.model, node_request_id(req.request_id, rec.key))  # may still run
+            self.cancels.send(worker, req.model, node_request_id(req.request_id, rec.key))  # may still run
         if progress.pending is not None:  # a continuation failed before it sent anything
             self.records.migration(rec, req.model, progress.pending, "failed", None)
             progress.pending = None
@@ -381,31 +382,3 @@ class GenerationService:
         if exc.unreachable:
             return WorkerUnreachable(f"{where}: {exc.message}")
         return NodeFailed(f"{where} failed: {exc.message}")
-
-    def cancel_on_node(self, worker: WorkerInfo, model: str, request_id: str) -> None:
-        """Tell the node to stop generating ``request_id`` of ``model`` (in the background; a
-        node that is stopped or restarting is asked again for a while)."""
-
-        async def cancel() -> None:
-            deadline = time.monotonic() + self.settings.cancel_retry_s
-            while True:
-                try:
-                    n = await self.nodes.cancel(worker.grpc_url, model, request_id)
-                    log.info("cancelled %s on %s (%d running)", request_id, worker.name, n)
-                    return
-                except Exception as exc:
-                    if time.monotonic() >= deadline:
-                        log.warning("could not cancel %s on %s: %s", request_id, worker.name, exc)
-                        return
-                await asyncio.sleep(1.0)
-
-        task = asyncio.get_running_loop().create_task(cancel())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def drain(self) -> None:
-        """Wait for background cancellations to finish (at shutdown)."""
-        if self._background:
-            _done, pending = await asyncio.wait(list(self._background), timeout=5)
-            for task in pending:
-                task.cancel()
