@@ -33,6 +33,7 @@ class RequestState:
     """One request while it runs: what its ``requests`` row will say."""
 
     key: str  # requests.id
+    node_id: str  # the Triton request id its nodes see (node_request_id)
     started: float  # monotonic
     first_token: float | None = None
     first_token_at: datetime | None = None

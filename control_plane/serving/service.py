@@ -203,7 +203,8 @@ class GenerationService:
         """
         if not req.request_id:
             req.request_id = self.new_request_id(None)
-        rec = RequestState(key=uuid.uuid4().hex, started=time.monotonic())
+        key = uuid.uuid4().hex
+        rec = RequestState(key, node_request_id(req.request_id, key), started=time.monotonic())
         self._running_ids.add(req.request_id)
         self.metrics.inflight.inc()
         self.records.started(rec, req.request_id, req.api, req.model)
@@ -211,7 +212,6 @@ class GenerationService:
         worker: WorkerInfo | None = None
         prefix: Prefix | None = None
         progress = StreamProgress()
-        node_id = node_request_id(req.request_id, rec.key)
         try:
             inputs = seeded(req.inputs())
             prefix = await self.router.prefix(req.model, req.prompt, req.messages, req.images)
@@ -226,7 +226,7 @@ class GenerationService:
                         worker.grpc_url,
                         req.model,
                         progress.inputs(inputs),
-                        node_id,
+                        rec.node_id,
                         first_token_timeout_s=self.settings.first_token_timeout_s,
                         stall_timeout_s=self.settings.stall_timeout_s,
                     )
@@ -250,13 +250,14 @@ class GenerationService:
                         rec.completion_tokens = chunk.completion_tokens
                         rec.cached_tokens = chunk.cached_tokens
                         rec.finish_reason = chunk.finish_reason or rec.finish_reason
-                        if not cut or chunk.text or chunk.token_ids:
-                            yield chunk
                         if cut:
+                            if chunk.text or chunk.token_ids:
+                                yield chunk
                             raise NodeFailed(
                                 f"worker {worker.name} cancelled the request after "
                                 f"{len(progress.token_ids)} tokens (a cancel call on the node)"
                             )
+                        yield chunk
                     self.breaker.success(worker)
                     status = "ok"
                     return
@@ -273,7 +274,7 @@ class GenerationService:
         except (GeneratorExit, asyncio.CancelledError):
             status, error = "cancelled", "the client went away"
             if worker is not None:
-                self.cancels.send(worker, req.model, node_id)
+                self.cancels.send(worker, req.model, rec.node_id)
             raise
         except Exception as exc:
             error = getattr(exc, "message", None) or str(exc)
@@ -343,7 +344,7 @@ class GenerationService:
         if not exc.client_error:
             self.breaker.failure(worker, exc.message)
         if exc.stalled:
-            self.cancels.send(worker, req.model, node_request_id(req.request_id, rec.key))  # may still run
+            self.cancels.send(worker, req.model, rec.node_id)  # it may still be generating
         if progress.pending is not None:  # a continuation failed before it sent anything
             self.records.migration(rec, req.model, progress.pending, "failed", None)
             progress.pending = None
