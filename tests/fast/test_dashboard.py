@@ -159,7 +159,9 @@ async def traffic(h: Harness) -> None:
 async def test_every_plot_has_series_after_traffic(tmp_path: Path) -> None:
     big = dict.fromkeys(("llava-13b", "llava-13b_preprocess", "llava-13b_engine"), "")
     failing = node(9010, fail_after=2)
-    a = node(9000, queued=2, active=1, load_delay_s=0.05)
+    # tokens 2 ms apart: a decode rate needs decode time, which a node that sends every
+    # token at once leaves to the clocks' jitter (duration_ms - ttft_ms <= 0, no series)
+    a = node(9000, queued=2, active=1, load_delay_s=0.05, token_delay_s=0.002)
     a.models.update(big)
     async with Harness(
         # (no migrations: the node failing mid-stream must leave errors to plot)
